@@ -1,0 +1,33 @@
+"""finextract_jax: extract fine-tuning images from personalized diffusion checkpoints (FineXtract)."""
+from setuptools import find_packages, setup
+
+CORE = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    # The last releases that ship Flax classes; both removed Flax afterwards.
+    "diffusers==0.39.0",
+    "transformers==4.57.6",
+    "numpy>=2.0,<3",
+    "scipy>=1.13",
+    "absl-py>=2.1",
+    "safetensors>=0.4",
+    "pillow>=10",
+    "tqdm>=4.66",
+    # Images that ship inside the package: the demo's photos and test fixtures.
+    "scikit-image>=0.24",
+]
+TORCH = ["torch==2.13.0"]
+TEST = TORCH + ["pytest>=8", "peft>=0.13", "networkx>=3.2", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"]
+
+setup(
+    name="finextract_jax",
+    version="0.1.0",
+    description="FineXtract in JAX: recover the training images of a fine-tuned diffusion checkpoint.",
+    python_requires=">=3.11,<3.12",
+    packages=find_packages(include=["finextract_jax", "finextract_jax.*", "experiments", "experiments.*"]),
+    install_requires=CORE,
+    extras_require={"torch": TORCH, "test": TEST},
+)
