@@ -1,0 +1,309 @@
+"""SD folders and fine-tuned checkpoints -> Flax modules and parameter trees.
+
+`load_pipeline` reads a diffusers-layout folder; `load_finetuned` reads a fine-tuned checkpoint
+in any form INTERFACE.md lists (full folder, partial folder, LoRA file or folder) against its
+pretrained pipeline. PyTorch weights are converted once and cached with orbax, keyed on the
+source files' paths, sizes and mtimes, so a changed file is never served from a stale cache.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from finextract_jax.errors import CheckpointError, ConfigMismatchError
+from finextract_jax.models import components, lora
+from finextract_jax.models.convert import pytorch_to_flax
+from finextract_jax.models.weights import find_weights, read_json, read_msgpack, read_state_dict, to_float32
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = "1"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+_FAMILY = {"unet": "diffusers", "vae": "diffusers", "text_encoder": "transformers"}
+_BUILDERS = {"unet": components.unet_from_config, "vae": components.vae_from_config,
+             "text_encoder": components.text_encoder_from_config}
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def default_cache_dir() -> str | None:
+    """$FINEXTRACT_CACHE, or ~/.cache/finextract_jax; FINEXTRACT_CACHE='' disables the cache."""
+    value = os.environ.get("FINEXTRACT_CACHE")
+    if value is not None:
+        return value or None
+    return os.path.join(os.path.expanduser("~"), ".cache", "finextract_jax")
+
+
+@dataclasses.dataclass
+class Component:
+    module: Any
+    params: Any
+    config: dict
+    source: str
+
+
+@dataclasses.dataclass
+class Pipeline:
+    """A Stable Diffusion model as Flax modules + parameter trees.
+
+    `unet_lora` is set for an unmerged LoRA fine-tune: `unet.params` is then the pretrained
+    tree itself (one copy in memory) and the delta lives in this `lora` variable collection.
+    """
+
+    path: str
+    unet: Component
+    text_encoder: Component
+    tokenizer: Any
+    vae: Component | None
+    scheduler_config: dict
+    unet_lora: Any = None
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler_config.get("prediction_type", "epsilon")
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config["block_out_channels"]) - 1) if self.vae else 1
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of what the UNet denoises: latents, or pixels for a pixel-space model."""
+        size = self.unet.module.sample_size
+        return (self.unet.module.in_channels, size, size)
+
+    def unet_variables(self) -> dict:
+        variables = {"params": self.unet.params}
+        if self.unet_lora is not None:
+            variables["lora"] = self.unet_lora
+        return variables
+
+
+def parse_dtype(dtype) -> Any:
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise CheckpointError(f"dtype {dtype!r} is not supported; use one of {sorted(_DTYPES)}")
+        return _DTYPES[dtype]
+    return dtype
+
+
+def cast_params(tree, dtype):
+    """Floating leaves to `dtype`, on device."""
+    dtype = parse_dtype(dtype)
+    return jax.tree_util.tree_map(
+        lambda x: jnp.asarray(x, dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else jnp.asarray(x), tree)
+
+
+def _cache_key(weights_path: str, config: dict) -> str:
+    stat = os.stat(weights_path)
+    blob = json.dumps([CACHE_VERSION, os.path.abspath(weights_path), stat.st_size, stat.st_mtime_ns, config],
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _cache_restore(cache_dir: str, key: str):
+    path = os.path.join(cache_dir, key)
+    if not os.path.isdir(path):
+        return None
+    import orbax.checkpoint as ocp
+
+    try:
+        return ocp.PyTreeCheckpointer().restore(path)
+    except Exception as err:  # an unreadable entry is rebuilt, never trusted
+        log.warning("ignoring unreadable cache entry %s (%s)", path, err)
+        shutil.rmtree(path, ignore_errors=True)
+        return None
+
+
+def _cache_save(cache_dir: str, key: str, tree: dict):
+    import orbax.checkpoint as ocp
+
+    os.makedirs(cache_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{key}.", dir=cache_dir)
+    try:
+        ocp.PyTreeCheckpointer().save(os.path.join(staging, "tree"), tree)
+        os.replace(os.path.join(staging, "tree"), os.path.join(cache_dir, key))
+    except OSError as err:
+        log.warning("could not write cache entry %s (%s)", key, err)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_component(folder: str, kind: str, dtype="float32", attention: str = "fused", allow_pickle: bool = False,
+                   cache_dir: str | None = None) -> Component:
+    """One of unet/, text_encoder/, vae/ as (module, params); weights checked against the config."""
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{folder}: not found (expected a diffusers component folder with config.json)")
+    config = read_json(os.path.join(folder, "config.json"))
+    compute_dtype = parse_dtype(dtype)
+    build = _BUILDERS[kind]
+    module = build(config, compute_dtype, attention, source=folder) if kind == "unet" else \
+        build(config, compute_dtype, source=folder)
+    expected = components.expected_shapes(kind, module, config)
+    weights = find_weights(folder, _FAMILY[kind])
+    if weights.endswith(".msgpack"):
+        flat = flatten_dict(read_msgpack(weights))
+        _check_tree(flat, expected, weights)
+    else:
+        key = _cache_key(weights, config) if cache_dir else None
+        cached = _cache_restore(cache_dir, key) if key else None
+        if cached is not None:
+            flat = flatten_dict(cached)
+        else:
+            state, _ = read_state_dict(weights, allow_pickle)
+            flat = pytorch_to_flax(to_float32(state), expected, weights)
+            if key:
+                _cache_save(cache_dir, key, unflatten_dict(flat))
+    params = cast_params(unflatten_dict(to_float32(flat)), compute_dtype)
+    return Component(module, params, config, weights)
+
+
+def _check_tree(flat: dict, expected: dict, source: str):
+    missing = [k for k in expected if k not in flat]
+    unexpected = [k for k in flat if k not in expected]
+    wrong = [k for k in expected if k in flat and tuple(np.shape(flat[k])) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        show = lambda keys: ["/".join(k) for k in keys[:3]]
+        raise CheckpointError(f"{source}: parameters do not fit config.json (missing {show(missing)}, "
+                              f"unexpected {show(unexpected)}, wrong shape {show(wrong)})")
+
+
+def load_tokenizer(folder: str):
+    from transformers import CLIPTokenizer
+
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{folder}: tokenizer folder not found")
+    try:
+        return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, TypeError) as err:
+        raise CheckpointError(f"{folder}: cannot load the CLIP tokenizer ({str(err).splitlines()[0]})") from None
+
+
+def _require_folder(path: str, what: str):
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: not found; pass the {what}")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a file; the {what} must be a diffusers folder")
+
+
+def load_pipeline(path: str, dtype="float32", attention: str = "fused", allow_pickle: bool = False,
+                  cache_dir: str | None = "default") -> Pipeline:
+    """A diffusers-layout SD folder (weights as Flax msgpack, safetensors or .bin)."""
+    cache_dir = default_cache_dir() if cache_dir == "default" else cache_dir
+    _require_folder(path, "pretrained model folder (diffusers layout)")
+    if not os.path.isdir(os.path.join(path, "unet")):
+        raise CheckpointError(f"{path}: has no unet/ folder; expected the diffusers layout "
+                              "(model_index.json, unet/, text_encoder/, tokenizer/, scheduler/, vae/)")
+    load = lambda name: load_component(os.path.join(path, name), name, dtype, attention, allow_pickle, cache_dir)
+    scheduler_config = read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
+    vae = load("vae") if os.path.isdir(os.path.join(path, "vae")) else None
+    pipe = Pipeline(path, load("unet"), load("text_encoder"), load_tokenizer(os.path.join(path, "tokenizer")), vae,
+                    scheduler_config)
+    if vae is not None and vae.config.get("latent_channels") != pipe.unet.module.in_channels:
+        raise CheckpointError(f"{path}: vae latent_channels {vae.config.get('latent_channels')} != unet in_channels "
+                              f"{pipe.unet.module.in_channels}")
+    return pipe
+
+
+# Config fields that must agree between a base model and its fine-tune.
+_ARCH_FIELDS = components._UNET_FIELDS[1:]  # sample_size is a default, not an architecture
+
+
+def check_compatible(pretrained_config: dict, finetuned_config: dict, source: str):
+    """Raise ConfigMismatchError naming each UNet config field that differs."""
+    diffs = []
+    for field in _ARCH_FIELDS:
+        a, b = pretrained_config.get(field), finetuned_config.get(field)
+        norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v
+        if norm(a) != norm(b):
+            diffs.append(f"{field}: pretrained {a!r} vs fine-tuned {b!r}")
+    if diffs:
+        raise ConfigMismatchError(f"{source}: not a fine-tune of the pretrained model; UNet config differs in "
+                                  + "; ".join(diffs))
+
+
+def detect_format(path: str) -> str:
+    """'lora' for a LoRA file or a folder holding pytorch_lora_weights.safetensors; 'full' for a folder with unet/."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: not found; pass a fine-tuned SD folder, a unet/ folder or a LoRA file")
+    if os.path.isfile(path):
+        if path.endswith(".safetensors"):
+            return "lora"
+        raise CheckpointError(f"{path}: a single file must be a LoRA .safetensors file")
+    if os.path.isfile(os.path.join(path, LORA_FILE)):
+        return "lora"
+    if os.path.isdir(os.path.join(path, "unet")):
+        return "full"
+    raise CheckpointError(f"{path}: has neither unet/ nor {LORA_FILE}; expected a fine-tuned SD folder or a LoRA")
+
+
+def load_finetuned(pretrained: Pipeline, path: str, finetuned_format: str = "auto", lora_mode: str = "merged",
+                   lora_scale: float = 1.0, dtype="float32", attention: str = "fused", allow_pickle: bool = False,
+                   cache_dir: str | None = "default") -> Pipeline:
+    """The fine-tuned model as a Pipeline sharing the pretrained parts it does not replace.
+
+    lora_mode: 'merged' folds W + scale*(alpha/r)*B@A into a full UNet tree; 'unmerged' keeps the
+    pretrained tree and puts the factors in `unet_lora` (text-encoder LoRA is always merged: the
+    prompt is encoded once, so it costs nothing).
+    """
+    cache_dir = default_cache_dir() if cache_dir == "default" else cache_dir
+    fmt = detect_format(path) if finetuned_format == "auto" else finetuned_format
+    if fmt == "full":
+        _require_folder(path, "fine-tuned model folder")
+        unet = load_component(os.path.join(path, "unet"), "unet", dtype, attention, allow_pickle, cache_dir) \
+            if os.path.isdir(os.path.join(path, "unet")) else None
+        if unet is None:
+            raise CheckpointError(f"{path}: has no unet/ folder; a full fine-tune needs at least unet/")
+        check_compatible(pretrained.unet.config, unet.config, path)
+        text_encoder = pretrained.text_encoder
+        if os.path.isdir(os.path.join(path, "text_encoder")):
+            text_encoder = load_component(os.path.join(path, "text_encoder"), "text_encoder", dtype, attention,
+                                          allow_pickle, cache_dir)
+        tokenizer = load_tokenizer(os.path.join(path, "tokenizer")) if os.path.isdir(
+            os.path.join(path, "tokenizer")) else pretrained.tokenizer
+        return dataclasses.replace(pretrained, path=path, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   unet_lora=None)
+    if fmt != "lora":
+        raise CheckpointError(f"unknown finetuned_format {finetuned_format!r}; use auto, full or lora")
+    if lora_mode not in ("merged", "unmerged"):
+        raise CheckpointError(f"unknown lora_mode {lora_mode!r}; use merged or unmerged")
+    file = os.path.join(path, LORA_FILE) if os.path.isdir(path) else path
+    tensors, metadata = read_state_dict(file, allow_pickle)
+    resolved = lora.resolve(tensors, metadata, pretrained.unet.params, pretrained.text_encoder.params, file,
+                            lora_scale)
+    text_encoder = pretrained.text_encoder
+    if resolved.text_encoder:
+        text_params = cast_params(lora.merge(pretrained.text_encoder.params, resolved.text_encoder), dtype)
+        text_encoder = dataclasses.replace(pretrained.text_encoder, params=text_params, source=file)
+    if lora_mode == "merged":
+        unet = dataclasses.replace(pretrained.unet, params=cast_params(lora.merge(pretrained.unet.params,
+                                                                                  resolved.unet), dtype), source=file)
+        return dataclasses.replace(pretrained, path=path, unet=unet, text_encoder=text_encoder, unet_lora=None)
+    collection = cast_params(lora.lora_collection(resolved.unet, file), dtype) if resolved.unet else None
+    return dataclasses.replace(pretrained, path=path, text_encoder=text_encoder, unet_lora=collection)
+
+
+def tokenize(tokenizer, prompts) -> np.ndarray:
+    """[n, model_max_length] int32 ids, padded and truncated like diffusers' SD pipeline."""
+    return np.asarray(tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                                truncation=True, return_tensors="np").input_ids, np.int32)
+
+
+def encode_prompts(text_encoder: Component, tokenizer, prompts) -> jax.Array:
+    """The CLIP last hidden states SD conditions on, [n, tokens, dim]."""
+    ids = jnp.asarray(tokenize(tokenizer, prompts))
+    return _encode(text_encoder.module, text_encoder.params, ids)
+
+
+def _encode(module, params, ids):
+    return jax.jit(lambda p, i: module(i, params=p, train=False)[0])(params, ids)

@@ -1,0 +1,170 @@
+"""Tiny randomly initialised SD pipelines in the diffusers layout (for tests, demos, benchmarks).
+
+Made without torch: our Flax modules are initialised, perturbed so that no parameter is trivially
+zero or one (parity tests must exercise every weight), and written either as Flax msgpack or as
+PyTorch-named safetensors that diffusers' StableDiffusionPipeline.from_pretrained reads.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.serialization import to_bytes
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from finextract_jax.models import components
+from finextract_jax.models.convert import flax_to_pytorch
+from finextract_jax.models.tokenizer import write_tokenizer
+
+DIFFUSERS_VERSION = "0.39.0"
+
+SD1_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4, block_out_channels=[32, 64], layers_per_block=1,
+    down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+    attention_head_dim=4, cross_attention_dim=32, norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0,
+)
+SD2_UNET = dict(SD1_UNET, attention_head_dim=[2, 4], use_linear_projection=True,
+                down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"])
+TEXT_ENCODER = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=77, projection_dim=32, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+VAE = dict(in_channels=3, out_channels=3, block_out_channels=[32, 64], layers_per_block=1, latent_channels=4,
+           down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=32,
+           sample_size=16, scaling_factor=0.18215)
+# SD v1.4's scheduler (the reference implementation takes its timesteps from it).
+SCHEDULER_SD1 = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                 "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
+                 "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None, "clip_sample": False,
+                 "prediction_type": "epsilon", "timestep_spacing": "leading"}
+SCHEDULER_SD2 = {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                 "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
+                 "steps_offset": 1, "trained_betas": None, "clip_sample": False, "prediction_type": "v_prediction",
+                 "timestep_spacing": "leading"}
+
+
+def unet_config(family: str = "sd1", kind: str = "latent", **overrides) -> dict:
+    config = dict(SD2_UNET if family == "sd2" else SD1_UNET)
+    if kind == "pixel":
+        config.update(in_channels=3, out_channels=3, sample_size=16)
+    config.update(overrides)
+    return config
+
+
+def perturb(params, key, scale: float = 0.05):
+    """Random init with every leaf nontrivial: norms' scales near 1, biases small but nonzero."""
+    flat = flatten_dict(params)
+    keys = jax.random.split(key, len(flat))
+    out = {}
+    for k, (path, value) in zip(keys, sorted(flat.items())):
+        noise = np.asarray(jax.random.normal(k, value.shape), np.float32)
+        if path[-1] == "scale":
+            out[path] = np.asarray(value, np.float32) + scale * 2 * noise
+        elif path[-1] == "bias":
+            out[path] = scale * noise
+        else:
+            out[path] = np.asarray(value, np.float32) + scale * 0.1 * noise
+    return unflatten_dict(out)
+
+
+def init_unet(config: dict, seed: int = 0):
+    module = components.unet_from_config(config)
+    size = config["sample_size"]
+    params = module.init(jax.random.PRNGKey(seed), jnp.zeros((1, config["in_channels"], size, size)),
+                         jnp.zeros((1,), jnp.int32), jnp.zeros((1, 1, config["cross_attention_dim"])))["params"]
+    return perturb(params, jax.random.PRNGKey(seed + 1))
+
+
+def init_text_encoder(config: dict, seed: int = 0):
+    module = components.text_encoder_from_config(config)
+    return perturb(module.init_weights(jax.random.PRNGKey(seed), (1, 1)), jax.random.PRNGKey(seed + 2))
+
+
+def init_vae(config: dict, seed: int = 0):
+    module = components.vae_from_config(config)
+    return perturb(module.init_weights(jax.random.PRNGKey(seed)), jax.random.PRNGKey(seed + 3))
+
+
+def write_component(folder: str, kind: str, config: dict, params, fmt: str):
+    """config.json + weights (Flax msgpack, or PyTorch-named safetensors) for one component."""
+    from safetensors.numpy import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    family = "transformers" if kind == "text_encoder" else "diffusers"
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    if fmt == "flax":
+        name = "flax_model.msgpack" if family == "transformers" else "diffusion_flax_model.msgpack"
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(to_bytes(jax.tree_util.tree_map(np.asarray, params)))
+    elif fmt == "pt":
+        name = "model.safetensors" if family == "transformers" else "diffusion_pytorch_model.safetensors"
+        state = flax_to_pytorch(flatten_dict(params), vae=kind == "vae")
+        save_file(state, os.path.join(folder, name), metadata={"format": "pt"})
+    else:
+        raise ValueError(f"unknown format {fmt!r}")
+
+
+def unet_file_config(config: dict) -> dict:
+    return {"_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_VERSION, **config}
+
+
+def text_encoder_file_config(config: dict, vocab_size: int, bos: int, eos: int) -> dict:
+    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **config, "vocab_size": vocab_size,
+            "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": eos}
+
+
+def make_tiny(out: str, kind: str = "latent", fmt: str = "pt", seed: int = 0,
+              prediction_type: str = "epsilon", family: str | None = None, unet_overrides: dict | None = None) -> str:
+    """Write a tiny random SD pipeline to `out` (atomically: built in a temp folder, then renamed).
+
+    family: 'sd1' (conv projections, epsilon, PNDM scheduler) or 'sd2' (linear projections,
+    per-block heads, DDIM scheduler); by default sd2 when prediction_type is v_prediction.
+    """
+    if kind not in ("latent", "pixel"):
+        raise ValueError(f"kind must be latent or pixel, not {kind!r}")
+    family = family or ("sd2" if prediction_type == "v_prediction" else "sd1")
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".make_tiny.", dir=parent)
+    try:
+        vocab_size = write_tokenizer(os.path.join(staging, "tokenizer"))
+        bos, eos = vocab_size - 2, vocab_size - 1
+        u_config = unet_config(family, kind, **(unet_overrides or {}))
+        write_component(os.path.join(staging, "unet"), "unet", unet_file_config(u_config), init_unet(u_config, seed),
+                        fmt)
+        t_config = dict(TEXT_ENCODER, hidden_act="gelu" if family == "sd2" else "quick_gelu",
+                        hidden_size=u_config["cross_attention_dim"])
+        write_component(os.path.join(staging, "text_encoder"), "text_encoder",
+                        text_encoder_file_config(t_config, vocab_size, bos, eos),
+                        init_text_encoder(dict(t_config, vocab_size=vocab_size, bos_token_id=bos, eos_token_id=eos,
+                                               pad_token_id=eos), seed), fmt)
+        scheduler = dict(SCHEDULER_SD2 if family == "sd2" else SCHEDULER_SD1, prediction_type=prediction_type,
+                         _diffusers_version=DIFFUSERS_VERSION)
+        os.makedirs(os.path.join(staging, "scheduler"))
+        with open(os.path.join(staging, "scheduler", "scheduler_config.json"), "w") as f:
+            json.dump(scheduler, f, indent=2)
+        index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+                 "feature_extractor": [None, None], "safety_checker": [None, None],
+                 "requires_safety_checker": False, "image_encoder": [None, None],
+                 "scheduler": ["diffusers", scheduler["_class_name"]], "text_encoder": ["transformers", "CLIPTextModel"],
+                 "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+                 "vae": ["diffusers", "AutoencoderKL"] if kind == "latent" else [None, None]}
+        if kind == "latent":
+            v_config = dict(VAE, sample_size=u_config["sample_size"] * 2)
+            write_component(os.path.join(staging, "vae"), "vae",
+                            {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION, **v_config},
+                            init_vae(v_config, seed), fmt)
+        with open(os.path.join(staging, "model_index.json"), "w") as f:
+            json.dump(index, f, indent=2)
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
