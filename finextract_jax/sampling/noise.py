@@ -8,6 +8,7 @@ array the user supplies ([num_images, C, H, W], the diffusers/PyTorch layout).
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional, Sequence
 
@@ -44,6 +45,14 @@ def start_noise(seed, indices, shape_chw: Sequence[int]) -> Array:
         raise InputError(f"indices must be a 1-D integer array, got shape {indices.shape}")
     if not jnp.issubdtype(indices.dtype, jnp.integer):
         raise InputError(f"indices must be integers, got {indices.dtype}")
+    if isinstance(seed, (int, np.integer)) and not 0 <= int(seed) < 2**31:
+        raise InputError(f"seed must be in [0, 2**31), got {seed}")
+    return _start_noise(seed, indices, shape)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _start_noise(seed, indices, shape):
+    # Always compiled, so eager calls and calls inside the caller's jit run the same program.
     base = jax.random.PRNGKey(seed)
 
     def one(i):
