@@ -109,6 +109,7 @@ DPM_CASES = [
     ({"timestep_spacing": "leading"}, 12),
     ({"timestep_spacing": "trailing"}, 16),
     ({"solver_order": 1}, 10),
+    ({"lambda_min_clipped": -2.5}, 10),
 ]
 
 
@@ -211,6 +212,17 @@ def test_to_epsilon_then_step_epsilon_equals_step_v(name):
         a = s.step(a, outs[i], i)
         b = s.step(b, s.to_epsilon(b.x, outs[i], i), i, prediction_type="epsilon")
     np.testing.assert_allclose(np.asarray(a.x), np.asarray(b.x), **TOL)
+
+
+def test_overrides_and_describe():
+    s = make_sampler("ddim", SD14, 10, set_alpha_to_one=True)
+    assert float(s.alpha_prev[-1]) == 1.0 and float(s.sigma_prev[-1]) == 0.0
+    abar0 = alphas_cumprod_from_config(SD14)[0]
+    np.testing.assert_allclose(float(make_sampler("ddim", SD14, 10).alpha_prev[-1]) ** 2, abar0, rtol=1e-6)
+    d = make_sampler("reference_ddim", SD14, 4, prediction_type="v_prediction").describe()
+    assert d == {"sampler": "reference_ddim", "prediction_type": "v_prediction", "num_steps": 4,
+                 "timesteps": [751, 501, 501, 251], "clip_sample_range": None}
+    assert "prediction_type" not in SD14
 
 
 def test_bf16_model_output_is_upcast():

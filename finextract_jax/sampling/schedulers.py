@@ -328,6 +328,12 @@ class Sampler:
         x_prev = self.coef_x[i] * x + self.coef_x0[i] * x0 + self.coef_prev_x0[i] * state.prev_x0
         return SamplerState(x=x_prev, prev_x0=x0)
 
+    def describe(self) -> dict:
+        """JSON-able summary for run records."""
+        return {"sampler": self.name, "prediction_type": self.prediction_type,
+                "num_steps": self.num_steps, "timesteps": [int(t) for t in np.asarray(self.timesteps)],
+                "clip_sample_range": self.clip_sample_range}
+
     def x0_prediction(self, state: SamplerState, model_output, i,
                       prediction_type: Optional[str] = None) -> Array:
         """The x0 estimate at step i (e.g. for previews)."""
@@ -462,7 +468,8 @@ def _make_dpm(config, num_steps) -> Sampler:
 _BUILDERS = {"ddim": _make_ddim, "reference_ddim": _make_reference_ddim, "dpm": _make_dpm}
 
 
-def make_sampler(name: str, scheduler_config: Optional[Mapping[str, Any]], num_steps: int) -> Sampler:
+def make_sampler(name: str, scheduler_config: Optional[Mapping[str, Any]], num_steps: int,
+                 **overrides: Any) -> Sampler:
     """Build a sampler.
 
     Args:
@@ -472,10 +479,16 @@ def make_sampler(name: str, scheduler_config: Optional[Mapping[str, Any]], num_s
         loaded by json; keys starting with "_" and keys the sampler does not use are ignored).
         None: diffusers' class defaults.
       num_steps: number of denoising steps (static: it fixes the loop length and table sizes).
+      **overrides: config keys to replace, e.g. `set_alpha_to_one=True` for a DDIM whose last
+        step goes to abar = 1 although the SD v1.x config says False.
     Raises:
       InputError: unknown sampler, bad step count, or config options that are not supported.
     """
     key = _ALIASES.get(name, name)
     if key not in _BUILDERS:
         raise InputError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    if overrides:
+        if scheduler_config is not None and not isinstance(scheduler_config, Mapping):
+            raise InputError(f"scheduler config must be a dict, got {type(scheduler_config).__name__}")
+        scheduler_config = {**(scheduler_config or {}), **overrides}
     return _BUILDERS[key](scheduler_config, num_steps)
