@@ -1,29 +1,34 @@
 """Shared scaffolding for the absl binaries: one-line errors and exit status 2 on bad input."""
 import sys
 
-from absl import app
+from absl import app, flags
 
 from finextract_jax.errors import FinextractError
 
 
-def run(main):
-    """Run an absl main; a FinextractError becomes one stderr line and exit status 2."""
-
-    def guarded(argv):
-        if len(argv) > 1:
-            _fail(f"unexpected positional arguments {argv[1:]}; use --flag=value")
-        try:
-            return main(argv)
-        except FinextractError as err:
-            _fail(str(err))
-
-    try:
-        app.run(guarded)
-    except app.UsageError as err:  # pragma: no cover - absl handles most of these itself
-        _fail(str(err))
-
-
-def _fail(message):
+def fail(message: str):
+    """Print one line to stderr and exit 2 (bad input the user can fix)."""
     sys.stderr.write(f"error: {message}\n")
     sys.stderr.flush()
     sys.exit(2)
+
+
+def _parse_flags(argv):
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as err:
+        fail(f"{err} (see --helpfull)")
+
+
+def run(main):
+    """Run an absl main; a FinextractError or a bad flag becomes one stderr line and exit status 2."""
+
+    def guarded(argv):
+        if len(argv) > 1:
+            fail(f"unexpected positional arguments {argv[1:]}; use --flag=value")
+        try:
+            return main(argv)
+        except FinextractError as err:
+            fail(str(err))
+
+    app.run(guarded, flags_parser=_parse_flags)

@@ -1,0 +1,32 @@
+"""Write a tiny, randomly initialised SD pipeline in the diffusers layout.
+
+    python -m experiments.make_tiny --out=/tmp/tiny [--kind=latent|pixel] [--format=pt|flax]
+        [--seed=0] [--prediction_type=epsilon|v_prediction]
+
+With --format=pt it loads in diffusers PyTorch (StableDiffusionPipeline.from_pretrained) as well
+as in finextract_jax; no torch is needed to write it.
+"""
+from absl import flags, logging
+
+from experiments import _app
+
+flags.DEFINE_string("out", None, "Output folder (replaced if it exists).", required=True)
+flags.DEFINE_enum("kind", "latent", ["latent", "pixel"], "Latent model with a tiny VAE, or pixel-space UNet.")
+flags.DEFINE_enum("format", "pt", ["pt", "flax"], "PyTorch-named safetensors or Flax msgpack weights.")
+flags.DEFINE_integer("seed", 0, "Initialisation seed.")
+flags.DEFINE_enum("prediction_type", "epsilon", ["epsilon", "v_prediction"],
+                  "epsilon: SD1-like (conv projections, PNDM); v_prediction: SD2-like (linear projections, DDIM).")
+FLAGS = flags.FLAGS
+
+
+def main(_):
+    from finextract_jax.models.tiny import make_tiny
+
+    out = make_tiny(FLAGS.out, kind=FLAGS.kind, fmt=FLAGS.format, seed=FLAGS.seed,
+                    prediction_type=FLAGS.prediction_type)
+    logging.info("wrote a tiny %s pipeline (%s weights) to %s", FLAGS.kind, FLAGS.format, out)
+    print(out)
+
+
+if __name__ == "__main__":
+    _app.run(main)
