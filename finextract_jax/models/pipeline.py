@@ -140,8 +140,12 @@ def _cache_save(cache_dir: str, key: str, tree: dict):
 
 
 def load_component(folder: str, kind: str, dtype="float32", attention: str = "fused", allow_pickle: bool = False,
-                   cache_dir: str | None = None) -> Component:
-    """One of unet/, text_encoder/, vae/ as (module, params); weights checked against the config."""
+                   cache_dir: str | None = None, pending_cache: list | None = None) -> Component:
+    """One of unet/, text_encoder/, vae/ as (module, params); weights checked against the config.
+
+    A fresh conversion is cached right away, or, with `pending_cache`, appended there for the
+    caller to write once every component of the checkpoint has loaded (so a failed load caches nothing).
+    """
     if not os.path.isdir(folder):
         raise CheckpointError(f"{folder}: not found (expected a diffusers component folder with config.json)")
     config = read_json(os.path.join(folder, "config.json"))
@@ -163,7 +167,8 @@ def load_component(folder: str, kind: str, dtype="float32", attention: str = "fu
             state, _ = read_state_dict(weights, allow_pickle)
             flat = pytorch_to_flax(to_float32(state), expected, weights)
             if key:
-                _cache_save(cache_dir, key, unflatten_dict(flat))
+                entry = (cache_dir, key, unflatten_dict(flat))
+                pending_cache.append(entry) if pending_cache is not None else _cache_save(*entry)
     params = cast_params(unflatten_dict(to_float32(flat)), compute_dtype)
     return Component(module, params, config, weights)
 
@@ -204,7 +209,9 @@ def load_pipeline(path: str, dtype="float32", attention: str = "fused", allow_pi
     if not os.path.isdir(os.path.join(path, "unet")):
         raise CheckpointError(f"{path}: has no unet/ folder; expected the diffusers layout "
                               "(model_index.json, unet/, text_encoder/, tokenizer/, scheduler/, vae/)")
-    load = lambda name: load_component(os.path.join(path, name), name, dtype, attention, allow_pickle, cache_dir)
+    pending = []
+    load = lambda name: load_component(os.path.join(path, name), name, dtype, attention, allow_pickle, cache_dir,
+                                       pending)
     scheduler_config = read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
     vae = load("vae") if os.path.isdir(os.path.join(path, "vae")) else None
     pipe = Pipeline(path, load("unet"), load("text_encoder"), load_tokenizer(os.path.join(path, "tokenizer")), vae,
@@ -212,6 +219,8 @@ def load_pipeline(path: str, dtype="float32", attention: str = "fused", allow_pi
     if vae is not None and vae.config.get("latent_channels") != pipe.unet.module.in_channels:
         raise CheckpointError(f"{path}: vae latent_channels {vae.config.get('latent_channels')} != unet in_channels "
                               f"{pipe.unet.module.in_channels}")
+    for entry in pending:
+        _cache_save(*entry)
     return pipe
 
 
@@ -260,17 +269,20 @@ def load_finetuned(pretrained: Pipeline, path: str, finetuned_format: str = "aut
     fmt = detect_format(path) if finetuned_format == "auto" else finetuned_format
     if fmt == "full":
         _require_folder(path, "fine-tuned model folder")
-        unet = load_component(os.path.join(path, "unet"), "unet", dtype, attention, allow_pickle, cache_dir) \
-            if os.path.isdir(os.path.join(path, "unet")) else None
-        if unet is None:
+        if not os.path.isdir(os.path.join(path, "unet")):
             raise CheckpointError(f"{path}: has no unet/ folder; a full fine-tune needs at least unet/")
-        check_compatible(pretrained.unet.config, unet.config, path)
+        pending = []
+        unet_config = read_json(os.path.join(path, "unet", "config.json"))
+        check_compatible(pretrained.unet.config, unet_config, path)
+        unet = load_component(os.path.join(path, "unet"), "unet", dtype, attention, allow_pickle, cache_dir, pending)
         text_encoder = pretrained.text_encoder
         if os.path.isdir(os.path.join(path, "text_encoder")):
             text_encoder = load_component(os.path.join(path, "text_encoder"), "text_encoder", dtype, attention,
-                                          allow_pickle, cache_dir)
+                                          allow_pickle, cache_dir, pending)
         tokenizer = load_tokenizer(os.path.join(path, "tokenizer")) if os.path.isdir(
             os.path.join(path, "tokenizer")) else pretrained.tokenizer
+        for entry in pending:
+            _cache_save(*entry)
         return dataclasses.replace(pretrained, path=path, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
                                    unet_lora=None)
     if fmt != "lora":
