@@ -1,4 +1,5 @@
 """Shared scaffolding for the absl binaries: one-line errors and exit status 2 on bad input."""
+import logging
 import sys
 
 from absl import app, flags
@@ -31,4 +32,7 @@ def run(main):
         except FinextractError as err:
             fail(str(err))
 
+    # JAX logs its backend probing (e.g. "Unable to initialize backend 'tpu'") at INFO; keep
+    # stderr for what the user must read.
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     app.run(guarded, flags_parser=_parse_flags)

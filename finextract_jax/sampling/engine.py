@@ -1,0 +1,173 @@
+"""The guided sampler: a whole batch's denoising loop in one jitted, device-sharded function.
+
+Both UNets of a step are evaluated inside the same compiled loop body (METHOD.md §2), in one of
+three fusion strategies:
+- "two_applies": one `apply` per distinct model, each over the batch repeated for its prompts;
+- "vmap": the two parameter trees stacked and one `apply` vmapped over them;
+- "lora_batch": for an unmerged LoRA fine-tune, ONE pass over the doubled batch in which the
+  low-rank delta is gated on for the fine-tuned half only (one copy of the base weights).
+"auto" picks per backend and checkpoint, by the measurements in benchmarks/RESULTS.md.
+
+The batch axis is sharded over a 1-D `jax.sharding.Mesh` ("data"); parameters are replicated.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from finextract_jax.errors import InputError, NonFiniteError
+from finextract_jax.guidance import CAPTION, EMPTY, FINETUNED, PRETRAINED, GuidanceSpec, get_guidance
+from finextract_jax.models.pipeline import Pipeline, encode_prompts
+from finextract_jax.sampling.schedulers import Sampler, make_sampler
+
+FUSIONS = ("auto", "two_applies", "vmap", "lora_batch")
+
+
+def data_mesh(devices=None) -> Mesh:
+    """A 1-D mesh over all (or the given) devices, axis "data"."""
+    return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
+
+
+def build_sampler(name: str, scheduler_config: dict, steps: int) -> Sampler:
+    """Our samplers; "ddim" is the clean one, ending at abar = 1 (METHOD.md §3)."""
+    overrides = {"set_alpha_to_one": True} if name == "ddim" else {}
+    return make_sampler(name, scheduler_config, steps, **overrides)
+
+
+def resolve_fusion(fusion: str, spec: GuidanceSpec, finetuned: Pipeline) -> str:
+    if fusion not in FUSIONS:
+        raise InputError(f"unknown fusion {fusion!r}; choose one of {', '.join(FUSIONS)}")
+    two_models = len(spec.models) == 2
+    if fusion == "auto":
+        # Measured (benchmarks/RESULTS.md): two applies in one jit beat vmap over stacked trees
+        # on CPU; for an unmerged LoRA the single doubled-batch pass avoids a second weight read.
+        return "lora_batch" if two_models and finetuned.unet_lora is not None else "two_applies"
+    if fusion == "lora_batch" and (not two_models or finetuned.unet_lora is None):
+        raise InputError("fusion=lora_batch needs a LoRA fine-tune loaded unmerged and a method that "
+                         "evaluates both models (finextract)")
+    if fusion == "vmap" and not two_models:
+        raise InputError(f"fusion=vmap needs a method that evaluates both models, not {spec.name}")
+    return fusion
+
+
+@dataclasses.dataclass
+class GuidedModel:
+    """Everything the jitted loop needs, as arrays (passed as arguments, never baked in)."""
+
+    spec: GuidanceSpec
+    evaluations: tuple  # distinct (model, prompt text) pairs: what the UNets compute
+    order: tuple  # for each of spec.evaluations, its index in `evaluations`
+    fusion: str
+    variables: dict  # {"pretrained": vars, "finetuned": vars} or {"stacked": vars}
+    contexts: jax.Array  # [len(evaluations), tokens, dim]
+    unet: Any  # the flax module (both models share the architecture)
+    prediction_type: str
+
+
+def prepare(pretrained: Pipeline, finetuned: Pipeline, method: str, prompt: str, fusion: str = "auto") -> GuidedModel:
+    """Encode the prompts (each with the text encoder of the model that consumes it) and lay
+    out the parameters for the chosen fusion strategy."""
+    spec = get_guidance(method)
+    fusion = resolve_fusion(fusion, spec, finetuned)
+    pipes = {PRETRAINED: pretrained, FINETUNED: finetuned}
+    texts = {EMPTY: "", CAPTION: prompt}
+    evaluations = tuple(dict.fromkeys((m, texts[p]) for m, p in spec.evaluations))
+    contexts = jnp.concatenate([encode_prompts(pipes[m].text_encoder, pipes[m].tokenizer, [text])
+                                for m, text in evaluations])
+    if fusion == "vmap":
+        variables = {"stacked": jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]),
+                                                       {"params": pretrained.unet.params},
+                                                       {"params": finetuned.unet.params})}
+        if finetuned.unet_lora is not None:
+            raise InputError("fusion=vmap needs merged LoRA weights (lora_mode=merged)")
+    elif fusion == "lora_batch":
+        variables = {FINETUNED: finetuned.unet_variables()}
+    else:
+        variables = {m: pipes[m].unet_variables() for m in spec.models}
+    order = tuple(evaluations.index((m, texts[p])) for m, p in spec.evaluations)
+    return GuidedModel(spec, evaluations, order, fusion, variables, contexts, finetuned.unet.module,
+                       finetuned.prediction_type)
+
+
+def _evaluate(model: GuidedModel, variables, contexts, x, t):
+    """UNet outputs for each distinct evaluation at (x, t), as a list in `model.evaluations` order."""
+    batch = x.shape[0]
+    n = len(model.evaluations)
+    apply = model.unet.apply
+    expand = lambda c: jnp.broadcast_to(c[None], (batch,) + c.shape)
+    if model.fusion == "lora_batch":
+        gate = jnp.concatenate([jnp.full((batch,), m == FINETUNED, jnp.float32) for m, _ in model.evaluations])
+        out = apply(variables[FINETUNED], jnp.tile(x, (n, 1, 1, 1)), t,
+                    jnp.concatenate([expand(c) for c in contexts]), lora_gate=gate)
+        return jnp.split(out, n)
+    if model.fusion == "vmap":
+        out = jax.vmap(lambda v, c: apply(v, x, t, expand(c)))(variables["stacked"], contexts)
+        return list(out)
+    outputs = {}
+    for m in dict.fromkeys(m for m, _ in model.evaluations):
+        rows = [i for i, (mi, _) in enumerate(model.evaluations) if mi == m]
+        out = apply(variables[m], jnp.tile(x, (len(rows), 1, 1, 1)), t,
+                    jnp.concatenate([expand(contexts[i]) for i in rows]))
+        outputs.update(zip(rows, jnp.split(out, len(rows))))
+    return [outputs[i] for i in range(n)]
+
+
+def make_batch_sampler(model: GuidedModel, sampler: Sampler, mesh: Mesh) -> Callable:
+    """jit(variables, contexts, x_T, scale, correction) -> (x_0 [B,C,H,W] f32, first_bad_step [B] i32).
+
+    first_bad_step is -1 for images whose latents stayed finite, else the first step at which
+    they did not. scale/correction are traced: changing them does not recompile.
+    """
+    def run(variables, contexts, x_T, scale, correction):
+        def body(i, carry):
+            state, first_bad = carry
+            x = sampler.model_input(state)
+            t = sampler.timesteps[i]
+            outs = _evaluate(model, variables, contexts, x, t)
+            eps = [sampler.to_epsilon(x, outs[j].astype(jnp.float32), i, model.prediction_type) for j in model.order]
+            state = sampler.step(state, model.spec.combine(eps, scale, correction), i, prediction_type="epsilon")
+            bad = ~jnp.isfinite(state.x).all(axis=(1, 2, 3))
+            first_bad = jnp.where((first_bad < 0) & bad, i, first_bad)
+            return state, first_bad
+
+        init = (sampler.init_state(x_T * sampler.init_noise_sigma), jnp.full((x_T.shape[0],), -1, jnp.int32))
+        state, first_bad = jax.lax.fori_loop(0, sampler.num_steps, body, init)
+        return sampler.latents(state), first_bad
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batch_sharded = NamedSharding(mesh, PartitionSpec("data"))
+    return jax.jit(run, in_shardings=(replicated, replicated, batch_sharded, None, None),
+                   out_shardings=(batch_sharded, batch_sharded))
+
+
+def check_finite(first_bad: np.ndarray, indices: np.ndarray, sampler: Sampler):
+    bad = np.flatnonzero(np.asarray(first_bad) >= 0)
+    if bad.size:
+        step = int(np.asarray(first_bad)[bad].min())
+        raise NonFiniteError(
+            f"latents became non-finite at step {step} (timestep {int(sampler.timesteps[step])}) for images "
+            f"{[int(indices[b]) for b in bad][:10]}; lower --guidance_scale or use float32")
+
+
+def make_decoder(pipe: Pipeline, mesh: Mesh) -> Callable:
+    """jit(vae_params, x_0) -> uint8 images [B, H, W, 3]; pixel-space models skip the VAE."""
+    vae = pipe.vae
+
+    def decode(vae_params, x0):
+        if vae is None:
+            images = x0
+        else:
+            z = x0 / vae.config.get("scaling_factor", 0.18215)
+            images = vae.module.apply({"params": vae_params}, z.astype(vae.module.dtype),
+                                      method=vae.module.decode).sample
+        images = jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+        return jnp.round(jnp.transpose(images, (0, 2, 3, 1)) * 255).astype(jnp.uint8)
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batch_sharded = NamedSharding(mesh, PartitionSpec("data"))
+    return jax.jit(decode, in_shardings=(replicated, batch_sharded), out_shardings=batch_sharded)
