@@ -1,0 +1,78 @@
+"""Fine-tune a Stable Diffusion model (DreamBooth or LoRA) into an ordinary diffusers checkpoint.
+
+    python -m experiments.finetune --pretrained=DIR --train_dir=DIR --caption="a photo of sks dog" \
+        --method=dreambooth|lora --out=PATH [--steps --learning_rate --batch_size --resolution --rank
+        --lora_alpha --train_text_encoder --augment=none|cutout|randaugment --seed --dtype]
+
+DreamBooth writes an SD-layout folder (new unet/ [+ text_encoder/] as .safetensors, the rest of
+the pretrained folder alongside); LoRA writes pytorch_lora_weights.safetensors (into --out, or to
+--out itself when it ends in .safetensors). Checkpoints go to <out>.checkpoints every
+--checkpoint_every steps; rerunning the same command after an interruption resumes from them and
+ends with the same parameters as an uninterrupted run.
+"""
+from absl import flags, logging
+
+from experiments import _app
+
+flags.DEFINE_string("pretrained", None, "Pretrained SD folder (diffusers layout).", required=True)
+flags.DEFINE_string("train_dir", None, "Folder of training images, optionally with metadata.csv "
+                    "(file_name,caption), whose captions win over --caption.", required=True)
+flags.DEFINE_string("caption", None, "Caption of every image not listed in metadata.csv.")
+flags.DEFINE_enum("method", "dreambooth", ["dreambooth", "lora"], "Full UNet fine-tuning or LoRA.")
+flags.DEFINE_string("out", None, "Output: SD folder (dreambooth) or LoRA folder / .safetensors file.",
+                    required=True)
+flags.DEFINE_integer("steps", 0, "Optimizer steps; 0 = 200 per training image (the reference).")
+flags.DEFINE_float("learning_rate", None, "Constant AdamW learning rate (default 2e-6 dreambooth, 1e-4 lora).")
+flags.DEFINE_integer("batch_size", 1, "Images per micro-batch, split over the devices.")
+flags.DEFINE_integer("grad_accum", 1, "Micro-batches accumulated per optimizer step.")
+flags.DEFINE_integer("resolution", None, "Training resolution in pixels (default: the UNet's sample size times "
+                     "the VAE factor); images are resized and centre-cropped to it.")
+flags.DEFINE_integer("rank", 64, "LoRA rank.")
+flags.DEFINE_float("lora_alpha", None, "LoRA alpha (default: = rank).")
+flags.DEFINE_boolean("train_text_encoder", False, "Also fine-tune the text encoder (fully, or with LoRA).")
+flags.DEFINE_enum("augment", "none", ["none", "cutout", "randaugment"], "Defence applied to training images.")
+flags.DEFINE_integer("seed", 0, "Seed of LoRA init, data order, noise, timesteps and augmentations.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (weights stay float32).")
+flags.DEFINE_integer("checkpoint_every", 100, "Save a resumable checkpoint every K steps (0: only at the end).")
+flags.DEFINE_string("checkpoint_dir", None, "Checkpoint folder (default <out>.checkpoints).")
+flags.DEFINE_boolean("keep_checkpoints", False, "Keep the checkpoints after a successful export.")
+flags.DEFINE_integer("log_every", 10, "Log the training loss every N steps.")
+FLAGS = flags.FLAGS
+
+
+def _quiet_orbax():
+    """orbax logs every array transfer at INFO; keep its warnings, drop the chatter."""
+    import logging as std_logging
+    import os
+
+    marker = f"{os.sep}orbax{os.sep}"
+
+    class Filter(std_logging.Filter):
+        def filter(self, record):
+            return record.levelno >= std_logging.WARNING or marker not in record.pathname
+
+    logging.get_absl_handler().addFilter(Filter())
+
+
+def main(_):
+    from finextract_jax.finetune import FinetuneConfig, finetune
+
+    _quiet_orbax()
+    from finextract_jax.models.pipeline import load_pipeline
+
+    config = FinetuneConfig(method=FLAGS.method, steps=FLAGS.steps, learning_rate=FLAGS.learning_rate,
+                            batch_size=FLAGS.batch_size, grad_accum=FLAGS.grad_accum, rank=FLAGS.rank,
+                            lora_alpha=FLAGS.lora_alpha, train_text_encoder=FLAGS.train_text_encoder,
+                            augment=FLAGS.augment, seed=FLAGS.seed, dtype=FLAGS.dtype)
+    if FLAGS.checkpoint_every < 0:
+        _app.fail(f"--checkpoint_every must be >= 0, got {FLAGS.checkpoint_every}")
+    pipe = load_pipeline(FLAGS.pretrained)
+    out = finetune(pipe, FLAGS.train_dir, FLAGS.out, config, caption=FLAGS.caption, resolution=FLAGS.resolution,
+                   checkpoint_dir=FLAGS.checkpoint_dir, checkpoint_every=FLAGS.checkpoint_every,
+                   keep_checkpoints=FLAGS.keep_checkpoints, log_every=FLAGS.log_every)
+    logging.info("wrote %s", out)
+    print(out)
+
+
+if __name__ == "__main__":
+    _app.run(main)

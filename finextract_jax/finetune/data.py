@@ -1,0 +1,123 @@
+"""Fine-tuning images: a folder of images, optional metadata.csv captions, resize + centre crop.
+
+Preprocessing follows diffusers' DreamBooth script on PIL images (torchvision's
+Resize(resolution, BILINEAR) of the shorter side, then CenterCrop(resolution)), so that our
+victims see the same pixels as the reference's.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import os
+
+import numpy as np
+
+from finextract_jax.errors import InputError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+METADATA_FILE = "metadata.csv"
+
+
+@dataclasses.dataclass
+class TrainSet:
+    """Training images as float32 NCHW in [-1, 1], with one caption per image."""
+
+    pixels: np.ndarray  # [N, 3, R, R]
+    captions: list
+    files: list
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def fingerprint(self) -> str:
+        """Content hash of what training sees (decoded pixels and captions), for resume checks."""
+        digest = hashlib.sha256(np.ascontiguousarray(self.pixels).tobytes())
+        digest.update("\0".join(self.files + self.captions).encode())
+        return digest.hexdigest()[:16]
+
+
+def list_images(train_dir: str) -> list:
+    if not os.path.isdir(train_dir):
+        raise InputError(f"--train_dir {train_dir}: not a folder; pass a folder of training images")
+    files = sorted(f for f in os.listdir(train_dir)
+                   if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith(".")
+                   and os.path.isfile(os.path.join(train_dir, f)))
+    if not files:
+        raise InputError(f"--train_dir {train_dir}: holds no images ({', '.join(IMAGE_SUFFIXES)}); "
+                         "put the fine-tuning images there")
+    return files
+
+
+def read_metadata(train_dir: str) -> dict:
+    """{file_name: caption} from metadata.csv (columns file_name, caption), or {} without one."""
+    path = os.path.join(train_dir, METADATA_FILE)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise InputError(f"{path}: not a readable CSV file ({err})") from None
+    if rows and not {"file_name", "caption"} <= set(rows[0].keys()):
+        raise InputError(f"{path}: needs the columns file_name,caption (found {list(rows[0].keys())})")
+    captions = {}
+    for row in rows:
+        name = (row.get("file_name") or "").strip()
+        if not name:
+            continue
+        captions[os.path.basename(name)] = row.get("caption") or ""
+    return captions
+
+
+def resize_center_crop(image, resolution: int) -> np.ndarray:
+    """PIL image -> uint8 [R, R, 3]: shorter side to R (bilinear), then the centre R x R."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    width, height = image.size
+    if width <= height:
+        new_w, new_h = resolution, int(resolution * height / width)
+    else:
+        new_w, new_h = int(resolution * width / height), resolution
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), Image.BILINEAR)
+    top = int(round((new_h - resolution) / 2.0))
+    left = int(round((new_w - resolution) / 2.0))
+    image = image.crop((left, top, left + resolution, top + resolution))
+    return np.asarray(image, dtype=np.uint8)
+
+
+def load_image(path: str, resolution: int) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return resize_center_crop(image, resolution)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise InputError(f"{path}: cannot be read as an image ({type(err).__name__}: {err}); "
+                         "remove or replace it") from None
+
+
+def load_train_set(train_dir: str, resolution: int, caption: str | None = None) -> TrainSet:
+    """The images of `train_dir`, captions from metadata.csv where listed, else `caption`."""
+    if resolution <= 0:
+        raise InputError(f"--resolution must be positive, got {resolution}")
+    files = list_images(train_dir)
+    metadata = read_metadata(train_dir)
+    missing = sorted(set(metadata) - set(files))
+    if missing:
+        raise InputError(f"{os.path.join(train_dir, METADATA_FILE)} lists files that are not in --train_dir "
+                         f"(e.g. {missing[:3]}); fix the file_name column")
+    captions = []
+    for name in files:
+        if name in metadata:
+            captions.append(metadata[name])
+        elif caption is not None:
+            captions.append(caption)
+        else:
+            raise InputError(f"{name} has no caption: pass --caption or list it in {METADATA_FILE}")
+    images = np.stack([load_image(os.path.join(train_dir, name), resolution) for name in files])
+    pixels = images.astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
+    return TrainSet(pixels, captions, files)

@@ -1,0 +1,125 @@
+"""Fine-tunes as ordinary diffusers checkpoints, written atomically (temp + rename).
+
+- DreamBooth: an SD-layout folder. `unet/` (and `text_encoder/` when it was trained) are new
+  PyTorch-named `.safetensors`; every other component is taken from the pretrained folder
+  (hard-linked where the filesystem allows, else copied), so the folder loads on its own with
+  `StableDiffusionPipeline.from_pretrained` as well as with `load_finetuned`.
+- LoRA: `pytorch_lora_weights.safetensors` with diffusers/PEFT keys and the adapter metadata
+  (rank, alpha, target modules) that diffusers' `save_lora_weights` writes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+from flax.traverse_util import flatten_dict
+
+from finextract_jax.errors import InputError
+from finextract_jax.finetune import lora as lora_lib
+from finextract_jax.models.convert import flax_to_pytorch
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"
+_WEIGHT_FILES = {"unet": "diffusion_pytorch_model.safetensors", "text_encoder": "model.safetensors"}
+
+
+def _save_safetensors(tensors: dict, path: str, metadata: dict):
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in tensors.items()}, path,
+              metadata=metadata)
+
+
+def _link_or_copy_tree(src: str, dst: str):
+    def link(s, d):
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+    shutil.copytree(src, dst, copy_function=link)
+
+
+def _replace(staging: str, out: str):
+    """Move `staging` to `out`, replacing what is there only once the new output is complete."""
+    if os.path.lexists(out):
+        trash = tempfile.mkdtemp(prefix=".old.", dir=os.path.dirname(os.path.abspath(out)))
+        os.replace(out, os.path.join(trash, "old"))
+        os.replace(staging, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(staging, out)
+
+
+def _component_folder(folder: str, kind: str, config: dict, params):
+    os.makedirs(folder)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    state = flax_to_pytorch(flatten_dict(params))
+    _save_safetensors(state, os.path.join(folder, _WEIGHT_FILES[kind]), {"format": "pt"})
+
+
+def save_dreambooth(out: str, pretrained_path: str, unet_config: dict, unet_params, text_config: dict | None = None,
+                    text_params=None) -> str:
+    """Write an SD-layout folder with the fine-tuned `unet/` (and `text_encoder/`)."""
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".finetune.", dir=parent)
+    try:
+        _component_folder(os.path.join(staging, "unet"), "unet", unet_config, unet_params)
+        if text_params is not None:
+            _component_folder(os.path.join(staging, "text_encoder"), "text_encoder", text_config, text_params)
+        for name in sorted(os.listdir(pretrained_path)):
+            src = os.path.join(pretrained_path, name)
+            if os.path.exists(os.path.join(staging, name)) or name.startswith("."):
+                continue
+            if os.path.isdir(src):
+                _link_or_copy_tree(src, os.path.join(staging, name))
+            elif name == "model_index.json" or name.endswith((".json", ".txt", ".md")):
+                shutil.copy2(src, os.path.join(staging, name))
+        _replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def lora_file_path(out: str) -> str:
+    """`out` itself when it names a .safetensors file, else `out/pytorch_lora_weights.safetensors`."""
+    return out if out.endswith(".safetensors") else os.path.join(out, LORA_FILE)
+
+
+def _alpha_value(alpha):
+    alpha = float(alpha)
+    return int(alpha) if alpha.is_integer() else alpha
+
+
+def save_lora(out: str, unet_factors, rank: int, alpha: float, text_factors=None,
+              unet_targets=lora_lib.UNET_TARGETS, text_targets=lora_lib.TEXT_ENCODER_TARGETS) -> str:
+    """Write the factors as diffusers' `StableDiffusionPipeline.save_lora_weights` would; returns the file."""
+    if not unet_factors and not text_factors:
+        raise InputError("no LoRA factors to save")
+    tensors, metadata = {}, {}
+    for prefix, factors, targets in (("unet", unet_factors, unet_targets),
+                                     ("text_encoder", text_factors, text_targets)):
+        if not factors:
+            continue
+        tensors.update(lora_lib.to_peft_state_dict(factors, prefix))
+        for key, value in lora_lib.adapter_metadata(rank, _alpha_value(alpha), targets).items():
+            metadata[f"{prefix}.{key}"] = value
+    path = lora_file_path(out)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, staging = tempfile.mkstemp(prefix=".lora.", suffix=".safetensors", dir=folder)
+    os.close(fd)
+    try:
+        _save_safetensors(tensors, staging, {"format": "pt",
+                                             ADAPTER_METADATA_KEY: json.dumps(metadata, indent=2, sort_keys=True)})
+        os.replace(staging, path)
+    except BaseException:
+        if os.path.exists(staging):
+            os.remove(staging)
+        raise
+    return path

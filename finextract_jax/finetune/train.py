@@ -1,0 +1,589 @@
+"""DreamBooth and LoRA fine-tuning: one jitted, data-parallel train step and a resumable loop.
+
+What the step computes (diffusers' train_dreambooth(_lora).py, without prior preservation):
+x0 = VAE latent sample * scaling_factor (or the pixels of a pixel-space model), t ~ U{0..T-1},
+x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, loss = MSE(UNet(x_t, t, c), target) with target eps
+or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 per the scheduler config; AdamW at a constant
+learning rate after clipping the global gradient norm (diffusers' max_grad_norm = 1).
+
+Reproducibility: all randomness of a sample (latent draw, noise, timestep, augmentation) comes
+from a key derived from (seed, step, index of the sample in the global batch), and the data order
+from (seed, epoch). So a run resumed from a checkpoint, or run on another number of devices,
+draws exactly the same numbers as an uninterrupted run.
+
+Sharding: a 1-D mesh with axis "data"; parameters, optimizer state and the (small) dataset are
+replicated, the per-step index array is split over "data", and XLA all-reduces the gradients.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import shutil
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from finextract_jax.errors import InputError, NonFiniteError
+from finextract_jax.finetune import augment as augment_lib
+from finextract_jax.finetune import export as export_lib
+from finextract_jax.finetune import lora as lora_lib
+from finextract_jax.finetune.data import TrainSet
+from finextract_jax.models import components
+from finextract_jax.models.pipeline import Pipeline, tokenize
+from finextract_jax.sampling.schedulers import alphas_cumprod_from_config
+
+log = logging.getLogger(__name__)
+
+METHODS = ("dreambooth", "lora")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DEFAULT_LEARNING_RATE = {"dreambooth": 2e-6, "lora": 1e-4}  # METHOD.md §1
+STEPS_PER_IMAGE = 200
+_SCHEDULE_DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                          trained_betas=None, rescale_betas_zero_snr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """Everything that determines the trained parameters (plus `steps`, which only says when to stop)."""
+
+    method: str = "dreambooth"
+    steps: int = 0  # 0: 200 per training image (the reference)
+    learning_rate: float | None = None  # None: 2e-6 (DreamBooth) or 1e-4 (LoRA)
+    batch_size: int = 1  # images per micro-batch, over all devices
+    grad_accum: int = 1  # micro-batches per optimizer step
+    rank: int = 64
+    lora_alpha: float | None = None  # None: = rank
+    train_text_encoder: bool = False
+    augment: str = "none"
+    seed: int = 0
+    dtype: str = "float32"  # compute dtype; master weights and optimizer state stay float32
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    attention: str = "auto"  # auto: einsum on CPU (compiles faster), fused elsewhere
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise InputError(f"--method={self.method!r} is not one of {', '.join(METHODS)}")
+        if self.steps < 0:
+            raise InputError(f"--steps must be >= 0 (0 = {STEPS_PER_IMAGE} per image), got {self.steps}")
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            raise InputError(f"--learning_rate must be positive, got {self.learning_rate}")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise InputError(f"--batch_size and --grad_accum must be >= 1, got {self.batch_size}, {self.grad_accum}")
+        if self.method == "lora":
+            lora_lib.check_rank(self.rank, self.lora_alpha)
+        if self.dtype not in DTYPES:
+            raise InputError(f"--dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.attention not in ("auto", "fused", "plain"):
+            raise InputError(f"attention={self.attention!r} is not one of auto, fused, plain")
+        augment_lib.AugmentConfig(self.augment)
+
+    @property
+    def lr(self) -> float:
+        return self.learning_rate if self.learning_rate is not None else DEFAULT_LEARNING_RATE[self.method]
+
+    @property
+    def alpha(self) -> float:
+        return float(self.lora_alpha if self.lora_alpha is not None else self.rank)
+
+    @property
+    def lora_scale(self) -> float:
+        return self.alpha / self.rank
+
+    def total_steps(self, num_images: int) -> int:
+        return self.steps or STEPS_PER_IMAGE * num_images
+
+    def identity(self) -> dict:
+        """The fields a resumed run must share with the checkpoints it resumes from."""
+        out = dataclasses.asdict(self)
+        out.pop("steps")
+        out.pop("attention")
+        out["learning_rate"] = self.lr
+        if self.method != "lora":
+            out.pop("rank"), out.pop("lora_alpha")
+        else:
+            out["lora_alpha"] = self.alpha
+        return out
+
+
+def make_mesh(batch_size: int, devices=None) -> Mesh:
+    """A 1-D "data" mesh over as many devices as evenly split the micro-batch."""
+    devices = list(devices if devices is not None else jax.devices())
+    count = max(d for d in range(1, len(devices) + 1) if batch_size % d == 0)
+    if count < len(devices):
+        log.info("micro-batch %d splits evenly over %d of %d devices; using %d", batch_size, count, len(devices),
+                 count)
+    return Mesh(np.array(devices[:count]), ("data",))
+
+
+class _Static:
+    """Hash/eq by the identity of `value`: lets the CLIP wrapper be part of a static jit argument."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __eq__(self, other):
+        return isinstance(other, _Static) and other.value is self.value
+
+    def __hash__(self):
+        return id(self.value)
+
+
+@dataclasses.dataclass(frozen=True)
+class _StepSpec:
+    """Static part of the compiled step; equal specs share one compilation (tests rely on it)."""
+
+    unet: Any  # linen module, compute dtype
+    text: _Static | None  # CLIP wrapper, when the text encoder is trained
+    vae: Any  # linen VAE, when latents are encoded inside the step (augmented latent models)
+    method: str
+    prediction_type: str
+    train_text_encoder: bool
+    augment: augment_lib.AugmentConfig
+    lora_scale: float
+    vae_scaling: float
+    sample_shape: tuple
+    optimizer: tuple  # (lr, b1, b2, eps, weight_decay, max_grad_norm)
+    mesh: Mesh
+
+
+@dataclasses.dataclass
+class TrainState:
+    step: int
+    trainable: Any  # dreambooth: {"unet"[, "text"]}; lora: {"unet_lora"[, "text_lora"]}
+    opt_state: Any
+
+
+def _optimizer(spec: _StepSpec) -> optax.GradientTransformation:
+    lr, b1, b2, eps, weight_decay, max_norm = spec.optimizer
+    adamw = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    return optax.chain(optax.clip_by_global_norm(max_norm), adamw) if max_norm > 0 else adamw
+
+
+def training_target(x0, noise, alpha_bar, prediction_type: str):
+    """The UNet's regression target: eps, or v = sqrt(abar) eps - sqrt(1 - abar) x0."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        a = jnp.sqrt(alpha_bar).reshape((-1,) + (1,) * (x0.ndim - 1))
+        s = jnp.sqrt(1.0 - alpha_bar).reshape(a.shape)
+        return a * noise - s * x0
+    raise InputError(f"prediction_type {prediction_type!r} cannot be fine-tuned (use epsilon or v_prediction)")
+
+
+def add_noise(x0, noise, alpha_bar):
+    a = jnp.sqrt(alpha_bar).reshape((-1,) + (1,) * (x0.ndim - 1))
+    return a * x0 + jnp.sqrt(1.0 - alpha_bar).reshape(a.shape) * noise
+
+
+def _per_sample_loss(spec: _StepSpec, trainable, frozen, data, indices, keys):
+    """MSE per sample [B] for dataset rows `indices` [B] with per-sample keys [B]."""
+    split = jax.vmap(lambda k: jax.random.split(k, 4))(keys)
+    k_latent, k_noise, k_time, k_aug = split[:, 0], split[:, 1], split[:, 2], split[:, 3]
+    if "latent_mean" in data:
+        mean, std = data["latent_mean"][indices], data["latent_std"][indices]
+        eps = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], jnp.float32))(k_latent)
+        x0 = (mean + std * eps) * spec.vae_scaling
+    else:
+        pixels = augment_lib.augment_batch(spec.augment, k_aug, data["pixels"][indices])
+        if spec.vae is not None:
+            dist = spec.vae.apply({"params": frozen["vae"]}, pixels, method=spec.vae.encode).latent_dist
+            eps = jax.vmap(lambda k: jax.random.normal(k, dist.mean.shape[1:], jnp.float32))(k_latent)
+            x0 = jnp.transpose(dist.mean + dist.std * eps, (0, 3, 1, 2)) * spec.vae_scaling
+        else:
+            x0 = pixels
+    x0 = jax.lax.stop_gradient(x0.astype(jnp.float32))
+    noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))(k_noise)
+    alphas_cumprod = frozen["alphas_cumprod"]
+    timesteps = jax.vmap(lambda k: jax.random.randint(k, (), 0, alphas_cumprod.shape[0]))(k_time)
+    alpha_bar = alphas_cumprod[timesteps]
+    noisy = add_noise(x0, noise, alpha_bar)
+    target = training_target(x0, noise, alpha_bar, spec.prediction_type)
+
+    if spec.train_text_encoder:
+        text_params = trainable["text"] if spec.method == "dreambooth" else \
+            lora_lib.merge(frozen["text"], trainable["text_lora"], spec.lora_scale)
+        context = spec.text.value(data["input_ids"][indices], params=text_params, train=False)[0]
+    else:
+        context = data["context"][indices]
+    if spec.method == "dreambooth":
+        variables = {"params": trainable["unet"]}
+    else:
+        variables = {"params": frozen["unet"], "lora": lora_lib.scaled(trainable["unet_lora"], spec.lora_scale)}
+    prediction = spec.unet.apply(variables, noisy, timesteps, context).astype(jnp.float32)
+    return jnp.mean((prediction - target) ** 2, axis=tuple(range(1, prediction.ndim)))
+
+
+def _step_impl(spec: _StepSpec, trainable, opt_state, frozen, data, indices, step, seed):
+    """One optimizer update from `indices` [grad_accum, micro_batch]; returns (trainable, opt_state, metrics)."""
+    accum, micro = indices.shape
+    step_key = jax.random.fold_in(jax.random.PRNGKey(seed), step)
+    sample_ids = jnp.arange(accum * micro, dtype=jnp.uint32).reshape(accum, micro)
+    batch_sharding = NamedSharding(spec.mesh, P("data"))
+
+    def micro_step(grad_sum, xs):
+        rows, ids = xs
+        rows = jax.lax.with_sharding_constraint(rows, batch_sharding)
+        keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(ids)
+        loss_fn = lambda params: jnp.mean(_per_sample_loss(spec, params, frozen, data, rows, keys))
+        loss, grads = jax.value_and_grad(loss_fn)(trainable)
+        return jax.tree_util.tree_map(jnp.add, grad_sum, grads), loss
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable)
+    grads, losses = jax.lax.scan(micro_step, zeros, (indices, sample_ids))
+    grads = jax.tree_util.tree_map(lambda g: g / accum, grads)
+    updates, opt_state = _optimizer(spec).update(grads, opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    return trainable, opt_state, {"loss": jnp.mean(losses), "grad_norm": optax.global_norm(grads)}
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_step(spec: _StepSpec):
+    replicated = NamedSharding(spec.mesh, P())
+    return jax.jit(functools.partial(_step_impl, spec), donate_argnums=(0, 1),
+                   out_shardings=(replicated, replicated, replicated))
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_eval(spec: _StepSpec):
+    def evaluate(trainable, frozen, data, indices, keys):
+        return _per_sample_loss(spec, trainable, frozen, data, indices, keys)
+    return jax.jit(evaluate)
+
+
+def _resolve_attention(name: str) -> str:
+    if name != "auto":
+        return name
+    return "plain" if jax.default_backend() == "cpu" else "fused"
+
+
+class Trainer:
+    """A fine-tuning job: pretrained pipeline + training set + config -> trained parameters."""
+
+    def __init__(self, pipe: Pipeline, train_set: TrainSet, config: FinetuneConfig, mesh: Mesh | None = None):
+        self.pipe, self.train_set, self.config = pipe, train_set, config
+        self.mesh = mesh if mesh is not None else make_mesh(config.batch_size)
+        if config.batch_size % self.mesh.devices.size:
+            raise InputError(f"--batch_size {config.batch_size} does not split over {self.mesh.devices.size} devices")
+        resolution = train_set.pixels.shape[-1]
+        check_resolution(pipe, resolution)
+        compute = DTYPES[config.dtype]
+        unet = pipe.unet.module.clone(dtype=compute, attention=_resolve_attention(config.attention),
+                                      sample_size=resolution // pipe.vae_scale_factor)
+        text = None
+        if config.train_text_encoder:
+            text = _Static(components.text_encoder_from_config(pipe.text_encoder.config, compute)
+                           if compute != jnp.float32 else pipe.text_encoder.module)
+        encode_in_step = pipe.vae is not None and config.augment != "none"
+        schedule = dict(_SCHEDULE_DEFAULTS)
+        schedule.update({k: v for k, v in pipe.scheduler_config.items() if k in _SCHEDULE_DEFAULTS and v is not None})
+        self.alphas_cumprod = np.asarray(alphas_cumprod_from_config(schedule), np.float32)
+        training_target(jnp.zeros(1), jnp.zeros(1), jnp.ones(1), pipe.prediction_type)  # refuse 'sample' early
+        self.spec = _StepSpec(
+            unet=unet, text=text, vae=pipe.vae.module if encode_in_step else None, method=config.method,
+            prediction_type=pipe.prediction_type, train_text_encoder=config.train_text_encoder,
+            augment=augment_lib.AugmentConfig(config.augment), lora_scale=config.lora_scale,
+            vae_scaling=float(pipe.vae.config.get("scaling_factor", 0.18215)) if pipe.vae else 1.0,
+            sample_shape=(pipe.sample_shape[0], resolution // pipe.vae_scale_factor,
+                          resolution // pipe.vae_scale_factor),
+            optimizer=(config.lr, config.adam_beta1, config.adam_beta2, config.adam_epsilon, config.weight_decay,
+                       config.max_grad_norm),
+            mesh=self.mesh)
+        self.total_steps = config.total_steps(len(train_set))
+        self._permutations = {}
+        self.losses = []  # (step, loss) of every step run by fit()
+        self.steps_per_second = None
+        self._frozen = None
+        self._data = None
+
+    # ---- inputs -------------------------------------------------------------------------
+
+    def _replicate(self, tree):
+        sharding = NamedSharding(self.mesh, P())
+        return jax.tree_util.tree_map(lambda x: jax.device_put(jnp.asarray(x), sharding), tree)
+
+    def data(self) -> dict:
+        """Per-image arrays the step gathers from: latent moments or pixels, and text conditioning."""
+        if self._data is None:
+            pipe, pixels = self.pipe, self.train_set.pixels
+            data = {}
+            if pipe.vae is not None and self.spec.vae is None:
+                data["latent_mean"], data["latent_std"] = encode_latent_moments(pipe, pixels)
+            else:
+                data["pixels"] = pixels
+            if self.config.train_text_encoder:
+                data["input_ids"] = tokenize(pipe.tokenizer, self.train_set.captions)
+            else:
+                data["context"] = encode_captions(pipe, self.train_set.captions)
+            self._data = self._replicate(data)
+        return self._data
+
+    def frozen(self) -> dict:
+        if self._frozen is None:
+            frozen = {"alphas_cumprod": self.alphas_cumprod}
+            if self.config.method == "lora":
+                frozen["unet"] = self.pipe.unet.params
+                if self.config.train_text_encoder:
+                    frozen["text"] = self.pipe.text_encoder.params
+            if self.spec.vae is not None:
+                frozen["vae"] = self.pipe.vae.params
+            self._frozen = self._replicate(frozen)
+        return self._frozen
+
+    def init_state(self) -> TrainState:
+        config, pipe = self.config, self.pipe
+        if config.method == "dreambooth":
+            trainable = {"unet": pipe.unet.params}
+            if config.train_text_encoder:
+                trainable["text"] = pipe.text_encoder.params
+        else:
+            key = jax.random.PRNGKey(config.seed)
+            trainable = {"unet_lora": lora_lib.init_factors(pipe.unet.params, lora_lib.UNET_TARGETS, config.rank,
+                                                            jax.random.fold_in(key, 1))}
+            if config.train_text_encoder:
+                trainable["text_lora"] = lora_lib.init_factors(pipe.text_encoder.params, lora_lib.TEXT_ENCODER_TARGETS,
+                                                               config.rank, jax.random.fold_in(key, 2))
+        # float32 master copies, never aliasing the pipeline's arrays (the step donates its inputs).
+        trainable = self._replicate(jax.tree_util.tree_map(lambda x: jnp.array(x, jnp.float32, copy=True), trainable))
+        opt_state = self._replicate(_optimizer(self.spec).init(trainable))
+        return TrainState(0, trainable, opt_state)
+
+    def batch_indices(self, step: int) -> np.ndarray:
+        """Dataset rows of optimizer step `step`, [grad_accum, batch_size]: epochs of seeded permutations."""
+        n = len(self.train_set)
+        per_step = self.config.grad_accum * self.config.batch_size
+        rows = []
+        for g in range(step * per_step, (step + 1) * per_step):
+            epoch = g // n
+            if epoch not in self._permutations:
+                self._permutations = {epoch: np.random.default_rng([self.config.seed, epoch]).permutation(n)}
+            rows.append(self._permutations[epoch][g % n])
+        return np.asarray(rows, np.int32).reshape(self.config.grad_accum, self.config.batch_size)
+
+    # ---- compute ------------------------------------------------------------------------
+
+    def step(self, state: TrainState) -> tuple[TrainState, dict]:
+        """One optimizer update (donates `state`'s arrays)."""
+        indices = jax.device_put(self.batch_indices(state.step), NamedSharding(self.mesh, P(None, "data")))
+        trainable, opt_state, metrics = _compiled_step(self.spec)(
+            state.trainable, state.opt_state, self.frozen(), self.data(), indices, jnp.uint32(state.step),
+            jnp.uint32(self.config.seed))
+        return TrainState(state.step + 1, trainable, opt_state), metrics
+
+    def eval_loss(self, state: TrainState, repeats: int = 8, seed: int = 1234) -> float:
+        """Mean loss over every image x `repeats` fixed (noise, timestep) draws: comparable across states."""
+        n = len(self.train_set)
+        indices = jnp.tile(jnp.arange(n, dtype=jnp.int32), repeats)
+        keys = jax.random.split(jax.random.PRNGKey(seed), n * repeats)
+        losses = _compiled_eval(self.spec)(state.trainable, self.frozen(), self.data(), indices, keys)
+        return float(jnp.mean(losses))
+
+    # ---- outputs ------------------------------------------------------------------------
+
+    def export(self, state: TrainState, out: str) -> str:
+        trainable = jax.device_get(state.trainable)
+        pipe = self.pipe
+        if self.config.method == "dreambooth":
+            return export_lib.save_dreambooth(
+                out, pipe.path, pipe.unet.config, trainable["unet"], pipe.text_encoder.config,
+                trainable.get("text"))
+        return export_lib.save_lora(out, trainable["unet_lora"], self.config.rank, self.config.alpha,
+                                    trainable.get("text_lora"))
+
+    def fit(self, state: TrainState | None = None, checkpoint_dir: str | None = None, checkpoint_every: int = 0,
+            log_every: int = 10, progress: bool = True, callback: Callable | None = None) -> TrainState:
+        """Train to `total_steps`, resuming from `checkpoint_dir` if it holds a checkpoint of this run.
+
+        `callback(state, metrics)` runs after each step (tests use it to interrupt a run).
+        """
+        manager = None
+        if checkpoint_dir:
+            manager = _CheckpointManager(checkpoint_dir, checkpoint_every, self.run_identity())
+        try:
+            if state is None:
+                state = self.init_state()
+                if manager is not None:
+                    state = manager.restore_latest(state)
+            if state.step:
+                log.info("resuming at step %d of %d", state.step, self.total_steps)
+            state = self._loop(state, manager, log_every, progress, callback)
+            if manager is not None:
+                manager.save(state, force=True)
+        finally:
+            if manager is not None:
+                manager.close()
+        return state
+
+    def _loop(self, state, manager, log_every, progress, callback):
+        from tqdm import tqdm
+
+        bar = tqdm(total=self.total_steps, initial=state.step, unit="step", disable=not progress, dynamic_ncols=True,
+                   desc=f"finetune {self.config.method}")
+        start_step, start_time = state.step, None
+        pending = []
+        try:
+            while state.step < self.total_steps:
+                state, metrics = self.step(state)
+                pending.append((state.step, metrics))
+                if start_time is None:  # the first step includes compilation
+                    jax.block_until_ready(metrics["loss"])
+                    start_time, start_step = time.perf_counter(), state.step
+                if state.step % max(log_every, 1) == 0 or state.step == self.total_steps:
+                    self._report(pending, bar)
+                    pending = []
+                bar.update(1)
+                if manager is not None:
+                    manager.save(state)
+                if callback is not None:
+                    callback(state, metrics)
+        finally:
+            bar.close()
+        if start_time is not None and state.step > start_step:
+            jax.block_until_ready(state.trainable)
+            self.steps_per_second = (state.step - start_step) / (time.perf_counter() - start_time)
+            log.info("%.2f steps/s after compilation", self.steps_per_second)
+        return state
+
+    def _report(self, pending, bar):
+        """Log the loss of the steps since the last report; stop on a non-finite loss."""
+        losses = [(s, float(m["loss"]), float(m["grad_norm"])) for s, m in pending]
+        for s, loss, _ in losses:
+            if not np.isfinite(loss):
+                raise NonFiniteError(f"training loss became {loss} at step {s}; lower --learning_rate "
+                                     "or use --dtype=float32")
+        s, loss, grad_norm = losses[-1]
+        self.losses.extend((s, l) for s, l, _ in losses)
+        log.info("step %d/%d loss %.5f (mean of last %d: %.5f) grad_norm %.4f", s, self.total_steps, loss,
+                 len(losses), float(np.mean([l for _, l, _ in losses])), grad_norm)
+        bar.set_postfix(loss=f"{loss:.4f}")
+
+    def run_identity(self) -> dict:
+        return {"config": self.config.identity(), "pretrained": os.path.abspath(self.pipe.path),
+                "data": self.train_set.fingerprint(), "devices_matter": False}
+
+
+class _CheckpointManager:
+    """orbax CheckpointManager for (trainable, opt_state) every `every` steps, with the run identity."""
+
+    def __init__(self, directory: str, every: int, identity: dict):
+        import orbax.checkpoint as ocp
+
+        self.ocp, self.every, self.identity = ocp, every, identity
+        self.directory = os.path.abspath(directory)
+        identity_file = os.path.join(self.directory, "run.json")
+        if os.path.isfile(identity_file):
+            with open(identity_file) as f:
+                previous = json.load(f)
+            if previous != json.loads(json.dumps(identity)):
+                diff = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
+                raise InputError(f"{self.directory} holds checkpoints of a different run (differs in {diff}); "
+                                 "remove it or pass another --checkpoint_dir")
+        os.makedirs(self.directory, exist_ok=True)
+        with open(identity_file + ".tmp", "w") as f:
+            json.dump(identity, f, indent=2, sort_keys=True)
+        os.replace(identity_file + ".tmp", identity_file)
+        options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+        self.manager = ocp.CheckpointManager(os.path.join(self.directory, "steps"), options=options)
+
+    def restore_latest(self, state: TrainState) -> TrainState:
+        step = self.manager.latest_step()
+        if step is None:
+            return state
+        template = {"trainable": state.trainable, "opt_state": state.opt_state}
+        abstract = jax.tree_util.tree_map(self.ocp.utils.to_shape_dtype_struct, template)
+        restored = self.manager.restore(step, args=self.ocp.args.StandardRestore(abstract))
+        return TrainState(int(step), restored["trainable"], restored["opt_state"])
+
+    def save(self, state: TrainState, force: bool = False):
+        due = self.every > 0 and state.step % self.every == 0
+        if not (due or force) or state.step == 0 or self.manager.latest_step() == state.step:
+            return
+        self.manager.save(state.step, args=self.ocp.args.StandardSave(
+            {"trainable": state.trainable, "opt_state": state.opt_state}))
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def check_resolution(pipe: Pipeline, resolution: int):
+    factor = pipe.vae_scale_factor
+    if resolution <= 0 or resolution % factor:
+        raise InputError(f"--resolution {resolution} is not a positive multiple of the VAE factor {factor}; "
+                         f"use e.g. {max(factor, resolution // factor * factor)}")
+    levels = len(pipe.unet.module.block_out_channels) - 1
+    latent = resolution // factor
+    if latent % (2 ** levels):
+        multiple = factor * 2 ** levels
+        raise InputError(f"--resolution {resolution} gives {latent}x{latent} UNet inputs, which its {levels} "
+                         f"downsamplings cannot halve evenly; use a multiple of {multiple}")
+
+
+def encode_latent_moments(pipe: Pipeline, pixels: np.ndarray, batch: int = 8):
+    """VAE posterior (mean, std), NCHW, once per image: each step then draws its own latent sample."""
+    module, params = pipe.vae.module, pipe.vae.params
+
+    @jax.jit
+    def encode(p, x):
+        dist = module.apply({"params": p}, x, method=module.encode).latent_dist
+        return jnp.transpose(dist.mean, (0, 3, 1, 2)), jnp.transpose(dist.std, (0, 3, 1, 2))
+
+    means, stds = [], []
+    for i in range(0, len(pixels), batch):
+        mean, std = encode(params, jnp.asarray(pixels[i:i + batch]))
+        means.append(np.asarray(mean))
+        stds.append(np.asarray(std))
+    return np.concatenate(means), np.concatenate(stds)
+
+
+def encode_captions(pipe: Pipeline, captions) -> np.ndarray:
+    """Frozen-text-encoder conditioning, [N, tokens, dim], each distinct caption encoded once."""
+    from finextract_jax.models.pipeline import encode_prompts
+
+    unique = sorted(set(captions))
+    encoded = np.asarray(encode_prompts(pipe.text_encoder, pipe.tokenizer, unique), np.float32)
+    row = {c: i for i, c in enumerate(unique)}
+    return encoded[[row[c] for c in captions]]
+
+
+def default_checkpoint_dir(out: str) -> str:
+    return os.path.abspath(out).rstrip(os.sep) + ".checkpoints"
+
+
+def finetune(pretrained: Pipeline | str, train_dir: str, out: str, config: FinetuneConfig, caption: str | None = None,
+             resolution: int | None = None, checkpoint_dir: str | None = None, checkpoint_every: int = 100,
+             keep_checkpoints: bool = False, mesh: Mesh | None = None, progress: bool = True, log_every: int = 10,
+             callback: Callable | None = None) -> str:
+    """Fine-tune `pretrained` on `train_dir` and export to `out`; resumable; returns the exported path.
+
+    Checkpoints go to `checkpoint_dir` (default `<out>.checkpoints`) every `checkpoint_every`
+    steps and are removed after a successful export unless `keep_checkpoints`.
+    """
+    from finextract_jax.finetune.data import load_train_set
+    from finextract_jax.models.pipeline import load_pipeline
+
+    pipe = load_pipeline(pretrained) if isinstance(pretrained, str) else pretrained
+    resolution = resolution or pipe.unet.module.sample_size * pipe.vae_scale_factor
+    check_resolution(pipe, resolution)
+    train_set = load_train_set(train_dir, resolution, caption)
+    trainer = Trainer(pipe, train_set, config, mesh)
+    checkpoint_dir = checkpoint_dir or default_checkpoint_dir(out)
+    log.info("fine-tuning (%s) on %d images at %dpx for %d steps, lr %g, %d device(s)", config.method,
+             len(train_set), resolution, trainer.total_steps, config.lr, trainer.mesh.devices.size)
+    state = trainer.fit(checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, log_every=log_every,
+                        progress=progress, callback=callback)
+    path = trainer.export(state, out)
+    if not keep_checkpoints:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return path
