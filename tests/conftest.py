@@ -51,3 +51,37 @@ def torch_pipe(tiny_dir):
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_finetuned(tiny_dir, tmp_path_factory):
+    """Fine-tunes of tiny_dir['sd1']: 'full' (another seed's unet/ + text_encoder/, a partial folder)
+    and 'lora' (a PEFT-keyed LoRA file with rank 4, alpha 8, random nonzero factors)."""
+    import json
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from finextract_jax.models.tiny import make_tiny
+
+    root = tmp_path_factory.mktemp("finetuned")
+    other = make_tiny(str(root / "other_seed"), fmt="pt", seed=1)
+    full = root / "full"
+    full.mkdir()
+    for part in ("unet", "text_encoder"):
+        shutil.copytree(os.path.join(other, part), full / part)
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for block in ("down_blocks.0", "up_blocks.1"):
+        for attn in ("attn1", "attn2"):
+            for proj, fan_in in (("to_q", 32), ("to_k", 32), ("to_v", 32), ("to_out.0", 32)):
+                if attn == "attn2" and proj in ("to_k", "to_v"):
+                    fan_in = 32  # cross_attention_dim of the tiny model
+                name = f"unet.{block}.attentions.0.transformer_blocks.0.{attn}.{proj}"
+                tensors[f"{name}.lora_A.weight"] = rng.standard_normal((4, fan_in), dtype=np.float32) * 0.3
+                tensors[f"{name}.lora_B.weight"] = rng.standard_normal((32, 4), dtype=np.float32) * 0.3
+    metadata = {"format": "pt", "lora_adapter_metadata": json.dumps({"unet.r": 4, "unet.lora_alpha": 8})}
+    lora = str(root / "lora.safetensors")
+    save_file(tensors, lora, metadata=metadata)
+    return {"full": str(full), "lora": lora}
