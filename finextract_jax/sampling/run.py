@@ -147,7 +147,11 @@ def extract(config: ExtractConfig, workdir: str, progress: bool = True, devices=
     vae_params = pretrained.vae.params if pretrained.vae else {}
     record.update(sampler=sampler.describe(), fusion=model.fusion)
     # Only now, with every input loaded and checked, does the workdir get written.
-    os.makedirs(os.path.join(workdir, "images"), exist_ok=True)
+    images_dir = os.path.join(workdir, "images")
+    os.makedirs(images_dir, exist_ok=True)
+    for name in os.listdir(images_dir):  # temp files of a killed run
+        if name.startswith(".") and name.endswith(".tmp"):
+            os.remove(os.path.join(images_dir, name))
     atomic_write_json(os.path.join(workdir, "run.json"), {**previous, **record})
 
     def launch(indices):
