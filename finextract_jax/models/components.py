@@ -5,6 +5,8 @@ CLIP text encoder; the UNet is ours, see unet.py). Their deprecation warnings ar
 """
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import warnings
 
@@ -107,7 +109,18 @@ def text_encoder_from_config(config: dict, dtype=jnp.float32, source: str = "tex
 
 
 def expected_shapes(kind: str, module, config: dict) -> dict:
-    """Flat {flax key: ShapeDtypeStruct} of a module's parameters, without allocating them."""
+    """Flat {flax key: ShapeDtypeStruct} of a module's parameters, without allocating them.
+
+    Tracing a large module's init takes seconds, and a base model and its fine-tune share one
+    config, so shapes are memoised per (kind, config).
+    """
+    return dict(_expected_shapes(kind, json.dumps(config, sort_keys=True, default=str)))
+
+
+@functools.lru_cache(maxsize=16)
+def _expected_shapes(kind: str, config_json: str):
+    config = json.loads(config_json)
+    module = {"unet": unet_from_config, "vae": vae_from_config, "text_encoder": text_encoder_from_config}[kind](config)
     key = jax.random.PRNGKey(0)
     if kind == "unet":
         size = module.sample_size
@@ -120,4 +133,4 @@ def expected_shapes(kind: str, module, config: dict) -> dict:
         shapes = jax.eval_shape(lambda k: module.init_weights(k, (1, 1)), key)
     else:
         raise ValueError(kind)
-    return flatten_dict(shapes)
+    return tuple(flatten_dict(shapes).items())

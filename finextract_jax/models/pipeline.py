@@ -99,10 +99,11 @@ def parse_dtype(dtype) -> Any:
 
 
 def cast_params(tree, dtype):
-    """Floating leaves to `dtype`, on device."""
-    dtype = parse_dtype(dtype)
-    return jax.tree_util.tree_map(
-        lambda x: jnp.asarray(x, dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else jnp.asarray(x), tree)
+    """Floating leaves to `dtype`, on device (one transfer for the whole tree)."""
+    dtype = np.dtype(parse_dtype(dtype))
+    cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype else x
+    return jax.device_put(jax.tree_util.tree_map(lambda x: cast(x if isinstance(x, jax.Array) else np.asarray(x)),
+                                                 tree))
 
 
 def _cache_key(weights_path: str, config: dict) -> str:
@@ -169,11 +170,11 @@ def load_component(folder: str, kind: str, dtype="float32", attention: str = "fu
     build = _BUILDERS[kind]
     module = build(config, compute_dtype, attention, source=folder) if kind == "unet" else \
         build(config, compute_dtype, source=folder)
-    expected = components.expected_shapes(kind, module, config)
+    expected = lambda: components.expected_shapes(kind, module, config)  # tracing costs seconds: only if needed
     weights = find_weights(folder, _FAMILY[kind])
     if weights.endswith(".msgpack"):
         flat = flatten_dict(read_msgpack(weights))
-        _check_tree(flat, expected, weights)
+        _check_tree(flat, expected(), weights)
     else:
         key = _cache_key(weights, config) if cache_dir else None
         cached = _cache_restore(cache_dir, key) if key else None
@@ -181,7 +182,7 @@ def load_component(folder: str, kind: str, dtype="float32", attention: str = "fu
             flat = flatten_dict(cached)
         else:
             state, _ = read_state_dict(weights, allow_pickle)
-            flat = pytorch_to_flax(to_float32(state), expected, weights)
+            flat = pytorch_to_flax(to_float32(state), expected(), weights)
             if key:
                 entry = (cache_dir, key, unflatten_dict(flat))
                 pending_cache.append(entry) if pending_cache is not None else _cache_save(*entry)
