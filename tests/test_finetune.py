@@ -196,6 +196,24 @@ def test_dreambooth_export_loads_in_diffusers(dreambooth_run, sd1_trainer, tiny_
     assert all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in b)
 
 
+def test_dreambooth_export_of_a_flax_model_is_pytorch(tiny_pipe, torch_pipe, tmp_path):
+    """Pretrained parts held as Flax msgpack are written as safetensors, so diffusers PyTorch loads it all."""
+    from diffusers import StableDiffusionPipeline
+
+    from finextract_jax.finetune.export import save_dreambooth
+    from finextract_jax.finetune.train import dreambooth_components
+
+    pipe = tiny_pipe("sd1_flax")
+    out = save_dreambooth(str(tmp_path / "from_flax"), pipe.path, dreambooth_components(pipe, pipe.unet.params))
+    assert not any(f.endswith(".msgpack") for _, _, files in os.walk(out) for f in files)
+    loaded = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+    reference = torch_pipe("sd1")  # same seed, PyTorch weights
+    for name in ("unet", "vae", "text_encoder"):
+        ours, ref = getattr(loaded, name).state_dict(), getattr(reference, name).state_dict()
+        assert ours.keys() == ref.keys(), name
+        assert all(np.array_equal(ours[k].numpy(), ref[k].numpy()) for k in ref), name
+
+
 def test_resume_after_interrupt_gives_identical_parameters(dreambooth_run, sd1_trainer, tiny_pipe, train_dir,
                                                            tmp_path):
     _, uninterrupted, _ = dreambooth_run

@@ -2,7 +2,8 @@
 
 - DreamBooth: an SD-layout folder. `unet/` (and `text_encoder/` when it was trained) are new
   PyTorch-named `.safetensors`; every other component is taken from the pretrained folder
-  (hard-linked where the filesystem allows, else copied), so the folder loads on its own with
+  (hard-linked where the filesystem allows, else copied; converted to safetensors when the
+  pretrained weights are Flax msgpack), so the folder loads on its own with
   `StableDiffusionPipeline.from_pretrained` as well as with `load_finetuned`.
 - LoRA: `pytorch_lora_weights.safetensors` with diffusers/PEFT keys and the adapter metadata
   (rank, alpha, target modules) that diffusers' `save_lora_weights` writes.
@@ -23,7 +24,8 @@ from finextract_jax.models.convert import flax_to_pytorch
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"
-_WEIGHT_FILES = {"unet": "diffusion_pytorch_model.safetensors", "text_encoder": "model.safetensors"}
+_WEIGHT_FILES = {"unet": "diffusion_pytorch_model.safetensors", "text_encoder": "model.safetensors",
+                 "vae": "diffusion_pytorch_model.safetensors"}
 
 
 def _save_safetensors(tensors: dict, path: str, metadata: dict):
@@ -53,24 +55,27 @@ def _replace(staging: str, out: str):
         os.replace(staging, out)
 
 
-def _component_folder(folder: str, kind: str, config: dict, params):
+def _component_folder(folder: str, name: str, config: dict, params):
     os.makedirs(folder)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
-    state = flax_to_pytorch(flatten_dict(params))
-    _save_safetensors(state, os.path.join(folder, _WEIGHT_FILES[kind]), {"format": "pt"})
+    state = flax_to_pytorch(flatten_dict(params), vae=name == "vae")
+    _save_safetensors(state, os.path.join(folder, _WEIGHT_FILES[name]), {"format": "pt"})
 
 
-def save_dreambooth(out: str, pretrained_path: str, unet_config: dict, unet_params, text_config: dict | None = None,
-                    text_params=None) -> str:
-    """Write an SD-layout folder with the fine-tuned `unet/` (and `text_encoder/`)."""
+def save_dreambooth(out: str, pretrained_path: str, components: dict) -> str:
+    """Write an SD-layout folder: `components` {name: (config, params)} as PyTorch safetensors
+    (at least "unet"; "text_encoder" when trained; any other whose pretrained weights are not
+    PyTorch), everything else of `pretrained_path` alongside."""
+    unknown = sorted(set(components) - set(_WEIGHT_FILES))
+    if "unet" not in components or unknown:
+        raise InputError(f"save_dreambooth needs a unet and only {sorted(_WEIGHT_FILES)} (got {sorted(components)})")
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".finetune.", dir=parent)
     try:
-        _component_folder(os.path.join(staging, "unet"), "unet", unet_config, unet_params)
-        if text_params is not None:
-            _component_folder(os.path.join(staging, "text_encoder"), "text_encoder", text_config, text_params)
+        for name, (config, params) in components.items():
+            _component_folder(os.path.join(staging, name), name, config, params)
         for name in sorted(os.listdir(pretrained_path)):
             src = os.path.join(pretrained_path, name)
             if os.path.exists(os.path.join(staging, name)) or name.startswith("."):

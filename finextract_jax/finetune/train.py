@@ -395,9 +395,8 @@ class Trainer:
         trainable = jax.device_get(state.trainable)
         pipe = self.pipe
         if self.config.method == "dreambooth":
-            return export_lib.save_dreambooth(
-                out, pipe.path, pipe.unet.config, trainable["unet"], pipe.text_encoder.config,
-                trainable.get("text"))
+            return export_lib.save_dreambooth(out, pipe.path, dreambooth_components(
+                pipe, trainable["unet"], trainable.get("text")))
         return export_lib.save_lora(out, trainable["unet_lora"], self.config.rank, self.config.alpha,
                                     trainable.get("text_lora"))
 
@@ -555,6 +554,18 @@ def encode_captions(pipe: Pipeline, captions) -> np.ndarray:
     encoded = np.asarray(encode_prompts(pipe.text_encoder, pipe.tokenizer, unique), np.float32)
     row = {c: i for i, c in enumerate(unique)}
     return encoded[[row[c] for c in captions]]
+
+
+def dreambooth_components(pipe: Pipeline, unet_params, text_params=None) -> dict:
+    """{name: (config, params)} to write as safetensors: the trained parts, plus pretrained parts
+    held only as Flax msgpack (so that diffusers PyTorch can load the export)."""
+    components = {"unet": (pipe.unet.config, unet_params)}
+    if text_params is not None or pipe.text_encoder.source.endswith(".msgpack"):
+        components["text_encoder"] = (pipe.text_encoder.config,
+                                      text_params if text_params is not None else pipe.text_encoder.params)
+    if pipe.vae is not None and pipe.vae.source.endswith(".msgpack"):
+        components["vae"] = (pipe.vae.config, pipe.vae.params)
+    return {name: (config, jax.device_get(params)) for name, (config, params) in components.items()}
 
 
 def default_checkpoint_dir(out: str) -> str:
