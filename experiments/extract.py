@@ -33,11 +33,17 @@ flags.DEFINE_float("lora_scale", 1.0, "Multiplier on a LoRA's alpha/rank scale."
 flags.DEFINE_enum("finetuned_format", "auto", ["auto", "full", "lora"], "How to read --finetuned.")
 flags.DEFINE_enum("fusion", "auto", ["auto", "two_applies", "vmap", "lora_batch"],
                   "How the two UNet evaluations of a step are fused in the compiled loop.")
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for a multi-process run "
+                    "(automatic on multi-host TPU slices).")
+flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 FLAGS = flags.FLAGS
 
 
 def main(_):
-    from finextract_jax.sampling.run import ExtractConfig, extract
+    from finextract_jax.sampling.run import ExtractConfig, extract, initialize_distributed
+
+    initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
 
     config = ExtractConfig(
         pretrained=FLAGS.pretrained, finetuned=FLAGS.finetuned, prompt=FLAGS.prompt, method=FLAGS.method,

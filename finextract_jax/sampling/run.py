@@ -16,6 +16,8 @@ from importlib import metadata
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
 from finextract_jax.errors import InputError
 from finextract_jax.fileio import atomic_write_json, atomic_write_png
@@ -72,7 +74,24 @@ def _versions() -> dict:
 def _devices() -> dict:
     devices = jax.devices()
     return {"platform": devices[0].platform, "count": len(devices), "kinds": sorted({d.device_kind for d in devices}),
-            "process_count": jax.process_count()}
+            "process_count": jax.process_count(), "local_device_count": jax.local_device_count()}
+
+
+def _replicated(tree, mesh):
+    """Host-local trees as global replicated arrays (needed when several processes share the mesh)."""
+    if jax.process_count() == 1:
+        return tree
+    sharding = NamedSharding(mesh, PartitionSpec())
+    return jax.tree_util.tree_map(
+        lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda idx, x=np.asarray(x): x[idx]), tree)
+
+
+def _agreed_todo(batches, exists) -> list:
+    """Batches with a missing image, agreed by all processes (each sees the shared workdir)."""
+    missing = np.array([not all(exists(int(i)) for i in b) for b in batches], np.int32)
+    if jax.process_count() > 1:
+        missing = multihost_utils.process_allgather(missing).max(axis=0)
+    return [b for b, m in zip(batches, missing) if m]
 
 
 def _validate(config: ExtractConfig, num_devices: int):
@@ -109,6 +128,20 @@ def _previous_run(workdir: str, settings: dict) -> dict:
     return {}
 
 
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None):
+    """Join a multi-process run: explicit flags, or automatic on a multi-host TPU slice."""
+    if coordinator_address:
+        if num_processes is None or process_id is None:
+            raise InputError("--coordinator_address needs --num_processes and --process_id")
+        if not 0 <= process_id < num_processes:
+            raise InputError(f"--process_id={process_id} must be in [0, {num_processes})")
+        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                   process_id=process_id)
+    elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+        jax.distributed.initialize()
+
+
 def extract(config: ExtractConfig, workdir: str, progress: bool = True, devices=None) -> dict:
     """Generate `config.num_images` images into workdir/images, skipping those already there.
 
@@ -125,13 +158,15 @@ def extract(config: ExtractConfig, workdir: str, progress: bool = True, devices=
     batches = [np.arange(k, min(k + config.batch_size, config.num_images))
                for k in range(0, config.num_images, config.batch_size)]
     exists = lambda i: os.path.exists(os.path.join(workdir, "images", image_name(i)))
-    todo = [b for b in batches if not all(exists(int(i)) for i in b)]
+    todo = _agreed_todo(batches, exists)
     record = {"settings": settings, "versions": _versions(), "devices": _devices(),
               "created": previous.get("created", datetime.datetime.now(datetime.timezone.utc).isoformat()),
               "status": "running"}
+    is_writer = jax.process_index() == 0  # run.json has one writer; images are written by their owners
     if not todo:
         record = {**previous, **record, "status": "complete"}
-        atomic_write_json(os.path.join(workdir, "run.json"), record)
+        if is_writer:
+            atomic_write_json(os.path.join(workdir, "run.json"), record)
         return record
 
     pretrained = load_pipeline(config.pretrained, dtype=config.dtype)
@@ -144,30 +179,43 @@ def extract(config: ExtractConfig, workdir: str, progress: bool = True, devices=
     sampler = engine.build_sampler(config.sampler, pretrained.scheduler_config, config.steps)
     sample = engine.make_batch_sampler(model, sampler, mesh)
     decode = engine.make_decoder(pretrained, mesh)
-    vae_params = pretrained.vae.params if pretrained.vae else {}
+    vae_params = _replicated(pretrained.vae.params if pretrained.vae else {}, mesh)
+    variables, contexts = _replicated((model.variables, model.contexts), mesh)
+    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
     record.update(sampler=sampler.describe(), fusion=model.fusion)
     # Only now, with every input loaded and checked, does the workdir get written.
     images_dir = os.path.join(workdir, "images")
     os.makedirs(images_dir, exist_ok=True)
     for name in os.listdir(images_dir):  # temp files of a killed run
-        if name.startswith(".") and name.endswith(".tmp"):
+        if name.startswith(".") and name.endswith(".tmp") and is_writer:
             os.remove(os.path.join(images_dir, name))
-    atomic_write_json(os.path.join(workdir, "run.json"), {**previous, **record})
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("finextract workdir ready")
+    if is_writer:
+        atomic_write_json(os.path.join(workdir, "run.json"), {**previous, **record})
 
     def launch(indices):
         padded = np.concatenate([indices, np.repeat(indices[:1], config.batch_size - len(indices))])
-        x_T = batch_start_noise(padded, config.seed, shape, init_latents)
-        return sample(model.variables, model.contexts, x_T, config.guidance_scale, config.correction)
+        # Every process computes the whole batch's noise (cheap) and keeps its own rows.
+        x_T = np.asarray(batch_start_noise(padded, config.seed, shape, init_latents))
+        x_T = jax.make_array_from_callback(x_T.shape, batch_sharding, lambda idx: x_T[idx])
+        return sample(variables, contexts, x_T, config.guidance_scale, config.correction)
 
     def finish(indices, outputs):
         x0, first_bad = outputs
+        first_bad = multihost_utils.process_allgather(first_bad, tiled=True)  # every process raises alike
         engine.check_finite(np.asarray(first_bad)[: len(indices)], indices, sampler)
-        images = np.asarray(decode(vae_params, x0))
-        for row, index in enumerate(indices):
-            atomic_write_png(os.path.join(workdir, "images", image_name(int(index))), images[row])
+        for shard in decode(vae_params, x0).addressable_shards:
+            if shard.replica_id:
+                continue
+            start = shard.index[0].start or 0
+            for offset, image in enumerate(np.asarray(shard.data)):
+                if start + offset < len(indices):
+                    index = int(indices[start + offset])
+                    atomic_write_png(os.path.join(workdir, "images", image_name(index)), image)
 
     bar = None
-    if progress:
+    if progress and is_writer:
         from tqdm import tqdm
 
         bar = tqdm(total=config.num_images, initial=config.num_images - sum(len(b) for b in todo), unit="img",
@@ -184,5 +232,8 @@ def extract(config: ExtractConfig, workdir: str, progress: bool = True, devices=
         bar.update(len(pending[0]))
         bar.close()
     record = {**previous, **record, "status": "complete"}
-    atomic_write_json(os.path.join(workdir, "run.json"), record)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("finextract images written")
+    if is_writer:
+        atomic_write_json(os.path.join(workdir, "run.json"), record)
     return record
