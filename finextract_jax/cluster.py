@@ -597,13 +597,9 @@ def peel_cliques(adj: Sequence[int], nodes: int, *, max_cliques: Optional[int] =
             heapq.heappush(heap, (-len(found), v, SOLVED, (mask, found)))
             version[v] = version.get(v, 0) + 1
             heapq.heappush(solved, (-len(found), v, version[v], mask))
-    appended = 0
-    for v in isolated:
-        if finished():
-            break
-        cliques.append([v])
-        appended += 1
-    complete = live == 0 and appended == len(isolated)
+    # Isolated nodes are the last cliques (size 1) in index order; merged in by the sort.
+    cliques.extend([v] for v in isolated)
+    complete = live == 0
     cliques.sort(key=lambda c: (-len(c), c))
     if max_cliques is not None:
         complete = complete and len(cliques) <= max_cliques
