@@ -122,22 +122,25 @@ def main(argv):
     if n and FLAGS.num_train > n:
         raise InputError(f"--num_train={FLAGS.num_train} is larger than the number of images "
                          f"({n}); generate more images or lower --num_train")
-    os.makedirs(FLAGS.workdir, exist_ok=True)
-
     from tqdm import tqdm
-    bar = tqdm(desc="thresholds", unit="thr")
+    bars = []  # created on the first threshold, after the inputs were validated
 
     def progress(thr, count):
-        bar.update(1)
-        bar.set_postfix_str(f"{thr:.2f}: " + ("over budget, skipped" if count is None
-                                              else f"{count} cliques"))
+        if not bars:
+            bars.append(tqdm(desc="thresholds", unit="thr"))
+        bars[0].update(1)
+        bars[0].set_postfix_str(f"{thr:.2f}: " + ("over budget, skipped" if count is None
+                                                  else f"{count} cliques"))
 
-    res = clustering.cluster(num_train=FLAGS.num_train, select=FLAGS.select,
-                             threshold=FLAGS.threshold, seed=FLAGS.seed,
-                             subproblem_budget=FLAGS.subproblem_budget,
-                             threshold_budget=FLAGS.threshold_budget, progress=progress,
-                             **inputs)
-    bar.close()
+    try:
+        res = clustering.cluster(num_train=FLAGS.num_train, select=FLAGS.select,
+                                 threshold=FLAGS.threshold, seed=FLAGS.seed,
+                                 subproblem_budget=FLAGS.subproblem_budget,
+                                 threshold_budget=FLAGS.threshold_budget, progress=progress,
+                                 **inputs)
+    finally:
+        for bar in bars:
+            bar.close()
     out = {"threshold": res.threshold,
            "cliques": res.cliques,
            "representatives": res.representatives,
@@ -147,6 +150,7 @@ def main(argv):
            "num_train": FLAGS.num_train,
            "skipped_thresholds": res.skipped_thresholds,
            "exact": res.exact}
+    os.makedirs(FLAGS.workdir, exist_ok=True)
     if names is not None:
         out["images"] = names
         _write_extracted(FLAGS.workdir, FLAGS.images, names, res.representatives)

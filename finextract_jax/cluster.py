@@ -21,10 +21,11 @@ Semantics (the reference's, made exact):
   "larger first, then lexicographically smaller"; that is the order of ``cliques`` in the
   output.
 * Schedule: k = start, start+1, ... until the number of cliques is >= N0.
-* Representative of a clique: the member nearest (L2) to the mean of the members' features;
-  ties go to the smaller index. Given only a similarity matrix the features are taken to be
-  unit vectors (SSCD's are), for which the nearest member to the mean is the one with the
-  largest summed similarity to the other members; that is what is used.
+* Representative of a clique: the member nearest (L2) to the mean of the members' features
+  (L2-normalised, as the similarity is cosine; SSCD's already are unit vectors); ties go to
+  the smaller index. For unit vectors the member nearest to the mean is the one with the
+  largest summed similarity to the other members, which is what is used when only a
+  similarity matrix is given, so both inputs pick the same member.
 * ``select="reference"`` keeps every clique of the final threshold; ``"topk"`` the N0 largest
   (the first N0 peeled).
 
@@ -615,8 +616,9 @@ def representatives(cliques: Sequence[Sequence[int]], features: Optional[np.ndar
                     similarity: Optional[np.ndarray] = None) -> list[int]:
     """Member nearest (L2) to the clique's mean feature; ties to the smaller index.
 
-    Without features: the member with the largest summed similarity to the other members,
-    which is the same member when the features are unit vectors.
+    Features are L2-normalised first (the similarity is cosine; SSCD's already are unit
+    vectors, so for them this is the reference rule unchanged). Without features: the member
+    with the largest summed similarity to the other members, which is the same member.
     """
     reps = []
     for clique in cliques:
@@ -626,6 +628,7 @@ def representatives(cliques: Sequence[Sequence[int]], features: Optional[np.ndar
             continue
         if features is not None:
             f = np.asarray(features[members], np.float64)
+            f /= np.linalg.norm(f, axis=1, keepdims=True)
             dist = np.linalg.norm(f - f.mean(axis=0), axis=1)
             reps.append(int(members[int(np.argmin(dist))]))
         elif similarity is not None:

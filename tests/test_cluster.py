@@ -187,6 +187,7 @@ def test_representatives_features_and_similarity_agree():
     assert a.representatives == b.representatives
     for clique, rep in zip(a.cliques, a.representatives):
         f = feats[clique].astype(np.float64)
+        f /= np.linalg.norm(f, axis=1, keepdims=True)
         dist = np.linalg.norm(f - f.mean(0), axis=1)
         assert rep == clique[int(np.argmin(dist))]
 
