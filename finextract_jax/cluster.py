@@ -68,6 +68,8 @@ from finextract_jax.errors import InputError
 NUM_THRESHOLD_SAMPLES = 1000
 THRESHOLD_QUANTILE = 0.25
 DEFAULT_SUBPROBLEM_BUDGET = 200_000
+# Subproblems with more candidates than this are searched on the global bitsets.
+LOCAL_MAX = 1024
 DEFAULT_THRESHOLD_BUDGET = 50_000_000
 # Levels are int8: -101 .. 100 for sims in [-1.01, 1]; the diagonal gets NO_EDGE.
 NO_EDGE = -128
@@ -417,6 +419,15 @@ def _solve_from(v: int, idx: list[int], sub: np.ndarray, lower: int, upper: int,
     return [v] + [idx[i] for i in _lex_clique(full, local_adj, size - 1, work)], size
 
 
+def _solve_global(v: int, P: int, adj: Sequence[int], lower: int, upper: int,
+                  work: _Work) -> tuple[Optional[list[int]], int]:
+    """As _solve_from, on the global bitsets (index-order colouring)."""
+    size = _clique_number(P, adj, 1, lower, upper, work)
+    if size < lower:
+        return None, size
+    return [v] + _lex_clique(P, adj, size - 1, work), size
+
+
 def _lex_clique(P: int, adj: Sequence[int], size: int, work: _Work) -> list[int]:
     """The lexicographically smallest clique of ``size`` (the clique number) in P: take each
     candidate in increasing order if a clique of that size still fits with it (an MCQ
@@ -579,8 +590,13 @@ def peel_cliques(adj: Sequence[int], nodes: int, *, max_cliques: Optional[int] =
             continue
         work.sub_start = work.used
         try:
-            idx = _bits(P)
-            found, bound = _solve_from(v, idx, local_adjacency(idx), lower, upper, work)
+            if m > LOCAL_MAX:
+                # Too big to copy out (and, in practice, only on dense graphs): search the
+                # global bitsets directly; same answer, different work count.
+                found, bound = _solve_global(v, P, adj, lower, upper, work)
+            else:
+                idx = _bits(P)
+                found, bound = _solve_from(v, idx, local_adjacency(idx), lower, upper, work)
         except BudgetExceeded:
             if on_budget != "greedy":
                 raise
@@ -701,7 +717,7 @@ def cluster_levels(sl: SimilarityLevels, num_train: int, *, select: str = "refer
             thr = float(tau(k))
             adj = adjacency_bitsets(sl.levels, k)
             try:
-                res = peel_cliques(adj, all_nodes,
+                res = peel_cliques(adj, all_nodes, local_adjacency=_local_from_levels(sl.levels, k),
                                    max_cliques=num_train if select == "topk" else None,
                                    min_count=num_train,
                                    subproblem_budget=subproblem_budget,

@@ -121,6 +121,21 @@ def test_peel_equals_networkx_reference_semantics():
         assert got.cliques == nx_reference_peel(sim, C.tau(k)), trial
 
 
+def test_global_bitset_path_gives_the_same_partition(monkeypatch):
+    rng = np.random.default_rng(8)
+    for trial in range(25):
+        n = int(rng.integers(5, 40))
+        _, sim = random_similarity(rng, n, clusters=int(rng.integers(0, 3)))
+        k = int(rng.integers(-20, 50))
+        levels = C.levels_from_similarity(sim).levels
+        adj = C.adjacency_bitsets(levels, k)
+        local = C.peel_cliques(adj, (1 << n) - 1, local_adjacency=C._local_from_levels(levels, k))
+        monkeypatch.setattr(C, "LOCAL_MAX", 3)
+        direct = C.peel_cliques(adj, (1 << n) - 1)
+        monkeypatch.setattr(C, "LOCAL_MAX", 1024)
+        assert local.cliques == direct.cliques == nx_reference_peel(sim, C.tau(k)), trial
+
+
 def test_schedule_equals_networkx_reference_semantics():
     rng = np.random.default_rng(11)
     for trial in range(50):

@@ -1,0 +1,184 @@
+"""Clustering time: our exact clique peeling vs a networkx run of the reference semantics.
+
+python benchmarks/bench_cluster.py [--sizes=500,2000,10000] [--reference_cap_s=330]
+
+Data: SSCD-like unit features (512-d): a few dozen tight clusters (2-15 near-copies each,
+within-cluster cosine about 0.6-0.9) among diverse images (cosine about 0.05 +- 0.05, with
+some topic structure), shuffled. N0 = 10, select=reference, seed 0.
+
+Reference: the FineXtract Cluster.py loop (threshold from 1000 sampled entries, +0.01 per
+step, ``nx.find_cliques`` + largest clique peeled until the graph is empty), each threshold
+in a forked process killed after 30 s as the reference does, graph building included in the
+timed part. Ties use the same lexicographic rule as ours so partitions can be compared. The
+reference run of one N is stopped after --reference_cap_s seconds (reported as "> cap").
+Children get an address-space limit so a dense networkx graph cannot exhaust memory.
+"""
+import argparse
+import math
+import multiprocessing as mp
+import os
+import platform
+import resource
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from finextract_jax import cluster as C  # noqa: E402
+
+REFERENCE_TIMEOUT_S = 30
+
+
+def sscd_like(n, seed=0, dim=512):
+    rng = np.random.default_rng(seed)
+    n_clusters = 24 if n <= 1000 else 48
+    common = rng.normal(size=dim)
+    common /= np.linalg.norm(common)
+    topics = rng.normal(size=(8, dim))
+    topics /= np.linalg.norm(topics, axis=1, keepdims=True)
+    parts = []
+    sizes = rng.integers(2, 16, size=n_clusters)
+    for s in sizes:
+        c = rng.normal(size=dim)
+        c /= np.linalg.norm(c)
+        parts.append(c + rng.uniform(0.4, 0.9) * rng.normal(size=(s, dim)) / np.sqrt(dim))
+    rest = n - int(sizes.sum())
+    parts.append(0.23 * common + 0.2 * topics[rng.integers(0, 8, size=rest)]
+                 + rng.normal(size=(rest, dim)) / np.sqrt(dim))
+    f = np.concatenate(parts)[:n]
+    f = f[rng.permutation(n)]
+    return (f / np.linalg.norm(f, axis=1, keepdims=True)).astype(np.float32)
+
+
+_SIM = None
+
+
+def _reference_threshold(thr, queue):
+    import networkx as nx
+
+    resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+    try:
+        sim = _SIM
+        n = sim.shape[0]
+        graph = nx.Graph()
+        graph.add_nodes_from(range(n))
+        for start in range(0, n, 256):
+            ii, jj = np.nonzero(sim[start:start + 256] >= thr)
+            ii = ii + start
+            keep = ii < jj
+            graph.add_edges_from(zip(ii[keep].tolist(), jj[keep].tolist()))
+        cliques = []
+        while graph.number_of_nodes():
+            best = min((sorted(c) for c in nx.find_cliques(graph)), key=lambda c: (-len(c), c))
+            cliques.append(best)
+            graph.remove_nodes_from(best)
+        queue.put(cliques)
+    except MemoryError:
+        queue.put("oom")
+
+
+def reference_run(sim, num_train, cap_s, seed=0):
+    global _SIM
+    _SIM = sim
+    ctx = mp.get_context("fork")
+    n = sim.shape[0]
+    idx = np.random.default_rng(seed).choice(n * n, size=min(1000, n * n), replace=False)
+    q = np.float32(np.quantile(sim.reshape(-1)[np.sort(idx)], 0.25))
+    k = math.floor(float(q) * 100) + 1
+    while np.float32(k / 100) > q:
+        k -= 1
+    t0 = time.perf_counter()
+    timeouts = oom = 0
+    while True:
+        if time.perf_counter() - t0 > cap_s:
+            return {"finished": False, "time_s": time.perf_counter() - t0,
+                    "timeouts": timeouts, "oom": oom, "threshold": None}
+        thr = np.float32(k / 100)
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_reference_threshold, args=(thr, queue))
+        proc.start()
+        result = None
+        deadline = time.perf_counter() + REFERENCE_TIMEOUT_S
+        while time.perf_counter() < deadline and result is None:
+            try:
+                result = queue.get(timeout=0.2)
+            except Exception:  # noqa: BLE001 - queue.Empty
+                if not proc.is_alive() and queue.empty():
+                    break
+        if proc.is_alive():
+            proc.terminate()
+        proc.join()
+        if result is None:
+            timeouts += 1
+        elif result == "oom":
+            oom += 1
+        elif len(result) >= num_train:
+            result.sort(key=lambda c: (-len(c), c))
+            return {"finished": True, "time_s": time.perf_counter() - t0, "timeouts": timeouts,
+                    "oom": oom, "threshold": float(thr), "cliques": result}
+        k += 1
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", default="500,2000,10000")
+    parser.add_argument("--reference_cap_s", type=float, default=330.0)
+    parser.add_argument("--skip_reference", action="store_true")
+    args = parser.parse_args()
+    print(f"# bench_cluster  {time.strftime('%Y-%m-%d')}  {platform.processor() or platform.machine()}"
+          f"  {os.cpu_count()} cores  python {platform.python_version()}")
+    rows = []
+    for n in [int(s) for s in args.sizes.split(",")]:
+        feats = sscd_like(n)
+        t0 = time.perf_counter()
+        cpu0 = time.process_time()
+        res = C.cluster(features=feats, num_train=10)
+        wall = time.perf_counter() - t0
+        cpu = time.process_time() - cpu0
+        row = {"n": n, "ours_total_s": wall, "ours_cpu_s": cpu, "ours_sim_s": res.similarity_s,
+               "ours_cliques_s": res.cliques_s, "ours_thr": res.threshold,
+               "ours_count": len(res.cliques), "ours_skipped": len(res.skipped_thresholds),
+               "ours_largest": len(res.cliques[0])}
+        print(f"ours  N={n}: total {wall:.2f} s (similarity {res.similarity_s:.2f} s, cliques "
+              f"{res.cliques_s:.2f} s, cpu {cpu:.2f} s), threshold {res.threshold:.2f}, "
+              f"{len(res.cliques)} cliques (largest {len(res.cliques[0])}), "
+              f"{len(res.skipped_thresholds)} thresholds over budget", flush=True)
+        if not args.skip_reference:
+            sim = C.cosine_similarity(feats)
+            ref = reference_run(sim, 10, args.reference_cap_s)
+            row.update({"ref": ref})
+            if ref["finished"]:
+                same = (ref["threshold"] == res.threshold and ref["cliques"] == res.cliques)
+                at_ours = "same threshold, same partition" if same else (
+                    "different threshold" if ref["threshold"] != res.threshold
+                    else "same threshold, DIFFERENT partition")
+                print(f"networkx N={n}: {ref['time_s']:.1f} s, threshold {ref['threshold']:.2f}"
+                      f", {len(ref['cliques'])} cliques, {ref['timeouts']} thresholds timed out"
+                      f" ({ref['oom']} out of memory); {at_ours}", flush=True)
+            else:
+                print(f"networkx N={n}: not finished after {ref['time_s']:.0f} s "
+                      f"({ref['timeouts']} thresholds timed out, {ref['oom']} out of memory)",
+                      flush=True)
+            del sim
+        rows.append(row)
+    print("\n| N | ours: total (similarity + cliques) | ours: threshold, cliques, over budget "
+          "| networkx reference, 30 s timeout |")
+    print("|---|---|---|---|")
+    for r in rows:
+        ref = r.get("ref")
+        if ref is None:
+            ref_txt = "not run"
+        elif ref["finished"]:
+            ref_txt = (f"{ref['time_s']:.0f} s, threshold {ref['threshold']:.2f}, "
+                       f"{len(ref['cliques'])} cliques, {ref['timeouts']} timeouts")
+        else:
+            ref_txt = f"> {ref['time_s']:.0f} s (cap), {ref['timeouts']} timeouts, not finished"
+        print(f"| {r['n']} | {r['ours_total_s']:.2f} s ({r['ours_sim_s']:.2f} + "
+              f"{r['ours_cliques_s']:.2f}) | {r['ours_thr']:.2f}, {r['ours_count']}, "
+              f"{r['ours_skipped']} | {ref_txt} |")
+
+
+if __name__ == "__main__":
+    main()
