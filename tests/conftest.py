@@ -1,10 +1,16 @@
 """Shared fixtures: tiny pipelines are written once per session and reused by every test."""
 import os
+import tempfile
 
 import pytest
 
-# A private converted-weights cache for the test session (never the user's).
+# No converted-weights cache in tests (never the user's).
 os.environ.setdefault("FINEXTRACT_CACHE", "")
+# One persistent XLA compilation cache for the session, shared with the subprocesses tests start
+# (binaries, multi-process runs): they compile the same loops again, and CI's time is bounded.
+_COMPILE_CACHE = os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"finextract_jax_test_xla_{os.getpid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
 @pytest.fixture(scope="session")
@@ -85,3 +91,10 @@ def tiny_finetuned(tiny_dir, tmp_path_factory):
     lora = str(root / "lora.safetensors")
     save_file(tensors, lora, metadata=metadata)
     return {"full": str(full), "lora": lora}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import shutil
+
+    if _COMPILE_CACHE.endswith(f"_{os.getpid()}"):
+        shutil.rmtree(_COMPILE_CACHE, ignore_errors=True)
