@@ -1,0 +1,466 @@
+"""Caption recovery (METHOD.md §6): find the fine-tuning caption from the two models, word by word.
+
+A checkpoint fine-tuned with caption c denoises its own training images best when it is told c.
+So the caption is grown one word at a time: every candidate word w is appended to the current
+caption (every current caption, with a beam), and each prompt p = caption + w is scored by how
+much better the fine-tuned model denoises a fixed set of images under p:
+
+    advantage(p) = mean_r [E_pre(p, r) - E_ft(p, r)] / N(r)     (default; METHOD.md §6)
+    gain(p)      = mean_r [N(r)        - E_ft(p, r)] / N(r)     (fine-tuned model only, half the cost)
+
+over pairs r = (image, timestep, noise) held fixed for the whole search (common random numbers:
+every prompt sees the same noisy inputs, so score differences are differences between prompts,
+not between draws). E is the squared error of the UNet's output against its training target
+(eps or v), N(r) the fine-tuned model's error on pair r under the current caption: dividing per
+pair makes the score independent of the parameterisation (eps, v and x0 errors differ per pair
+by a constant factor only) and lets every noise level count, not just the low ones whose errors
+are largest. The best prompt is kept if its gain over the current caption, re-measured on
+held-out pairs (other noise), exceeds `min_gain`; otherwise the search stops.
+
+All prompts of a step are scored by one jitted function over (prompts x pairs) batches: token-id
+rows are built directly from the candidates' ids, encoded by the text encoder inside the same jit,
+and fed to both UNets. For a real 49k-token vocabulary, a screening stage scores every
+candidate on a few pairs and keeps the best `keep` for the full set of pairs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from finextract_jax.errors import InputError
+
+log = logging.getLogger(__name__)
+
+SCORES = ("advantage", "gain")
+# Identifiers DreamBooth users put in captions for a new subject (rare tokens in CLIP's vocabulary).
+RARE_IDENTIFIERS = ("sks", "ohwx", "zwx", "xjy", "bnha", "phol", "zkz", "txcl", "hta", "ktn", "pll", "tok")
+_SHORT_WORDS = ("a", "i")
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionConfig:
+    """Settings of a caption search (all recorded in caption.json)."""
+
+    max_words: int = 8
+    beam: int = 1
+    refine_sweeps: int = 2  # after growing: passes that retry each position with every candidate (or none)
+    score: str = "advantage"
+    timesteps: tuple = (300, 500, 700, 900)
+    noise_draws: int = 1  # noise samples per (image, timestep)
+    min_gain: float = 0.002  # relative error reduction a new word must bring on held-out pairs
+    screen_pairs: int = 0  # 0: no screening; else score all candidates on this many pairs first ...
+    keep: int = 64  # ... and keep this many for the full set
+    max_candidates: int = 0  # 0: every whole word of the vocabulary; else the most frequent ones
+    extra_words: tuple = RARE_IDENTIFIERS
+    batch_size: int = 512  # UNet evaluations per jitted call
+    seed: int = 0
+    # Images generated when none are given: the fine-tuned model's own samples (empty prompt).
+    num_images: int = 8
+    sample_method: str = "finextract"
+    sample_steps: int = 50
+    guidance_scale: float = 3.0
+    correction: float = -0.02
+
+    def __post_init__(self):
+        if self.score not in SCORES:
+            raise InputError(f"caption score {self.score!r} is not one of {', '.join(SCORES)}")
+        if self.max_words < 1 or self.beam < 1 or self.noise_draws < 1 or self.num_images < 1:
+            raise InputError("caption search needs max_words, beam, noise_draws and num_images >= 1")
+        if not self.timesteps or any(not 0 <= int(t) < 1000 for t in self.timesteps):
+            raise InputError(f"caption timesteps must be in [0, 1000), got {self.timesteps}")
+        if self.batch_size < 1 or self.keep < 1 or self.screen_pairs < 0 or self.max_candidates < 0:
+            raise InputError("caption batch_size and keep must be >= 1, screen_pairs and max_candidates >= 0")
+
+    def record(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["timesteps"], out["extra_words"] = list(self.timesteps), list(self.extra_words)
+        return out
+
+
+@dataclasses.dataclass
+class CaptionResult:
+    caption: str
+    steps: list  # [{"word", "score", "heldout_gain"}] for the words kept, then the rejected best one
+    num_candidates: int
+    seconds: float
+    config: dict
+
+    def to_json(self) -> dict:
+        return {"caption": self.caption, "steps": self.steps, "num_candidates": self.num_candidates,
+                "seconds": round(self.seconds, 3), "settings": self.config}
+
+
+# ---- candidates ----------------------------------------------------------------------------
+
+
+def candidate_words(tokenizer, max_candidates: int = 0, extra_words: Sequence[str] = RARE_IDENTIFIERS,
+                    max_extra_tokens: int = 2):
+    """[(word, token ids)]: the vocabulary's whole words, then `extra_words` (tokenized as usual).
+
+    Whole words are tokens ending in '</w>' whose text is ASCII letters, at least two of them
+    (plus 'a', 'i'), in id order, which for CLIP's BPE is merge order, i.e. roughly by frequency:
+    `max_candidates` keeps the most frequent ones. An extra word spelled by more than
+    `max_extra_tokens` tokens is left out: such a candidate wins by its length alone (it makes
+    the prompt as long as the caption), not by what it says.
+    """
+    vocab = tokenizer.get_vocab()
+    words = []
+    for token, index in sorted(vocab.items(), key=lambda kv: kv[1]):
+        if not token.endswith("</w>"):
+            continue
+        body = token[:-4]
+        if body.isascii() and body.isalpha() and body.islower() and (len(body) > 1 or body in _SHORT_WORDS):
+            words.append((body, (int(index),)))
+    if max_candidates:
+        words = words[:max_candidates]
+    seen = {w for w, _ in words}
+    for word in extra_words:
+        word = word.strip().lower()
+        if word and word not in seen:
+            ids = tuple(int(i) for i in tokenizer(word, add_special_tokens=False).input_ids)
+            if 0 < len(ids) <= max_extra_tokens:  # longer ones are mostly byte pieces
+                words.append((word, ids))
+                seen.add(word)
+    if not words:
+        raise InputError("the tokenizer has no whole-word tokens to use as caption candidates")
+    return words
+
+
+def token_rows(tokenizer, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+    """[n, max_length] int32 rows bos + ids + eos + padding, as `tokenize` would give for the text."""
+    length = tokenizer.model_max_length
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = np.full((len(sequences), length), pad, np.int32)
+    for row, ids in enumerate(sequences):
+        ids = [tokenizer.bos_token_id] + list(ids)[:length - 2] + [tokenizer.eos_token_id]
+        rows[row, :len(ids)] = ids
+    return rows
+
+
+# ---- images and noisy pairs ------------------------------------------------------------------
+
+
+def load_image_folder(folder: str, pipe) -> np.ndarray:
+    """float32 [N, 3, R, R] in [-1, 1] from a folder of images, resized/cropped to the model's size."""
+    from finextract_jax.finetune.data import list_images, load_image
+
+    resolution = pipe.sample_shape[-1] * pipe.vae_scale_factor
+    files = list_images(folder)
+    images = np.stack([load_image(os.path.join(folder, name), resolution) for name in files])
+    return images.astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def images_to_model_space(pipe, images) -> np.ndarray:
+    """Pixels [N, 3, R, R] in [-1, 1] (or uint8 [N, R, R, 3]) -> what the UNet denoises (latent means
+    times the VAE scaling factor, or the pixels of a pixel-space model)."""
+    images = np.asarray(images)
+    if images.dtype == np.uint8:
+        images = images.astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
+    channels, size, _ = pipe.sample_shape
+    resolution = size * pipe.vae_scale_factor
+    if images.ndim != 4 or images.shape[1] != 3 or images.shape[2:] != (resolution, resolution):
+        raise InputError(f"caption images must be [N, 3, {resolution}, {resolution}] for this model, got "
+                         f"{images.shape}")
+    if pipe.vae is None:
+        return images.astype(np.float32)
+    module, scale = pipe.vae.module, float(pipe.vae.config.get("scaling_factor", 0.18215))
+    encode = jax.jit(lambda p, x: jnp.transpose(module.apply({"params": p}, x, method=module.encode)
+                                                .latent_dist.mean, (0, 3, 1, 2)) * scale)
+    return np.concatenate([np.asarray(encode(pipe.vae.params, jnp.asarray(images[i:i + 8], jnp.float32)))
+                           for i in range(0, len(images), 8)])
+
+
+def sample_images(pretrained, finetuned, config: CaptionConfig, progress: bool = False) -> np.ndarray:
+    """The fine-tuned model's own samples with the empty prompt (model space, [N, C, H, W])."""
+    from finextract_jax.sampling import engine
+    from finextract_jax.sampling.noise import start_noise
+
+    mesh = engine.data_mesh(jax.devices()[:1])
+    model = engine.prepare(pretrained, finetuned, config.sample_method, "")
+    sampler = engine.build_sampler("ddim", pretrained.scheduler_config, config.sample_steps)
+    sample = engine.make_batch_sampler(model, sampler, mesh)
+    x_T = start_noise(config.seed, np.arange(config.num_images), pretrained.sample_shape)
+    x0, first_bad = sample(model.variables, model.contexts, x_T, config.guidance_scale, config.correction)
+    engine.check_finite(np.asarray(first_bad), np.arange(config.num_images), sampler)
+    return np.asarray(x0, np.float32)
+
+
+def alphas_cumprod(pipe) -> np.ndarray:
+    from finextract_jax.sampling.schedulers import alphas_cumprod_from_config
+
+    return np.asarray(alphas_cumprod_from_config(pipe.scheduler_config), np.float32)
+
+
+def make_pairs(x0: np.ndarray, timesteps, draws: int, seed: int, alphas: np.ndarray, prediction_type: str):
+    """Noisy inputs x_t [R, C, H, W], timesteps [R] and training targets [R, ...] for every
+    (image, timestep, draw), shuffled so that any prefix covers many images and noise levels."""
+    n = len(x0)
+    grid = np.array([(i, t, d) for d in range(draws) for i in range(n) for t in timesteps], np.int64)
+    grid = grid[np.random.default_rng([seed, 7]).permutation(len(grid))]
+    noise = np.random.default_rng([seed, 11]).standard_normal((len(grid),) + x0.shape[1:]).astype(np.float32)
+    clean = x0[grid[:, 0]]
+    t = grid[:, 1].astype(np.int32)
+    a = alphas[t].reshape((-1,) + (1,) * (x0.ndim - 1))
+    noisy = np.sqrt(a) * clean + np.sqrt(1 - a) * noise
+    if prediction_type == "epsilon":
+        target = noise
+    elif prediction_type == "v_prediction":
+        target = np.sqrt(a) * noise - np.sqrt(1 - a) * clean
+    else:
+        raise InputError(f"caption recovery needs an epsilon or v_prediction model, not {prediction_type!r}")
+    return noisy.astype(np.float32), t, target.astype(np.float32)
+
+
+# ---- the batched scorer -----------------------------------------------------------------------
+
+
+class PromptScorer:
+    """Squared errors of both models for many prompts x many pairs, by one jitted function."""
+
+    def __init__(self, pretrained, finetuned, pairs, batch_size: int, need_pretrained: bool = True):
+        self.noisy, self.t, self.target = (jnp.asarray(a) for a in pairs)
+        self.batch_size = batch_size
+        self.need_pretrained = need_pretrained
+        self.shared_text = finetuned.text_encoder is pretrained.text_encoder
+        self.text = {"ft": finetuned.text_encoder.params}
+        if need_pretrained and not self.shared_text:
+            self.text["pre"] = pretrained.text_encoder.params
+        self.unets = {"ft": finetuned.unet_variables()}
+        if need_pretrained:
+            self.unets["pre"] = pretrained.unet_variables()
+        self._fn = _error_function(finetuned.text_encoder.module, finetuned.unet.module,
+                                   pretrained.unet.module if need_pretrained else None, self.shared_text)
+
+    def errors(self, rows: np.ndarray, pairs: slice = slice(None)):
+        """(E_ft [n, R'], E_pre [n, R'] or None) for token rows [n, L] on pairs[pairs]."""
+        noisy, t, target = self.noisy[pairs], self.t[pairs], self.target[pairs]
+        per_call = max(1, self.batch_size // noisy.shape[0])
+        count = len(rows)
+        padded = np.concatenate([rows, np.repeat(rows[-1:], (-count) % per_call, 0)])
+        ft, pre = [], []
+        for start in range(0, len(padded), per_call):
+            e_ft, e_pre = self._fn(self.text, self.unets, jnp.asarray(padded[start:start + per_call]), noisy, t,
+                                   target)
+            ft.append(e_ft)
+            pre.append(e_pre)
+        ft = np.concatenate([np.asarray(e) for e in ft])[:count]
+        pre = np.concatenate([np.asarray(e) for e in pre])[:count] if self.need_pretrained else None
+        return ft, pre
+
+
+@functools.lru_cache(maxsize=8)
+def _error_function(text_module, unet_ft, unet_pre, shared_text: bool):
+    def run(text, unets, ids, noisy, t, target):
+        k, r = ids.shape[0], noisy.shape[0]
+        tile = lambda a: jnp.tile(a, (k,) + (1,) * (a.ndim - 1))
+
+        def errors(context, variables, unet):
+            context = jnp.repeat(context, r, axis=0)
+            out = unet.apply(variables, tile(noisy), tile(t), context.astype(unet.dtype))
+            return jnp.mean((out.astype(jnp.float32) - tile(target)) ** 2, axis=tuple(range(1, out.ndim))).reshape(k, r)
+
+        context_ft = text_module(ids, params=text["ft"], train=False)[0]
+        e_ft = errors(context_ft, unets["ft"], unet_ft)
+        if unet_pre is None:
+            return e_ft, jnp.zeros((), jnp.float32)
+        context_pre = context_ft if shared_text else text_module(ids, params=text["pre"], train=False)[0]
+        return e_ft, errors(context_pre, unets["pre"], unet_pre)
+
+    return jax.jit(run)
+
+
+def prompt_scores(score: str, e_ft, e_pre, normalizer) -> np.ndarray:
+    """Per-prompt score (higher: the fine-tuned model recognises the prompt more), [n]."""
+    if score == "advantage":
+        return np.mean((e_pre - e_ft) / normalizer, axis=1)
+    return np.mean((normalizer - e_ft) / normalizer, axis=1)
+
+
+# ---- the search ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Beam:
+    words: tuple
+    ids: tuple
+
+
+def recover_caption(pretrained, finetuned, images=None, config: CaptionConfig | None = None,
+                    progress: bool = False) -> CaptionResult:
+    """Recover the fine-tuning caption of `finetuned` (a Pipeline) against `pretrained`.
+
+    images: optional pixels [N, 3, R, R] in [-1, 1] (or uint8 [N, R, R, 3]) of the fine-tuned
+    model's (extracted or generated) images; without them, `config.num_images` samples of the
+    fine-tuned model with the empty prompt are drawn first.
+    """
+    config = config or CaptionConfig()
+    start = time.perf_counter()
+    tokenizer = finetuned.tokenizer
+    if images is None:
+        x0 = sample_images(pretrained, finetuned, config, progress)
+    else:
+        x0 = images_to_model_space(pretrained, images)
+    alphas = alphas_cumprod(pretrained)
+    prediction = finetuned.prediction_type
+    select_pairs = make_pairs(x0, config.timesteps, config.noise_draws, config.seed, alphas, prediction)
+    check_pairs = make_pairs(x0, config.timesteps, config.noise_draws, config.seed + 1, alphas, prediction)
+    need_pre = config.score == "advantage"
+    select = PromptScorer(pretrained, finetuned, select_pairs, config.batch_size, need_pre)
+    check = PromptScorer(pretrained, finetuned, check_pairs, config.batch_size, need_pre)
+    candidates = candidate_words(tokenizer, config.max_candidates, config.extra_words)
+    num_pairs = len(select_pairs[1])
+    screen = config.screen_pairs if 0 < config.screen_pairs < num_pairs else 0
+    log.info("caption search: %d candidate words, %d pairs (%d images x %d timesteps x %d draws), score %s",
+             len(candidates), num_pairs, len(x0), len(config.timesteps), config.noise_draws, config.score)
+
+    beams = [_Beam((), ())]
+    best = beams[0]
+    steps = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=config.max_words, unit="word", desc="caption search", dynamic_ncols=True)
+    max_tokens = tokenizer.model_max_length - 2
+    for _ in range(config.max_words):
+        expansions = [_Beam(b.words + (w,), b.ids + ids) for b in beams for w, ids in candidates
+                      if len(b.ids) + len(ids) <= max_tokens]
+        if not expansions:
+            break
+        reference = token_rows(tokenizer, [best.ids])
+        rows = token_rows(tokenizer, [e.ids for e in expansions])
+        order = np.arange(len(expansions))
+        if screen and len(expansions) > config.keep:
+            part = slice(0, screen)
+            ref_ft, ref_pre = select.errors(reference, part)
+            e_ft, e_pre = select.errors(rows, part)
+            scores = prompt_scores(config.score, e_ft, e_pre, ref_ft[0])
+            order = np.argsort(-scores, kind="stable")[:config.keep]
+        ref_ft, ref_pre = select.errors(reference)
+        e_ft, e_pre = select.errors(rows[order])
+        scores = prompt_scores(config.score, e_ft, e_pre, ref_ft[0])
+        base_score = prompt_scores(config.score, ref_ft, ref_pre, ref_ft[0])[0]
+        ranked = np.argsort(-scores, kind="stable")
+        new_beams, seen = [], set()
+        for j in ranked:
+            candidate = expansions[order[j]]
+            if candidate.words not in seen:
+                seen.add(candidate.words)
+                new_beams.append((candidate, float(scores[j] - base_score)))
+            if len(new_beams) == config.beam:
+                break
+        top, top_score = new_beams[0]
+        # Held-out check of the winner against the current caption, on other noise.
+        h_ft, h_pre = check.errors(token_rows(tokenizer, [best.ids, top.ids]))
+        held = prompt_scores(config.score, h_ft, h_pre, h_ft[0])
+        heldout_gain = float(held[1] - held[0])
+        step = {"word": top.words[-1], "score": round(top_score, 6), "heldout_gain": round(heldout_gain, 6),
+                "caption": " ".join(top.words)}
+        log.info("caption step %d: %r (score %.5f, held-out gain %.5f)", len(steps) + 1, step["caption"], top_score,
+                 heldout_gain)
+        if heldout_gain <= config.min_gain:
+            step["accepted"] = False
+            steps.append(step)
+            break
+        step["accepted"] = True
+        steps.append(step)
+        best = top
+        beams = [b for b, _ in new_beams]
+        if bar:
+            bar.update(1)
+            bar.set_postfix(caption=" ".join(best.words)[-40:])
+    if bar:
+        bar.close()
+    for sweep in range(config.refine_sweeps):
+        changed = False
+        for position in range(len(best.words) - 1, -1, -1):
+            if position >= len(best.words):
+                continue
+            variants = [(best.words[:position] + (w,) + best.words[position + 1:],
+                         best.ids[:_offset(best, candidates, position)] + ids
+                         + best.ids[_offset(best, candidates, position + 1):]) for w, ids in candidates
+                        if w != best.words[position]]
+            if len(best.words) > 1:
+                variants.append((best.words[:position] + best.words[position + 1:],
+                                 best.ids[:_offset(best, candidates, position)]
+                                 + best.ids[_offset(best, candidates, position + 1):]))
+            variants = [v for v in variants if len(v[1]) <= max_tokens]
+            if not variants:
+                continue
+            reference = token_rows(tokenizer, [best.ids])
+            ref_ft, ref_pre = select.errors(reference)
+            e_ft, e_pre = select.errors(token_rows(tokenizer, [v[1] for v in variants]))
+            scores = prompt_scores(config.score, e_ft, e_pre, ref_ft[0])
+            scores -= prompt_scores(config.score, ref_ft, ref_pre, ref_ft[0])[0]
+            j = int(np.argmax(scores))
+            words, ids = variants[j]
+            h_ft, h_pre = check.errors(token_rows(tokenizer, [best.ids, ids]))
+            held = prompt_scores(config.score, h_ft, h_pre, h_ft[0])
+            heldout_gain = float(held[1] - held[0])
+            if scores[j] > config.min_gain and heldout_gain > config.min_gain:
+                log.info("refine sweep %d: %r -> %r (held-out gain %.5f)", sweep + 1, " ".join(best.words),
+                         " ".join(words), heldout_gain)
+                steps.append({"word": words[position] if len(words) == len(best.words) else "",
+                              "replaces": best.words[position], "position": position,
+                              "score": round(float(scores[j]), 6), "heldout_gain": round(heldout_gain, 6),
+                              "caption": " ".join(words), "accepted": True, "refine": sweep + 1})
+                best = _Beam(words, ids)
+                changed = True
+        if not changed:
+            break
+    caption = " ".join(best.words)
+    return CaptionResult(caption, steps, len(candidates), time.perf_counter() - start, config.record())
+
+
+def _offset(beam: _Beam, candidates, position: int) -> int:
+    """Index into beam.ids where word `position` starts (words may span several tokens)."""
+    lengths = {w: len(ids) for w, ids in candidates}
+    return sum(lengths.get(w, 1) for w in beam.words[:position])
+
+
+# ---- caption.json and extract --prompt=auto ---------------------------------------------------
+
+CAPTION_FILE = "caption.json"
+
+
+def write_caption(path: str, result: CaptionResult, extra: dict | None = None):
+    from finextract_jax.fileio import atomic_write_json
+
+    atomic_write_json(path, {**result.to_json(), **(extra or {})})
+
+
+def read_caption(path: str) -> dict:
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: unreadable caption file ({err}); delete it to recover the caption again") from None
+    if not isinstance(record, dict) or not isinstance(record.get("caption"), str):
+        raise InputError(f"{path}: has no 'caption' string; delete it to recover the caption again")
+    return record
+
+
+def auto_prompt(pretrained, finetuned, workdir: str, config: CaptionConfig | None = None, images=None,
+                progress: bool = True) -> str:
+    """The caption `extract --prompt=auto` uses: workdir/caption.json if an earlier run wrote one
+    (so a resumed extraction uses the very same prompt), else recovered now and written there."""
+    path = os.path.join(workdir, CAPTION_FILE)
+    if os.path.exists(path):
+        record = read_caption(path)
+        log.info("using the caption recovered earlier (%s): %r", path, record["caption"])
+        return record["caption"]
+    result = recover_caption(pretrained, finetuned, images=images, config=config, progress=progress)
+    os.makedirs(workdir, exist_ok=True)
+    write_caption(path, result, {"pretrained": os.path.abspath(pretrained.path),
+                                 "finetuned": os.path.abspath(finetuned.path)})
+    log.info("recovered caption %r in %.1f s (%s)", result.caption, result.seconds, path)
+    return result.caption
