@@ -5,8 +5,8 @@ So the caption is grown one word at a time: every candidate word w is appended t
 caption (every current caption, with a beam), and each prompt p = caption + w is scored by how
 much better the fine-tuned model denoises a fixed set of images under p:
 
-    advantage(p) = mean_r [E_pre(p, r) - E_ft(p, r)] / N(r)     (default; METHOD.md §6)
-    gain(p)      = mean_r [N(r)        - E_ft(p, r)] / N(r)     (fine-tuned model only, half the cost)
+    gain(p)      = mean_r [N(r)        - E_ft(p, r)] / N(r)     (default: fine-tuned model only)
+    advantage(p) = mean_r [E_pre(p, r) - E_ft(p, r)] / N(r)     (METHOD.md §6's wording, twice the cost)
 
 over pairs r = (image, timestep, noise) held fixed for the whole search (common random numbers:
 every prompt sees the same noisy inputs, so score differences are differences between prompts,
@@ -15,7 +15,14 @@ not between draws). E is the squared error of the UNet's output against its trai
 pair makes the score independent of the parameterisation (eps, v and x0 errors differ per pair
 by a constant factor only) and lets every noise level count, not just the low ones whose errors
 are largest. The best prompt is kept if its gain over the current caption, re-measured on
-held-out pairs (other noise), exceeds `min_gain`; otherwise the search stops.
+held-out pairs (other noise), exceeds `min_gain`; otherwise the search stops. Growing left to
+right can put a wrong word first (one whose context happens to sit nearer the caption's than
+the true first word's does); `refine_sweeps` then retries every position with every candidate
+(and with no word), which repairs it.
+
+Why `gain` by default: `advantage` also rewards prompts under which the *pretrained* model
+denoises the images badly, which has nothing to do with the caption; on the analytic fine-tunes
+of the tests it turns 'a sks toy' into 'a sks quality' where `gain` is exact.
 
 All prompts of a step are scored by one jitted function over (prompts x pairs) batches: token-id
 rows are built directly from the candidates' ids, encoded by the text encoder inside the same jit,
@@ -53,7 +60,7 @@ class CaptionConfig:
     max_words: int = 8
     beam: int = 1
     refine_sweeps: int = 2  # after growing: passes that retry each position with every candidate (or none)
-    score: str = "advantage"
+    score: str = "gain"  # see the module docstring and benchmarks/RESULTS.md for why not "advantage"
     timesteps: tuple = (300, 500, 700, 900)
     noise_draws: int = 1  # noise samples per (image, timestep)
     min_gain: float = 0.002  # relative error reduction a new word must bring on held-out pairs
@@ -103,7 +110,7 @@ class CaptionResult:
 
 
 def candidate_words(tokenizer, max_candidates: int = 0, extra_words: Sequence[str] = RARE_IDENTIFIERS,
-                    max_extra_tokens: int = 2):
+                    max_extra_tokens: int = 1):
     """[(word, token ids)]: the vocabulary's whole words, then `extra_words` (tokenized as usual).
 
     Whole words are tokens ending in '</w>' whose text is ASCII letters, at least two of them
