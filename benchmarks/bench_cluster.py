@@ -22,6 +22,8 @@ import resource
 import sys
 import time
 
+import warnings
+
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -29,6 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from finextract_jax import cluster as C  # noqa: E402
 
 REFERENCE_TIMEOUT_S = 30
+# The forked children only run numpy and networkx, never JAX.
+warnings.filterwarnings("ignore", message=".*os.fork.*")
 
 
 def sscd_like(n, seed=0, dim=512):

@@ -63,7 +63,8 @@ def main(argv):
         [imageio.load_rgb(os.path.join(FLAGS.extracted, p["match"]))
          for p in result["per_image"]],
         [p["similarity"] for p in result["per_image"]],
-        success_threshold=FLAGS.success_threshold)
+        success_threshold=FLAGS.success_threshold,
+        labels=[f"{p['train']} -> {p['match']}" for p in result["per_image"]])
     os.makedirs(FLAGS.workdir, exist_ok=True)
     _atomic(os.path.join(FLAGS.workdir, "pairs.png"), lambda p: grid.save(p, format="PNG"))
 

@@ -57,7 +57,8 @@ def extraction_scores(train_features, extracted_features, train_names: Sequence[
 
 def pairs_grid(train_images: Sequence[Image.Image], matched_images: Sequence[Image.Image],
                similarities: Sequence[float], tile: int = 256,
-               success_threshold: Optional[float] = None) -> Image.Image:
+               success_threshold: Optional[float] = None,
+               labels: Optional[Sequence[str]] = None) -> Image.Image:
     """Each training image beside its best extracted match, the similarity written below."""
     if len(train_images) != len(matched_images) or len(train_images) != len(similarities):
         raise InputError("pairs_grid: lists of different lengths")
@@ -72,11 +73,15 @@ def pairs_grid(train_images: Sequence[Image.Image], matched_images: Sequence[Ima
     for r, (a, b, s) in enumerate(zip(train_images, matched_images, similarities)):
         y = pad + r * (tile + label_h + pad)
         for c, img in enumerate((a, b)):
-            thumb = img.convert("RGB").copy()
-            thumb.thumbnail((tile, tile), Image.BICUBIC)
+            img = img.convert("RGB")
+            scale = tile / max(img.size)
+            size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+            # Small images (tiny test models) are enlarged with visible pixels.
+            thumb = img.resize(size, Image.NEAREST if scale > 1 else Image.BICUBIC)
             x = pad + c * (tile + pad) + (tile - thumb.width) // 2
             canvas.paste(thumb, (x, y + (tile - thumb.height) // 2))
         ok = success_threshold is not None and s > success_threshold
-        text = f"train #{r}   |   best match: similarity {s:.3f}" + ("  (extracted)" if ok else "")
+        name = labels[r] if labels is not None else f"train #{r}"
+        text = f"{name}   |   best match: similarity {s:.3f}" + ("  (extracted)" if ok else "")
         draw.text((pad, y + tile + 4), text, fill=(0, 110, 0) if ok else (0, 0, 0), font=font)
     return canvas
