@@ -214,6 +214,17 @@ def sinusoidal_embedding(timesteps, dim: int, flip_sin_to_cos: bool, freq_shift:
     return emb
 
 
+def _resnet_and_attention(block, i, x, temb, context, gate):
+    """Layer i of a Down/Up block: resnets_i, then attentions_i when the block has heads
+    (called inside the block's compact __call__, so the submodules belong to it)."""
+    x = ResnetBlock2D(block.out_channels, block.groups, block.eps, block.dtype, name=f"resnets_{i}")(x, temb)
+    if block.heads:
+        x = Transformer2D(block.out_channels, block.heads, block.out_channels // block.heads, block.depth,
+                          block.use_linear_projection, block.only_cross_attention, block.groups, block.dtype,
+                          block.attention, name=f"attentions_{i}")(x, context, gate)
+    return x
+
+
 class DownBlock(nn.Module):
     """CrossAttnDownBlock2D (with `heads`) or DownBlock2D (heads=0)."""
 
@@ -233,11 +244,7 @@ class DownBlock(nn.Module):
     def __call__(self, x, temb, context, gate=None):
         skips = []
         for i in range(self.num_layers):
-            x = ResnetBlock2D(self.out_channels, self.groups, self.eps, self.dtype, name=f"resnets_{i}")(x, temb)
-            if self.heads:
-                x = Transformer2D(self.out_channels, self.heads, self.out_channels // self.heads, self.depth,
-                                  self.use_linear_projection, self.only_cross_attention, self.groups, self.dtype,
-                                  self.attention, name=f"attentions_{i}")(x, context, gate)
+            x = _resnet_and_attention(self, i, x, temb, context, gate)
             skips.append(x)
         if self.add_downsample:
             x = Downsample2D(self.out_channels, self.dtype, name="downsamplers_0")(x)
@@ -263,12 +270,7 @@ class UpBlock(nn.Module):
     @nn.compact
     def __call__(self, x, skips, temb, context, gate=None):
         for i in range(self.num_layers):
-            x = jnp.concatenate([x, skips[-1 - i]], axis=-1)
-            x = ResnetBlock2D(self.out_channels, self.groups, self.eps, self.dtype, name=f"resnets_{i}")(x, temb)
-            if self.heads:
-                x = Transformer2D(self.out_channels, self.heads, self.out_channels // self.heads, self.depth,
-                                  self.use_linear_projection, self.only_cross_attention, self.groups, self.dtype,
-                                  self.attention, name=f"attentions_{i}")(x, context, gate)
+            x = _resnet_and_attention(self, i, jnp.concatenate([x, skips[-1 - i]], axis=-1), temb, context, gate)
         if self.add_upsample:
             x = Upsample2D(self.out_channels, self.dtype, name="upsamplers_0")(x)
         return x
