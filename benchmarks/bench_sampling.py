@@ -6,8 +6,9 @@
 --size=cpu: an 18M-parameter SD-like UNet at 32x32 latents (the UNet dominates the step).
 --size=sd1: the SD 1.x UNet (860M) at 64x64x4 latents, for accelerators.
 Prints one Markdown row per variant: ms per guided step (two UNet evaluations), images/s for a
-50-step run, the ratio to the PyTorch loop, and (with --mfu) the model FLOPs utilisation from
-XLA's cost analysis of the compiled loop over the chip's peak.
+50-step run, the ratio to the PyTorch loop, and (with --mfu, on a chip in PEAK_FLOPS) the model
+FLOPs utilisation: 2 x batch UNet forwards per step (XLA's count of one lowered forward) over the
+chip's dense peak. benchmarks/gpu.sh is the prepared accelerator run.
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def make_models(root, size):
     return base, full, lora, pipe
 
 
-def time_flax(pre, ft, fusion, batch, steps, mfu_dtype=None):
+def time_flax(pre, ft, fusion, batch, steps):
     import jax
 
     from finextract_jax.sampling import engine
@@ -78,33 +79,50 @@ def time_flax(pre, ft, fusion, batch, steps, mfu_dtype=None):
         start = time.perf_counter()
         jax.block_until_ready(compiled(*args))
         times.append(time.perf_counter() - start)
-    per_step = min(times) / steps
-    flops = None
-    if mfu_dtype:
-        analysis = compiled.cost_analysis()
-        analysis = analysis[0] if isinstance(analysis, list) else analysis
-        flops = analysis.get("flops")
-    return per_step, flops
+    return min(times) / steps
 
 
-def time_torch(base, full, batch, steps):
-    """The reference loop: diffusers UNet2DConditionModel, eager fp32, two sequential calls per step."""
+def unet_forward_flops(pipe):
+    """FLOPs of one UNet forward on one image, from XLA's count of the lowered (uncompiled) HLO.
+
+    Why not the compiled sampling loop's cost analysis: on GPU it varied 0.3%-4% 'MFU' between
+    variants of the same arithmetic (fusions and the while loop hide work from the count). A guided
+    step costs 2 x batch forwards (LoRA factors add < 1%), the same for every variant and for PyTorch.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    module = pipe.unet.module
+    shapes = jax.eval_shape(lambda p: p, pipe.unet.params)
+    x = jax.ShapeDtypeStruct((1, *pipe.sample_shape), jnp.float32)
+    context = jax.ShapeDtypeStruct((1, 77, module.cross_attention_dim), jnp.float32)
+    lowered = jax.jit(lambda p, x, c: module.apply({"params": p}, x, jnp.ones((1,), jnp.int32), c)).lower(
+        shapes, x, context)
+    analysis = lowered.cost_analysis()
+    return (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
+
+
+def time_torch(base, full, batch, steps, dtype="float32"):
+    """The reference loop: diffusers UNet2DConditionModel, eager, two sequential calls per step (on CUDA when
+    torch sees a GPU, in the benchmark's dtype)."""
     import torch
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     torch.set_grad_enabled(False)
-    unet_pre = UNet2DConditionModel.from_pretrained(os.path.join(base, "unet")).eval()
-    unet_ft = UNet2DConditionModel.from_pretrained(os.path.join(full, "unet")).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_dtype = getattr(torch, dtype)
+    unet_pre = UNet2DConditionModel.from_pretrained(os.path.join(base, "unet")).eval().to(device, torch_dtype)
+    unet_ft = UNet2DConditionModel.from_pretrained(os.path.join(full, "unet")).eval().to(device, torch_dtype)
     tok = CLIPTokenizer.from_pretrained(os.path.join(base, "tokenizer"))
     text = CLIPTextModel.from_pretrained(os.path.join(base, "text_encoder")).eval()
     ids = tok(["", "a photo of sks dog"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     empty, cond = text(ids)[0].chunk(2)
-    empty, cond = empty.expand(batch, -1, -1), cond.expand(batch, -1, -1)
+    empty, cond = (c.expand(batch, -1, -1).to(device, torch_dtype) for c in (empty, cond))
     sched = DDIMScheduler.from_pretrained(os.path.join(base, "scheduler"))
     sched.set_timesteps(steps)
     size = unet_pre.config.sample_size
-    x = torch.randn(batch, 4, size, size)
+    x = torch.randn(batch, 4, size, size, device=device, dtype=torch_dtype)
 
     def loop():
         latents = x
@@ -113,6 +131,8 @@ def time_torch(base, full, batch, steps):
             eps_ft = unet_ft(latents, t, cond).sample
             eps = eps_pre + 3.0 * (eps_ft - eps_pre) - 0.02 * eps_pre
             latents = sched.step(eps, t, latents).prev_sample
+        if device == "cuda":
+            torch.cuda.synchronize()
         return latents
 
     loop()
@@ -147,9 +167,10 @@ def main():
     base, full, lora, _ = make_models(root, args.size)
     pre = load_pipeline(base, dtype=args.dtype, cache_dir=None)
     rows = []
-    torch_step = time_torch(base, full, args.batch, args.steps) if args.torch else None
+    torch_step = time_torch(base, full, args.batch, args.steps, args.dtype) if args.torch else None
     if torch_step:
-        rows.append(("pytorch eager loop (reference)", torch_step, None))
+        rows.append(("pytorch eager loop (reference)", torch_step))
+        print(f"  pytorch: {torch_step * 1e3:.1f} ms/step", flush=True)
     for variant in args.variants.split(","):
         if variant in ("two_applies", "vmap"):
             ft = load_finetuned(pre, full, dtype=args.dtype, cache_dir=None, lora_mode="merged")
@@ -157,8 +178,7 @@ def main():
         elif variant == "plain_attention":
             pre_plain = load_pipeline(base, dtype=args.dtype, attention="plain", cache_dir=None)
             ft = load_finetuned(pre_plain, full, dtype=args.dtype, attention="plain", cache_dir=None)
-            step, flops = time_flax(pre_plain, ft, "two_applies", args.batch, args.steps, args.mfu and args.dtype)
-            rows.append(("two_applies, plain attention", step, flops))
+            rows.append(("two_applies, plain attention", time_flax(pre_plain, ft, "two_applies", args.batch, args.steps)))
             continue
         elif variant == "lora_batch":
             ft = load_finetuned(pre, lora, lora_mode="unmerged", dtype=args.dtype, cache_dir=None)
@@ -169,21 +189,19 @@ def main():
             variant = "LoRA merged, two_applies"
         else:
             raise SystemExit(f"unknown variant {variant}")
-        step, flops = time_flax(pre, ft, fusion, args.batch, args.steps, args.mfu and args.dtype)
-        rows.append((variant, step, flops))
+        step = time_flax(pre, ft, fusion, args.batch, args.steps)
+        rows.append((variant, step))
         print(f"  {variant}: {step * 1e3:.1f} ms/step", flush=True)
 
-    peak = None
-    if args.mfu:
-        peak = next((v for k, v in PEAK_FLOPS[args.dtype].items() if k in device.device_kind), None)
+    peak = next((v for k, v in PEAK_FLOPS[args.dtype].items() if k in device.device_kind), None) if args.mfu else None
+    step_flops = 2 * args.batch * unet_forward_flops(pre) if peak else None
     print("\n| variant | ms / guided step | images/s (50 steps) | vs PyTorch | MFU |")
     print("|---|---|---|---|---|")
-    for name, step, flops in rows:
+    for name, step in rows:
         ratio = f"{torch_step / step:.2f}x" if torch_step else "-"
-        # XLA counts a while-loop body once: `flops` is one guided step.
-        mfu = f"{flops / step / peak:.1%}" if (flops and peak) else "-"
+        mfu = f"{step_flops / step / peak:.1%}" if step_flops else "-"
         print(f"| {name} | {step * 1e3:.1f} | {args.batch / (step * 50):.3f} | {ratio} | {mfu} |")
-    print(json.dumps({"rows": [(n, s) for n, s, _ in rows]}))
+    print(json.dumps({"rows": rows, "guided_step_flops": step_flops}))
 
 
 if __name__ == "__main__":
