@@ -16,7 +16,8 @@ from experiments import _app
 flags.DEFINE_string("pretrained", None, "Pretrained SD folder (diffusers layout).", required=True)
 flags.DEFINE_string("finetuned", None, "Fine-tuned SD folder, unet/ folder, or LoRA file/folder.", required=True)
 flags.DEFINE_string("workdir", None, "Output folder (images/ and run.json).", required=True)
-flags.DEFINE_string("prompt", "", "Fine-tuning caption; empty for unconditional extraction.")
+flags.DEFINE_string("prompt", "", "Fine-tuning caption; empty for unconditional extraction; 'auto' recovers it "
+                    "from the two models first (kept in workdir/caption.json, as the caption binary writes).")
 flags.DEFINE_enum("method", "finextract", ["finextract", "cfg", "text2img"], "Guidance method.")
 flags.DEFINE_float("guidance_scale", 3.0, "w for finextract, s for cfg (unused by text2img).")
 flags.DEFINE_float("correction", -0.02, "k for finextract (the eps_pre correction term).")

@@ -225,3 +225,24 @@ def test_binary_bad_input_is_one_line(tiny_dir, tmp_path):
                 "--timesteps=5000")
     assert proc.returncode == 2 and "timesteps" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "caption.json").exists()
+
+
+def test_extract_prompt_auto_guides_with_the_recovered_caption(tiny_dir, tiny_finetuned, tmp_path):
+    """`extract --prompt=auto` = recover the caption, then extract with it: the same images as an
+    explicit --prompt of those words; run.json keeps "auto" in its settings and the words apart."""
+    from finextract_jax.sampling.run import ExtractConfig, extract
+
+    # min_gain < 0: keep the best word even though this random tiny fine-tune does not read captions.
+    small = caption_lib.CaptionConfig(max_words=1, refine_sweeps=0, timesteps=(500,), max_candidates=16,
+                                      num_images=2, sample_steps=3, min_gain=-1.0)
+    common = dict(pretrained=tiny_dir["sd1"], finetuned=tiny_finetuned["full"], num_images=2, batch_size=2, steps=3)
+    record = extract(ExtractConfig(prompt="auto", **common), str(tmp_path / "auto"), progress=False,
+                     caption_config=small)
+    recovered = json.loads((tmp_path / "auto" / "caption.json").read_text())["caption"]
+    assert record["settings"]["prompt"] == "auto" and record["caption"] == recovered and recovered
+    extract(ExtractConfig(prompt=recovered, **common), str(tmp_path / "explicit"), progress=False)
+    read = lambda d: [(tmp_path / d / "images" / n).read_bytes() for n in ("00000.png", "00001.png")]
+    assert read("auto") == read("explicit")
+    empty = str(tmp_path / "empty")
+    extract(ExtractConfig(prompt="", **common), empty, progress=False)
+    assert read("auto") != read("empty")  # the caption did steer the fine-tuned model

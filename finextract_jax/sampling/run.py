@@ -25,6 +25,8 @@ from finextract_jax.guidance import get_guidance
 from finextract_jax.sampling import engine
 from finextract_jax.sampling.noise import batch_start_noise, load_init_latents
 
+AUTO_PROMPT = "auto"  # --prompt=auto: recover the fine-tuning caption first (caption.py)
+
 log = logging.getLogger(__name__)
 
 
@@ -142,10 +144,14 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
         jax.distributed.initialize()
 
 
-def extract(config: ExtractConfig, workdir: str, progress: bool = True, devices=None) -> dict:
+def extract(config: ExtractConfig, workdir: str, progress: bool = True, devices=None, caption_config=None) -> dict:
     """Generate `config.num_images` images into workdir/images, skipping those already there.
 
-    Returns the run record (also written to workdir/run.json).
+    `config.prompt == "auto"` recovers the fine-tuning caption from the two models first
+    (caption.auto_prompt with `caption_config`; kept in workdir/caption.json, so a resumed run
+    guides with the very same words) and records it as run.json's "caption"; the settings keep
+    "auto", so the rerun command is the same. Returns the run record (also written to
+    workdir/run.json).
     """
     from finextract_jax.models.pipeline import load_finetuned, load_pipeline
 
@@ -173,9 +179,15 @@ def extract(config: ExtractConfig, workdir: str, progress: bool = True, devices=
     lora_mode = "merged" if config.fusion == "vmap" else "unmerged"
     finetuned = load_finetuned(pretrained, config.finetuned, config.finetuned_format, lora_mode,
                                config.lora_scale, dtype=config.dtype)
+    prompt = config.prompt
+    if prompt == AUTO_PROMPT:
+        from finextract_jax.caption import auto_prompt
+
+        prompt = auto_prompt(pretrained, finetuned, workdir, config=caption_config, progress=progress and is_writer)
+        record["caption"] = prompt
     shape = pretrained.sample_shape
     init_latents = load_init_latents(config.init_latents, config.num_images, shape) if config.init_latents else None
-    model = engine.prepare(pretrained, finetuned, config.method, config.prompt, config.fusion)
+    model = engine.prepare(pretrained, finetuned, config.method, prompt, config.fusion)
     sampler = engine.build_sampler(config.sampler, pretrained.scheduler_config, config.steps)
     sample = engine.make_batch_sampler(model, sampler, mesh)
     decode = engine.make_decoder(pretrained, mesh)
