@@ -6,17 +6,14 @@ python -m experiments.cluster --workdir=DIR (--images=DIR | --similarity=FILE.np
 
 Writes DIR/clusters.json and, with --images, DIR/extracted/*.png (the representatives).
 """
-import json
 import os
-import shutil
-import tempfile
-import time
 
 import numpy as np
-from absl import flags, logging
+from absl import flags
 
 from experiments import _app
 from finextract_jax import cluster as clustering
+from finextract_jax import stages
 from finextract_jax.errors import InputError
 
 FLAGS = flags.FLAGS
@@ -54,43 +51,6 @@ def _load_npy(path, what):
         raise InputError(f"--{what} {path!r} is not a readable .npy array ({err})") from None
 
 
-def _write_json_atomic(path, obj):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _write_extracted(workdir, images_dir, names, reps):
-    """Copy the representatives to workdir/extracted/ (replaced as a whole)."""
-    final = os.path.join(workdir, "extracted")
-    tmp = tempfile.mkdtemp(dir=workdir, prefix=".extracted-")
-    try:
-        for idx in reps:
-            stem, ext = os.path.splitext(names[idx])
-            src = os.path.join(images_dir, names[idx])
-            if ext.lower() == ".png":
-                shutil.copyfile(src, os.path.join(tmp, names[idx]))
-            else:
-                from finextract_jax.imageio import load_rgb
-                load_rgb(src).save(os.path.join(tmp, stem + ".png"))
-        old = None
-        if os.path.exists(final):
-            old = final + f".old-{os.getpid()}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def main(argv):
     del argv
     given = [n for n in ("images", "similarity", "features_file") if getattr(FLAGS, n)]
@@ -103,61 +63,22 @@ def main(argv):
         raise InputError("--num_train=N0 is required (the number of fine-tuning images)")
     if FLAGS.num_train < 1:
         raise InputError(f"--num_train must be >= 1, got {FLAGS.num_train}")
-    names = None
-    t0 = time.perf_counter()
+    options = dict(select=FLAGS.select, threshold=FLAGS.threshold, seed=FLAGS.seed,
+                   subproblem_budget=FLAGS.subproblem_budget,
+                   threshold_budget=FLAGS.threshold_budget)
     if FLAGS.images:
         from finextract_jax import features as feats_lib
         extractor = feats_lib.get_extractor(FLAGS.features, FLAGS.feature_weights,
                                             sscd_preprocessing=FLAGS.sscd_preprocessing)
-        names, feats = feats_lib.compute_features(FLAGS.images, extractor, FLAGS.batch_size,
-                                                  progress=True, what="--images folder")
-        inputs = {"features": feats}
+        stages.cluster_images(FLAGS.workdir, FLAGS.images, FLAGS.num_train, extractor,
+                              FLAGS.batch_size, **options)
     elif FLAGS.similarity:
-        inputs = {"similarity": _load_npy(FLAGS.similarity, "similarity")}
+        stages.cluster_to_workdir(FLAGS.workdir, FLAGS.num_train,
+                                  similarity=_load_npy(FLAGS.similarity, "similarity"), **options)
     else:
-        inputs = {"features": _load_npy(FLAGS.features_file, "features_file")}
-    features_s = time.perf_counter() - t0
-    array = next(iter(inputs.values()))
-    n = array.shape[0] if array.ndim >= 1 else 0
-    if n and FLAGS.num_train > n:
-        raise InputError(f"--num_train={FLAGS.num_train} is larger than the number of images "
-                         f"({n}); generate more images or lower --num_train")
-    from tqdm import tqdm
-    bars = []  # created on the first threshold, after the inputs were validated
-
-    def progress(thr, count):
-        if not bars:
-            bars.append(tqdm(desc="thresholds", unit="thr"))
-        bars[0].update(1)
-        bars[0].set_postfix_str(f"{thr:.2f}: " + ("over budget, skipped" if count is None
-                                                  else f"{count} cliques"))
-
-    try:
-        res = clustering.cluster(num_train=FLAGS.num_train, select=FLAGS.select,
-                                 threshold=FLAGS.threshold, seed=FLAGS.seed,
-                                 subproblem_budget=FLAGS.subproblem_budget,
-                                 threshold_budget=FLAGS.threshold_budget, progress=progress,
-                                 **inputs)
-    finally:
-        for bar in bars:
-            bar.close()
-    out = {"threshold": res.threshold,
-           "cliques": res.cliques,
-           "representatives": res.representatives,
-           "timing": {"similarity_s": round(res.similarity_s + features_s, 4),
-                      "cliques_s": round(res.cliques_s, 4)},
-           "select": FLAGS.select,
-           "num_train": FLAGS.num_train,
-           "skipped_thresholds": res.skipped_thresholds,
-           "exact": res.exact}
-    os.makedirs(FLAGS.workdir, exist_ok=True)
-    if names is not None:
-        out["images"] = names
-        _write_extracted(FLAGS.workdir, FLAGS.images, names, res.representatives)
-    _write_json_atomic(os.path.join(FLAGS.workdir, "clusters.json"), out)
-    logging.info("threshold %.2f: %d cliques (largest %d), %d representatives -> %s",
-                 res.threshold, len(res.cliques), len(res.cliques[0]),
-                 len(res.representatives), FLAGS.workdir)
+        stages.cluster_to_workdir(FLAGS.workdir, FLAGS.num_train,
+                                  features=_load_npy(FLAGS.features_file, "features_file"),
+                                  **options)
 
 
 if __name__ == "__main__":
