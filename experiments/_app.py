@@ -14,6 +14,21 @@ def fail(message: str):
     sys.exit(2)
 
 
+def quiet_orbax():
+    """orbax logs every array transfer at INFO; keep its warnings, drop the chatter."""
+    import os
+
+    from absl import logging as absl_logging
+
+    marker = f"{os.sep}orbax{os.sep}"
+
+    class Filter(logging.Filter):
+        def filter(self, record):
+            return record.levelno >= logging.WARNING or marker not in record.pathname
+
+    absl_logging.get_absl_handler().addFilter(Filter())
+
+
 def _parse_flags(argv):
     try:
         return flags.FLAGS(argv)

@@ -40,24 +40,10 @@ flags.DEFINE_integer("log_every", 10, "Log the training loss every N steps.")
 FLAGS = flags.FLAGS
 
 
-def _quiet_orbax():
-    """orbax logs every array transfer at INFO; keep its warnings, drop the chatter."""
-    import logging as std_logging
-    import os
-
-    marker = f"{os.sep}orbax{os.sep}"
-
-    class Filter(std_logging.Filter):
-        def filter(self, record):
-            return record.levelno >= std_logging.WARNING or marker not in record.pathname
-
-    logging.get_absl_handler().addFilter(Filter())
-
-
 def main(_):
     from finextract_jax.finetune import FinetuneConfig, finetune
 
-    _quiet_orbax()
+    _app.quiet_orbax()
     from finextract_jax.models.pipeline import load_pipeline
 
     config = FinetuneConfig(method=FLAGS.method, steps=FLAGS.steps, learning_rate=FLAGS.learning_rate,
