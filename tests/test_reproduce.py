@@ -15,9 +15,8 @@ import time
 
 import pytest
 
+from finextract_jax import reproduce
 from finextract_jax.errors import InputError
-
-reproduce = pytest.importorskip("experiments.reproduce")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAPTION = "a photo of sks"
