@@ -316,9 +316,14 @@ def test_lora_export_loads_in_diffusers(tiny_pipe, torch_pipe, train_dir, tmp_pa
 # ---- the binary, data-parallel --------------------------------------------------------------
 
 
+def _binary_env(devices=1):
+    # conftest's FINEXTRACT_CACHE="" and JAX_COMPILATION_CACHE_DIR (shared compiles) come with os.environ.
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+                FINEXTRACT_CACHE="")
+
+
 def _run_binary(args, devices=1, timeout=300):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "experiments.finetune", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "experiments.finetune", *args], cwd=REPO, env=_binary_env(devices),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -366,3 +371,87 @@ def test_pixel_model_trains_on_pixels(tiny_pipe, train_dir):
     assert "pixels" in trainer.data() and "latent_mean" not in trainer.data()
     assert trainer.spec.sample_shape == (3, 16, 16) and trainer.spec.vae is None
     np.testing.assert_array_equal(np.asarray(trainer.data()["pixels"]), trainer.train_set.pixels)
+
+
+def _safetensors_under(folder):
+    """{relative path: {key: array}} of every .safetensors file under `folder`."""
+    from safetensors.numpy import load_file
+
+    return {os.path.relpath(os.path.join(root, f), folder): load_file(os.path.join(root, f))
+            for root, _, files in os.walk(folder) for f in files if f.endswith(".safetensors")}
+
+
+def test_binary_killed_mid_run_resumes_to_identical_export(tmp_path, tiny_dir, train_dir):
+    """SIGKILL the binary while it saves a checkpoint (an earlier one already on disk), rerun the same
+    command: its export equals an uninterrupted run's bit for bit, and the killed run left no output."""
+    import shutil
+    import signal
+    import time
+
+    def start(name, checkpoint_every, log_name=None):
+        args = [sys.executable, "-m", "experiments.finetune", f"--pretrained={tiny_dir['sd1']}",
+                f"--train_dir={train_dir}", f"--out={tmp_path / name}", f"--caption={CAPTION}", "--method=dreambooth",
+                f"--steps={DREAMBOOTH.steps}", f"--batch_size={DREAMBOOTH.batch_size}",
+                f"--grad_accum={DREAMBOOTH.grad_accum}", f"--learning_rate={DREAMBOOTH.learning_rate}",
+                f"--seed={DREAMBOOTH.seed}", f"--checkpoint_every={checkpoint_every}"]
+        log_file = open(tmp_path / f"{log_name or name}.log", "w")
+        return subprocess.Popen(args, cwd=REPO, env=_binary_env(), stdout=log_file, stderr=subprocess.STDOUT), log_file
+
+    def finish(run, timeout=300):
+        proc, log_file = run
+        try:
+            proc.wait(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log_file.close()
+        return proc.returncode, open(log_file.name).read()
+
+    # The uninterrupted run, alongside (the checkpoint interval is not part of a run: it changes no
+    # parameter); both compile the step, into the session's shared compilation cache.
+    reference = start("reference", 0)
+    try:
+        out, steps_dir = tmp_path / "victim", tmp_path / "victim.checkpoints" / "steps"
+        victim = start("victim", 4)
+        deadline, killed = time.monotonic() + 300, False
+        try:
+            while victim[0].poll() is None and time.monotonic() < deadline:
+                names = os.listdir(steps_dir) if steps_dir.is_dir() else []
+                # A finalised checkpoint, and orbax writing the next one (<step>.orbax-checkpoint-tmp).
+                if any(n.isdigit() for n in names) and any(not n.isdigit() for n in names):
+                    victim[0].send_signal(signal.SIGKILL)
+                    killed = True
+                    break
+                time.sleep(0.005)
+        finally:
+            code, log = finish(victim, timeout=60)
+        assert killed and code == -signal.SIGKILL, (
+            f"the run was not killed mid-way (exit {code}): it ended or timed out before a checkpoint was on disk "
+            f"and the next one under way; give it more steps\n{log[-3000:]}")
+        assert not os.path.lexists(out), "a killed run left (part of) its export behind"
+        assert not [n for n in os.listdir(tmp_path) if n.startswith(".finetune.")]  # nor a staging folder
+        names = os.listdir(steps_dir)
+        finalised = sorted(int(n) for n in names if n.isdigit())
+        assert finalised and finalised[-1] < DREAMBOOTH.steps, names
+        if all(n.isdigit() for n in names):  # the save finished between the last poll and the kill:
+            partial = steps_dir / f"{finalised[-1] + 4}.orbax-checkpoint-tmp"  # leave half of one
+            shutil.copytree(steps_dir / str(finalised[-1]), partial)
+            for root, _, files in os.walk(partial):
+                for f in files[: len(files) // 2 + 1]:
+                    os.truncate(os.path.join(root, f), 0)
+
+        code, log = finish(start("victim", 4, log_name="rerun"))  # the same command again
+        assert code == 0, log[-3000:]
+        assert f"resuming at step {finalised[-1]} of {DREAMBOOTH.steps}" in log, log[-3000:]
+        assert not os.path.exists(str(out) + ".checkpoints")  # removed after the export
+    finally:
+        code, log = finish(reference)
+    assert code == 0, log[-3000:]
+
+    ours, ref = _safetensors_under(out), _safetensors_under(tmp_path / "reference")
+    assert sorted(ours) == sorted(ref) and "unet/diffusion_pytorch_model.safetensors" in ref, (ours.keys(), ref.keys())
+    for name in ref:
+        assert ours[name].keys() == ref[name].keys(), name
+        for key in ref[name]:
+            assert np.array_equal(ours[name][key], ref[name][key]), (name, key)
