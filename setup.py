@@ -28,6 +28,8 @@ setup(
     description="FineXtract in JAX: recover the training images of a fine-tuned diffusion checkpoint.",
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["finextract_jax", "finextract_jax.*", "experiments", "experiments.*"]),
+    # The demo's base model (experiments/demo_base.py writes it) travels with the package.
+    package_data={"finextract_jax.demo": ["base/*.json", "base/*/*.json", "base/*/*.safetensors", "base/*/*.txt"]},
     install_requires=CORE,
     extras_require={"torch": TORCH, "test": TEST},
 )

@@ -17,10 +17,12 @@ from absl import flags, logging
 
 from experiments import _app
 
-DEMO_UNET = dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=[32, 64, 128],
+# 1.4M parameters: cross-attention only at 8x8 (and the mid block), where it is cheap; on 2 CPU
+# cores a forward at batch 64 takes ~0.3 s, so the whole demo's sampling fits in a minute or two.
+DEMO_UNET = dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=[32, 64, 64],
                  layers_per_block=1, attention_head_dim=4, cross_attention_dim=32,
-                 down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-                 up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"])
+                 down_block_types=["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"],
+                 up_block_types=["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"])
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "finextract_jax", "demo",
                            "base")
 
