@@ -40,6 +40,9 @@ flags.DEFINE_integer("subproblem_budget", clustering.DEFAULT_SUBPROBLEM_BUDGET,
                      "Deterministic work budget of one maximum-clique subproblem.")
 flags.DEFINE_integer("threshold_budget", clustering.DEFAULT_THRESHOLD_BUDGET,
                      "Deterministic work budget of one threshold.")
+flags.DEFINE_integer("edge_budget", clustering.DEFAULT_EDGE_BUDGET,
+                     "Most edges a threshold's graph may have (about 10 bytes each in memory); "
+                     "denser thresholds are skipped by the schedule.")
 
 
 def _load_npy(path, what):

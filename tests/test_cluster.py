@@ -1,5 +1,8 @@
-"""Clique finder vs brute force and vs a networkx implementation of the reference semantics."""
+"""Clique finder vs brute force, vs a networkx implementation of the reference semantics, and
+vs the output of the former dense (N x N levels) implementation at N = 2000."""
+import hashlib
 import itertools
+import json
 import math
 import random
 
@@ -80,12 +83,48 @@ def random_similarity(rng, n, d=None, clusters=0):
     return f.astype(np.float32), sim
 
 
-def bitsets(n, edges):
-    adj = [0] * n
-    for i, j in edges:
-        adj[i] |= 1 << j
-        adj[j] |= 1 << i
-    return adj
+def graph_at(sim, k):
+    """The sparse graph of grid level k of a similarity matrix."""
+    return C.similarity_graph(similarity=sim).graph.at_least(k)
+
+
+def ternary_features(n, num_train=10, dim=512, copy_fraction=0.1, seed=0):
+    """SSCD-like features in exact arithmetic: every row has 256 entries +-1 (norm 16), so
+    every cosine is a multiple of 1/256, exact in float32 in any summation order (the same
+    graph on every machine). A shared 'style' and 16 'topics' give the diverse images a
+    realistic positive mean similarity; 10% of the rows are near-copies of num_train
+    'training' rows (Zipf counts), with 8-119 of their 256 entries moved."""
+    rng = np.random.default_rng(seed)
+    style = rng.choice(dim, size=16, replace=False)
+    free = np.setdiff1d(np.arange(dim), style)
+    topics = [rng.choice(free, size=24, replace=False) for _ in range(16)]
+    signs = rng.choice([-1.0, 1.0], size=dim)
+
+    def image(topic):
+        fixed = np.union1d(style, topics[topic])
+        rest = rng.choice(np.setdiff1d(np.arange(dim), fixed), size=256 - fixed.size,
+                          replace=False)
+        v = np.zeros(dim, np.float32)
+        v[fixed] = signs[fixed]
+        v[rest] = rng.choice([-1.0, 1.0], size=rest.size)
+        return v
+
+    train = [image(int(rng.integers(16))) for _ in range(num_train)]
+    w = 1.0 / np.arange(1, num_train + 1)
+    rows = []
+    for src in rng.choice(num_train, size=int(round(copy_fraction * n)), p=w / w.sum()):
+        v = train[src].copy()
+        r = int(rng.integers(8, 120))
+        v[rng.choice(np.flatnonzero(v), size=r, replace=False)] = 0
+        v[rng.choice(np.flatnonzero(v == 0), size=r, replace=False)] = rng.choice([-1.0, 1.0], r)
+        rows.append(v)
+    rows += [image(int(rng.integers(16))) for _ in range(n - len(rows))]
+    return np.stack(rows)[rng.permutation(n)]
+
+
+def assert_same_graph(a, b):
+    for name in ("indptr", "upper", "indices", "levels"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,15 +136,15 @@ def test_max_clique_equals_brute_force():
         n = rng.randint(1, 25)
         p = rng.choice([0.1, 0.3, 0.5, 0.7, 0.9, rng.random()])
         edges = [(i, j) for i in range(n) for j in range(i + 1, n) if rng.random() < p]
-        got = C.max_clique(bitsets(n, edges))
+        got = C.max_clique(C.Graph.from_edges(n, edges))
         assert got == brute_force_max_clique(n, edges), (n, p)
 
 
 def test_max_clique_ties_take_lexicographically_smallest():
     # Two disjoint triangles {4,5,6} and {1,2,3}, plus {0,7,8}: all size 3.
     edges = [(4, 5), (5, 6), (4, 6), (1, 2), (2, 3), (1, 3), (0, 7), (7, 8), (0, 8)]
-    assert C.max_clique(bitsets(9, edges)) == [0, 7, 8]
-    res = C.peel_cliques(bitsets(9, edges), (1 << 9) - 1)
+    assert C.max_clique(C.Graph.from_edges(9, edges)) == [0, 7, 8]
+    res = C.peel_cliques(C.Graph.from_edges(9, edges))
     assert res.cliques == [[0, 7, 8], [1, 2, 3], [4, 5, 6]]
 
 
@@ -115,25 +154,23 @@ def test_peel_equals_networkx_reference_semantics():
         n = int(rng.integers(2, 45))
         _, sim = random_similarity(rng, n, clusters=int(rng.integers(0, 4)))
         k = int(rng.integers(-30, 70))
-        adj = C.adjacency_bitsets(C.levels_from_similarity(sim).levels, k)
-        got = C.peel_cliques(adj, (1 << n) - 1)
+        got = C.peel_cliques(graph_at(sim, k))
         assert got.complete and got.exact
         assert got.cliques == nx_reference_peel(sim, C.tau(k)), trial
 
 
-def test_global_bitset_path_gives_the_same_partition(monkeypatch):
+def test_index_order_proofs_give_the_same_partition(monkeypatch):
     rng = np.random.default_rng(8)
     for trial in range(25):
         n = int(rng.integers(5, 40))
         _, sim = random_similarity(rng, n, clusters=int(rng.integers(0, 3)))
         k = int(rng.integers(-20, 50))
-        levels = C.levels_from_similarity(sim).levels
-        adj = C.adjacency_bitsets(levels, k)
-        local = C.peel_cliques(adj, (1 << n) - 1, local_adjacency=C._local_from_levels(levels, k))
+        graph = graph_at(sim, k)
+        renumbered = C.peel_cliques(graph)
         monkeypatch.setattr(C, "LOCAL_MAX", 3)
-        direct = C.peel_cliques(adj, (1 << n) - 1)
+        index_order = C.peel_cliques(graph)
         monkeypatch.setattr(C, "LOCAL_MAX", 1024)
-        assert local.cliques == direct.cliques == nx_reference_peel(sim, C.tau(k)), trial
+        assert renumbered.cliques == index_order.cliques == nx_reference_peel(sim, C.tau(k))
 
 
 def test_schedule_equals_networkx_reference_semantics():
@@ -162,10 +199,10 @@ def test_threshold_schedule_on_hand_made_matrix():
     s[0, 3] = s[1, 4] = 0.12
     s[2, 5] = 0.05
     s = s + s.T
-    sl = C.levels_from_similarity(s)
+    sg = C.similarity_graph(similarity=s)
     # 36 entries, 1000 samples capped at all 36: 26 zeros (incl. the diagonal) -> q25 = 0.
-    assert sorted(sl.samples.tolist()) == sorted(s.reshape(-1).tolist())
-    assert C.start_level(sl.samples) == 0
+    assert sorted(sg.samples.tolist()) == sorted(s.reshape(-1).tolist())
+    assert C.start_level(sg.samples) == 0
     # At 0.00 everything is connected: [0,1,2,3,4,5] is not a clique ((3,5) missing? no:
     # sim 0 >= 0 is an edge), so one clique of 6 < N0 = 3; 0.01: edges > 0 only ->
     # {0,1,2}, {3,4}? no: 0-3 (0.12) and 1-4 (0.12) also edges; cliques {0,1,2},{3,4},{5}.
@@ -187,9 +224,7 @@ def test_thresholds_are_exact_on_the_grid():
     assert C.level_of(np.float32(0.07)) == 7
     assert C.level_of(np.float32(0.07) - np.float32(1e-8)) in (6, 7)
     assert C.level_of(np.nextafter(np.float32(0.07), np.float32(0))) == 6
-    adj = C.adjacency_bitsets(C.levels_from_similarity(s).levels, 7)
-    assert adj[0] == 0b10 and adj[2] == 0
-    assert C.adjacency_bitsets(C.levels_from_similarity(s).levels, 8)[0] == 0
+    assert graph_at(s, 7).indices.tolist() == [1, 0] and graph_at(s, 8).num_edges == 0
     assert C.level_of(np.array([1.0, -1.0, 0.0])).tolist() == [100, -100, 0]
 
 
@@ -215,10 +250,13 @@ def test_blockwise_similarity_matches_numpy():
     want = u @ u.T
     np.fill_diagonal(want, 0)
     np.testing.assert_allclose(got, want, atol=1e-5)
-    sl = C.levels_from_features(f, seed=4)
-    sl2 = C.levels_from_similarity(got, seed=4)
-    np.testing.assert_array_equal(sl.samples, sl2.samples)
-    np.testing.assert_array_equal(sl.levels, sl2.levels)
+    np.testing.assert_array_equal(got, got.T)
+    a = C.similarity_graph(features=f, seed=4)
+    b = C.similarity_graph(similarity=got, seed=4)
+    np.testing.assert_array_equal(a.samples, b.samples)
+    assert_same_graph(a.graph, b.graph)
+    flat = np.random.default_rng(4).choice(70 * 70, size=1000, replace=False)
+    np.testing.assert_array_equal(a.samples, got.reshape(-1)[np.sort(flat)])
 
 
 def test_budget_skips_dense_thresholds_deterministically():
@@ -280,3 +318,113 @@ def test_bad_arguments():
         C.cluster(features=np.array([[0.0, 0.0], [0.0, 1.0]]), num_train=1)
     with pytest.raises(InputError, match="exactly one"):
         C.cluster(num_train=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The large-N path: tiles, sparse graph, edge budget, and the former dense implementation.
+
+
+def test_sparse_graph_operations_match_a_dense_matrix():
+    rng = np.random.default_rng(2)
+    for n, p in [(120, 0.3), (40, 0.9), (7, 0.0), (1, 0.0)]:
+        i, j = np.nonzero(np.triu(rng.random((n, n)) < p, 1))
+        lv = rng.integers(-5, 5, size=i.size).astype(np.int8)
+        dense = np.full((n, n), -128)
+        dense[i, j] = dense[j, i] = lv
+        cut = rng.integers(1, i.size + 2)  # two chunks, as the tiles give them
+        g = C.Graph.from_pairs(n, [(i[:cut].astype(np.int32), j[:cut].astype(np.int32),
+                                    lv[:cut]), (i[cut:].astype(np.int32),
+                                                j[cut:].astype(np.int32), lv[cut:])])
+        for k in (-99, 0, 4, 10):
+            h, adj = g.at_least(k), dense >= k
+            live = rng.random(n) < 0.7
+            for v in range(n):
+                row = h.indices[h.indptr[v]:h.indptr[v + 1]]
+                assert row.tolist() == np.flatnonzero(adj[v]).tolist()
+                want = [u for u in range(v + 1, n) if adj[v, u] and live[u]]
+                assert h.later_live(v, live).tolist() == want
+            assert h.later_degrees().tolist() == np.triu(adj, 1).sum(axis=1).tolist()
+            idx = np.sort(rng.choice(n, size=min(n, 30), replace=False))
+            for max_entries in (1, 1 << 22):
+                np.testing.assert_array_equal(h.induced(idx, max_entries), adj[np.ix_(idx, idx)])
+            mask, pos = h.levels > 0, np.sort(rng.integers(0, h.levels.size + 1, size=20))
+            assert C._count_before(mask, pos, chunk=7).tolist() == [mask[:q].sum() for q in pos]
+
+
+def test_tiles_give_each_pair_once_at_its_level():
+    f = ternary_features(300, seed=1)
+    sim = C.cosine_similarity(f)
+    np.testing.assert_array_equal(sim * 256, np.round(sim * 256))  # exact in any tiling
+    one = C.similarity_graph(features=f, seed=2)
+    tiled = C.similarity_graph(features=f, seed=2, row_block=24, col_chunk=256)
+    assert_same_graph(one.graph, tiled.graph)
+    np.testing.assert_array_equal(one.samples, tiled.samples)
+    levels = C.level_of(sim)
+    np.fill_diagonal(levels, -128)
+    for k in (0, 10, 25):
+        g = tiled.graph.at_least(k)
+        for v in range(0, 300, 7):
+            row = g.indices[g.indptr[v]:g.indptr[v + 1]]
+            assert row.tolist() == np.flatnonzero(levels[v] >= k).tolist()
+
+
+def test_edge_budget_keeps_the_lowest_levels_that_fit():
+    f = ternary_features(300, seed=1)
+    full = C.similarity_graph(features=f)
+    assert full.min_level == C._MIN_LEVEL and full.graph.num_edges == 300 * 299 // 2
+    at = full.edge_counts  # [k - _MIN_LEVEL] -> edges of level >= k
+    for budget in (0, 7, 1000, 20000):
+        sg = C.similarity_graph(features=f, edge_budget=budget, row_block=24, col_chunk=256)
+        k = sg.min_level - C._MIN_LEVEL
+        assert at[k] <= budget and (k == 0 or at[k - 1] > budget), budget
+        assert_same_graph(sg.graph, full.graph.at_least(sg.min_level))
+        np.testing.assert_array_equal(sg.edge_counts[k:], at[k:])
+        np.testing.assert_array_equal(sg.samples, full.samples)
+
+
+def test_schedule_skips_thresholds_over_the_edge_budget():
+    f = ternary_features(300, seed=1)
+    at = C.similarity_graph(features=f).edge_counts
+    res = C.cluster(features=f, num_train=10, edge_budget=2000)
+    over = [round(float(C.tau(k)), 2) for k in range(-100, 101)
+            if at[k - C._MIN_LEVEL] > 2000 and C.tau(k) >= min(res.skipped_thresholds)]
+    assert over and set(over) <= set(res.skipped_thresholds) and res.threshold > max(over)
+    assert res.exact
+    sim = C.cosine_similarity(f)
+    assert res.cliques == nx_reference_peel(sim, np.float32(res.threshold))
+    with pytest.raises(InputError, match="edge budget"):
+        C.cluster(features=f, num_train=3, threshold=0.05, edge_budget=100)
+
+
+# Output of the former dense implementation (an N x N int8 level matrix and Python-int bitsets
+# over all N nodes; `git show 969e4a2:finextract_jax/cluster.py`) on ternary_features(2000),
+# num_train=10: (kwargs, threshold, number of cliques, skipped thresholds, sha256 of
+# json.dumps([threshold, cliques, representatives, skipped_thresholds, exact])).
+# Smaller work budgets than the defaults keep this fast; they still skip 12 thresholds.
+SKIPPED_2000 = [0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.1, 0.11, 0.12, 0.13, 0.14]
+DENSE_IMPLEMENTATION_2000 = [
+    (dict(subproblem_budget=20_000, threshold_budget=3_000_000), 0.15, 267, SKIPPED_2000,
+     "5b1c5bff790bd773d69aa1dabd50014ba27dd8dbcbf69a9889154ea37e3cdff6"),
+    (dict(select="topk", subproblem_budget=20_000, threshold_budget=3_000_000), 0.15, 10,
+     SKIPPED_2000, "5d8d7da8ffe1d20dd96f2bda6be2bc476ce9d2a04c20aab49d517070f2e15779"),
+    (dict(threshold=0.155, select="topk"), 0.155, 10, [],
+     "59030c320080967fc3a98e34a1f29015d80069365799e9e72c29a7b0f8a52c67"),
+    # Over its work budget: greedy cliques, exact=False.
+    (dict(threshold=0.17, subproblem_budget=100, threshold_budget=2000), 0.17, 402, [],
+     "7b7b0f3faa76d424bcb6b517629d7e03981cd4737709ed2826761aaaa67b89ed"),
+]
+
+
+@pytest.fixture(scope="module")
+def features_2000():
+    return ternary_features(2000)
+
+
+@pytest.mark.parametrize("kwargs, threshold, count, skipped, digest", DENSE_IMPLEMENTATION_2000,
+                         ids=["schedule", "schedule-topk", "fixed-off-grid-topk", "fixed-greedy"])
+def test_same_clusters_as_the_dense_implementation_at_2000(features_2000, kwargs, threshold,
+                                                           count, skipped, digest):
+    res = C.cluster(features=features_2000, num_train=10, **kwargs)
+    assert (res.threshold, len(res.cliques), res.skipped_thresholds) == (threshold, count, skipped)
+    out = [res.threshold, res.cliques, res.representatives, res.skipped_thresholds, res.exact]
+    assert hashlib.sha256(json.dumps(out).encode()).hexdigest() == digest
