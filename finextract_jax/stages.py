@@ -8,6 +8,7 @@ that a reader or a resumed run never sees half a file.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -19,27 +20,11 @@ from finextract_jax import cluster as clustering
 from finextract_jax import features as feats_lib
 from finextract_jax import imageio, metrics
 from finextract_jax.errors import InputError
-
-
-def _atomic(path, write):
-    """Run write(tmp) on a temp file beside `path`, then rename it over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-",
-                               suffix=os.path.splitext(path)[1])
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+from finextract_jax.fileio import atomic_write_bytes
 
 
 def _write_json(path, obj, indent=None):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=indent)
-    _atomic(path, write)
+    atomic_write_bytes(path, json.dumps(obj, indent=indent).encode())
 
 
 def _write_extracted(workdir, images_dir, names, reps):
@@ -151,7 +136,9 @@ def evaluate_to_workdir(extracted: str, train_dir: str, workdir: str, extractor,
         success_threshold=success_threshold,
         labels=[f"{p['train']} -> {p['match']}" for p in result["per_image"]])
     os.makedirs(workdir, exist_ok=True)
-    _atomic(os.path.join(workdir, "pairs.png"), lambda p: grid.save(p, format="PNG"))
+    buffer = io.BytesIO()
+    grid.save(buffer, format="PNG")
+    atomic_write_bytes(os.path.join(workdir, "pairs.png"), buffer.getvalue())
     _write_json(os.path.join(workdir, "metrics.json"), result, indent=1)
     logging.info("AS %.4f, A-ESR %.4f (%d training images, %d extracted, %s features)",
                  result["AS"], result["A_ESR"], len(train_names), len(ext_names), features)
