@@ -352,29 +352,32 @@ class Graph:
     def induced(self, idx: np.ndarray, max_entries: int = 1 << 22) -> np.ndarray:
         """Boolean adjacency matrix of the sub-graph induced by ``idx`` (ascending).
 
-        Reads the later halves of the rows of ``idx`` (about ``max_entries`` at a time),
+        Gathers the later halves of the rows of ``idx`` (about ``max_entries`` at a time),
         keeps the entries inside ``idx`` through a position map (a scratch array of the
-        graph, reset before returning), and mirrors them."""
+        graph, reset before returning) and sets both (i, j) and (j, i)."""
         if self._pos is None:
             self._pos = np.full(self.n, -1, np.int32)
         m = idx.shape[0]
         sub = np.zeros((m, m), bool)
-        starts, ends = self.upper[idx].tolist(), self.indptr[idx + 1].tolist()
+        starts = self.upper[idx]
+        lens = self.indptr[idx + 1] - starts
+        ends = np.cumsum(lens)
         self._pos[idx] = np.arange(m, dtype=np.int32)
         r0 = 0
         while r0 < m:
-            r1, size = r0, 0
-            while r1 < m and (r1 == r0 or size + ends[r1] - starts[r1] <= max_entries):
-                size += ends[r1] - starts[r1]
-                r1 += 1
-            cols = self._pos[np.concatenate(
-                [self.indices[a:b] for a, b in zip(starts[r0:r1], ends[r0:r1])] or [[]])]
-            rows = np.repeat(np.arange(r0, r1), np.subtract(ends[r0:r1], starts[r0:r1]))
+            base = ends[r0] - lens[r0]
+            r1 = max(r0 + 1, int(np.searchsorted(ends, base + max_entries, "right")))
+            n_r = lens[r0:r1]
+            flat = np.arange(ends[r1 - 1] - base) + np.repeat(starts[r0:r1] - ends[r0:r1] + n_r
+                                                              + base, n_r)
+            cols = self._pos[self.indices[flat]]
             keep = cols >= 0
-            sub[rows[keep], cols[keep]] = True
+            rows, cols = np.repeat(np.arange(r0, r1), n_r)[keep], cols[keep]
+            sub[rows, cols] = True
+            sub[cols, rows] = True
             r0 = r1
         self._pos[idx] = -1
-        return sub | sub.T
+        return sub
 
 
 def _count_before(mask: np.ndarray, positions: np.ndarray, chunk: int = 1 << 22) -> np.ndarray:
@@ -629,12 +632,13 @@ def _solve(v: int, idx: np.ndarray, sub: np.ndarray, lower: int, upper: int,
     (small ints make the bitset operations cheap)."""
     m = len(idx)
     full = (1 << m) - 1
-    local_adj = pack_rows(sub)
-    proof_adj = local_adj
     if m <= LOCAL_MAX:
         order = np.argsort(-sub.sum(axis=1), kind="stable")
-        proof_adj = pack_rows(sub[order][:, order])
-    size = _clique_number(full, proof_adj, 1, lower, upper, work)
+        size = _clique_number(full, pack_rows(sub[order][:, order]), 1, lower, upper, work)
+        local_adj = pack_rows(sub) if size >= lower else None
+    else:
+        local_adj = pack_rows(sub)
+        size = _clique_number(full, local_adj, 1, lower, upper, work)
     if size < lower:
         return None, size
     return [v] + [int(idx[i]) for i in _lex_clique(full, local_adj, size - 1, work)], size
