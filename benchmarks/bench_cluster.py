@@ -1,6 +1,9 @@
-"""Clustering time: our exact clique peeling vs a networkx run of the reference semantics.
+"""Clustering time: our exact clique peeling vs a networkx run of the reference semantics,
+and the large-N run (N = 100,000) through the `cluster` binary.
 
 python benchmarks/bench_cluster.py [--sizes=500,2000,10000] [--reference_cap_s=330]
+python benchmarks/bench_cluster.py --large [--large_n=100000] [--num_train=20]
+    [--copy_fraction=0.05] [--zipf=1.0]
 
 Data: SSCD-like unit features (512-d): a few dozen tight clusters (2-15 near-copies each,
 within-cluster cosine about 0.6-0.9) among diverse images (cosine about 0.05 +- 0.05, with
@@ -12,14 +15,23 @@ in a forked process killed after 30 s as the reference does, graph building incl
 timed part. Ties use the same lexicographic rule as ours so partitions can be compared. The
 reference run of one N is stopped after --reference_cap_s seconds (reported as "> cap").
 Children get an address-space limit so a dense networkx graph cannot exhaust memory.
+
+Large N (--large): realistic_features() below, written as .npy by a spawned process, then
+clustered by `python -m experiments.cluster --features_file=...` in a child process whose wall
+time and peak RSS (os.wait4) are what is reported. (Linux carries a parent's RSS at fork into
+its child's ru_maxrss, hence the separate generator: this process stays at ~0.1 GB.)
 """
 import argparse
+import json
 import math
 import multiprocessing as mp
 import os
 import platform
+import re
 import resource
+import subprocess
 import sys
+import tempfile
 import time
 
 import warnings
@@ -54,6 +66,96 @@ def sscd_like(n, seed=0, dim=512):
     f = np.concatenate(parts)[:n]
     f = f[rng.permutation(n)]
     return (f / np.linalg.norm(f, axis=1, keepdims=True)).astype(np.float32)
+
+
+def realistic_features(n, num_train=20, dim=512, copy_fraction=0.05, zipf=1.0, seed=0,
+                       chunk=8192):
+    """SSCD-like features of generated images, written chunk by chunk in float32.
+
+    num_train 'training' images; a copy_fraction of the rows are noisy near-duplicates of them
+    (cosine 0.55-0.95 to their training image, so 0.3-0.9 between two copies), their counts
+    proportional to 1 / rank**zipf (zipf=1, N0=20, N=100k: 1419 copies of the first image,
+    64 of the last; zipf=0: equal counts). The rest are diverse images sharing a model
+    'style' and one of 64 'topics': cosine 0.07 +- 0.045 between topics, 0.17 within one
+    (25th percentile of all pairs ~0.04, as for SSCD on one fine-tuned model's samples).
+    Rows are shuffled."""
+    rng = np.random.default_rng(seed)
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    style = unit(rng.normal(size=dim))
+    topics = unit(rng.normal(size=(64, dim)))
+    train = unit(0.3 * style + 0.35 * topics[rng.integers(64, size=num_train)]
+                 + rng.normal(size=(num_train, dim)) / np.sqrt(dim))
+    weights = 1.0 / np.arange(1, num_train + 1) ** zipf
+    n_copy = int(round(copy_fraction * n))
+    source = np.full(n, -1)
+    source[:n_copy] = rng.choice(num_train, size=n_copy, p=weights / weights.sum())
+    perm = rng.permutation(n)
+    out = np.empty((n, dim), np.float32)
+    for t0 in range(0, n, chunk):
+        src = source[t0:t0 + chunk]
+        copy = (src >= 0)[:, None]
+        a = rng.uniform(0.55, 0.95, size=(src.size, 1))
+        copies = a * train[np.maximum(src, 0)] + np.sqrt(1 - a * a) * unit(
+            rng.normal(size=(src.size, dim)))
+        diverse = (0.3 * style + 0.35 * topics[rng.integers(64, size=src.size)]
+                   + rng.normal(size=(src.size, dim)) / np.sqrt(dim))
+        out[perm[t0:t0 + chunk]] = unit(np.where(copy, copies, diverse))
+    counts = np.bincount(source[source >= 0], minlength=num_train)
+    return out, counts
+
+
+def _write_features(path, n, num_train, copy_fraction, zipf, pairs=200_000, seed=1):
+    """realistic_features() to ``path``; returns a one-line description with pair stats."""
+    feats, counts = realistic_features(n, num_train, copy_fraction=copy_fraction, zipf=zipf)
+    np.save(path, feats)
+    i, j = np.random.default_rng(seed).integers(n, size=(2, pairs))
+    s = np.einsum("ij,ij->i", feats[i[i != j]], feats[j[i != j]])
+    return (f"features: N={n} D={feats.shape[1]}, {counts.sum()} near-copies of {num_train} "
+            f"training images ({counts.max()} .. {counts.min()} each); pair cosine "
+            f"{s.mean():.3f} +- {s.std():.3f}, 25th percentile {np.quantile(s, 0.25):.3f}")
+
+
+def large_run(n, num_train, copy_fraction, zipf):
+    """Cluster realistic features through the binary; wall time and peak RSS of that child."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "features.npy")
+        with mp.get_context("spawn").Pool(1) as pool:
+            print(pool.apply(_write_features, (path, n, num_train, copy_fraction, zipf)),
+                  flush=True)
+        print(f"bench process before the run: {_rss_gib():.2f} GiB", flush=True)
+        load0 = os.getloadavg()[0]
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "experiments.cluster", f"--features_file={path}",
+             f"--num_train={num_train}", f"--workdir={tmp}/out"], cwd=root,
+            env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True)
+        log = proc.stderr.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        load1 = os.getloadavg()[0]
+        if status != 0:
+            raise SystemExit(f"cluster failed:\n{log[-3000:]}")
+        with open(os.path.join(tmp, "out", "clusters.json")) as f:
+            res = json.load(f)
+    over_edges = len(re.findall(r"more edges than the edge budget", log))
+    over_work = len(res["skipped_thresholds"]) - over_edges
+    searched = re.findall(r"threshold ([0-9.]+) \((\d+) edges", log)
+    print(f"ours  N={n}: {wall:.1f} s wall (similarity {res['timing']['similarity_s']:.1f} s, "
+          f"cliques {res['timing']['cliques_s']:.1f} s), peak RSS "
+          f"{usage.ru_maxrss / 2**20:.2f} GiB, load average {load0:.1f} -> {load1:.1f}; "
+          f"threshold {res['threshold']:.2f}, {len(res['cliques'])} cliques (largest "
+          f"{[len(c) for c in res['cliques'][:5]]}), thresholds skipped: {over_edges} over "
+          f"the edge budget, {over_work} over the work budget; first searched: "
+          f"{searched[0] if searched else None}", flush=True)
+
+
+def _rss_gib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 _SIM = None
@@ -130,9 +232,17 @@ def main():
     parser.add_argument("--sizes", default="500,2000,10000")
     parser.add_argument("--reference_cap_s", type=float, default=330.0)
     parser.add_argument("--skip_reference", action="store_true")
+    parser.add_argument("--large", action="store_true", help="only the large-N run")
+    parser.add_argument("--large_n", type=int, default=100_000)
+    parser.add_argument("--num_train", type=int, default=20)
+    parser.add_argument("--copy_fraction", type=float, default=0.05)
+    parser.add_argument("--zipf", type=float, default=1.0)
     args = parser.parse_args()
     print(f"# bench_cluster  {time.strftime('%Y-%m-%d')}  {platform.processor() or platform.machine()}"
           f"  {os.cpu_count()} cores  python {platform.python_version()}")
+    if args.large:
+        large_run(args.large_n, args.num_train, args.copy_fraction, args.zipf)
+        return
     rows = []
     for n in [int(s) for s in args.sizes.split(",")]:
         feats = sscd_like(n)
