@@ -382,7 +382,7 @@ class Graph:
 
 def _count_before(mask: np.ndarray, positions: np.ndarray, chunk: int = 1 << 22) -> np.ndarray:
     """For ascending positions p: the number of True entries of mask[:p]. A running sum in
-    chunks, so that no temporary as long as the mask is made."""
+    chunks, so that no temporary is as long as the mask."""
     out = np.empty(positions.shape[0], np.int64)
     total, lo = 0, 0
     for a in range(0, mask.shape[0] + 1, chunk):
