@@ -1,6 +1,6 @@
 """The whole job on real photos, with no downloads: the project's front door.
 
-    python -m experiments.demo --workdir=DIR [--num_images=64] [--steps=25] [--quick]
+    python -m experiments.demo --workdir=DIR [--num_images=128] [--steps=25] [--quick]
 
 1. DIR/base/: the embedded base model (finextract_jax/demo/base, a 32 px pixel-space SD-family
    model: diffusers UNet with cross-attention + CLIP text encoder + tokenizer, trained by
@@ -24,7 +24,7 @@ from absl import flags, logging
 from experiments import _app
 
 flags.DEFINE_string("workdir", None, "Output folder.", required=True)
-flags.DEFINE_integer("num_images", 64, "N: images generated per (fine-tune, method).")
+flags.DEFINE_integer("num_images", 128, "N: images generated per (fine-tune, method).")
 flags.DEFINE_integer("steps", 25, "DDIM steps.")
 flags.DEFINE_bool("quick", False, "A much smaller run (fewer images, steps and fine-tuning steps): checks the "
                   "pipeline in about a minute; its numbers mean little.")

@@ -1,6 +1,6 @@
 """Train the demo's base model and write it into the package (finextract_jax/demo/base/).
 
-    python -m experiments.demo_base [--out=finextract_jax/demo/base] [--steps=3000] [--seed=0]
+    python -m experiments.demo_base [--out=finextract_jax/demo/base] [--steps=2000] [--seed=0]
 
 A pixel-space SD-family model (diffusers UNet with cross-attention + CLIP text encoder +
 tokenizer; no VAE, so the demo needs no VAE training) at 32x32, trained from random
@@ -27,15 +27,17 @@ DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
                            "base")
 
 flags.DEFINE_string("out", DEFAULT_OUT, "Where to write the base model (SD layout).")
-flags.DEFINE_integer("steps", 3000, "Training steps.")
-flags.DEFINE_integer("batch_size", 32, "Images per step.")
+flags.DEFINE_integer("steps", 2000, "Training steps.")
+flags.DEFINE_integer("batch_size", 16, "Images per step.")
 flags.DEFINE_integer("num_images", 2048, "Size of the generated training set.")
-flags.DEFINE_float("learning_rate", 1e-3, "AdamW learning rate.")
+flags.DEFINE_float("learning_rate", 5e-4, "AdamW learning rate.")
+flags.DEFINE_float("caption_dropout", 0.1, "Fraction of training images captioned \"\" (the unconditional model).")
 flags.DEFINE_integer("seed", 0, "Seed for the model, the training set and training.")
 FLAGS = flags.FLAGS
 
 
-def train_base(out: str, steps: int, batch_size: int, num_images: int, learning_rate: float, seed: int) -> str:
+def train_base(out: str, steps: int, batch_size: int, num_images: int, learning_rate: float, seed: int,
+               caption_dropout: float) -> str:
     from finextract_jax.demo.data import write_base_training_set
     from finextract_jax.finetune.train import FinetuneConfig, finetune
     from finextract_jax.models.tiny import make_tiny
@@ -44,7 +46,7 @@ def train_base(out: str, steps: int, batch_size: int, num_images: int, learning_
     try:
         init = make_tiny(os.path.join(work, "init"), kind="pixel", seed=seed, unet_overrides=DEMO_UNET)
         train_dir = os.path.join(work, "train")
-        write_base_training_set(train_dir, num_images, DEMO_UNET["sample_size"], seed)
+        write_base_training_set(train_dir, num_images, DEMO_UNET["sample_size"], seed, caption_dropout)
         config = FinetuneConfig(method="dreambooth", steps=steps, learning_rate=learning_rate,
                                 batch_size=batch_size, seed=seed, weight_decay=0.0)
         trained = finetune(init, train_dir, os.path.join(work, "trained"), config, log_every=100)
@@ -59,7 +61,8 @@ def train_base(out: str, steps: int, batch_size: int, num_images: int, learning_
 
 
 def main(_):
-    out = train_base(FLAGS.out, FLAGS.steps, FLAGS.batch_size, FLAGS.num_images, FLAGS.learning_rate, FLAGS.seed)
+    out = train_base(FLAGS.out, FLAGS.steps, FLAGS.batch_size, FLAGS.num_images, FLAGS.learning_rate, FLAGS.seed,
+                     FLAGS.caption_dropout)
     logging.info("wrote the demo base model to %s", out)
 
 

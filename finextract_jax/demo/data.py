@@ -80,8 +80,12 @@ def _procedural(rng, resolution: int):
     return image.astype(np.uint8), caption
 
 
-def write_base_training_set(folder: str, count: int, resolution: int, seed: int = 0):
-    """Random crops (random scale, position, flip, colour tint) of the base sources + procedural images."""
+def write_base_training_set(folder: str, count: int, resolution: int, seed: int = 0, caption_dropout: float = 0.1):
+    """Random crops (random scale, position, flip, colour tint) of the base sources + procedural images.
+
+    A `caption_dropout` fraction gets the empty caption, as SD's training drops captions: without
+    it the base never learns eps(x, ""), which FineXtract and cfg evaluate at every step.
+    """
     rng = np.random.default_rng(seed)
     sources = {name: load_rgb(name) for name in BASE_SOURCES}
     images, captions = {}, {}
@@ -103,5 +107,5 @@ def write_base_training_set(folder: str, count: int, resolution: int, seed: int 
             crop = Image.fromarray(np.clip(crop, 0, 255).astype(np.uint8))
             images[name] = np.asarray(crop.resize((resolution, resolution), Image.BICUBIC))
             caption = BASE_SOURCES[source]
-        captions[name] = f"a photo of {caption}"
+        captions[name] = "" if rng.random() < caption_dropout else f"a photo of {caption}"
     write_folder(folder, images, captions)

@@ -19,12 +19,12 @@ class DemoSettings:
     """The demo's knobs. Fine-tuning rates are far above the reference's (2e-6 / 1e-4): those suit
     an 860M-parameter SD; this 1.4M-parameter base needs larger steps to memorise in 1000 steps."""
 
-    num_images: int = 64
+    num_images: int = 128
     steps: int = 25
     batch_size: int = 16
     finetune_steps: int = 0  # 0: 200 per training image, the reference
-    dreambooth_learning_rate: float = 1e-4
-    lora_learning_rate: float = 1e-3
+    dreambooth_learning_rate: float = 5e-4
+    lora_learning_rate: float = 2e-3
     rank: int = 16
     # topk: every method gets the same budget of N0 guesses (its N0 largest cliques), so AS and
     # A-ESR compare methods fairly; "reference" keeps every clique at the final threshold.
