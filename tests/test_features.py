@@ -271,6 +271,12 @@ def test_vision_encoders_from_local_folders(tmp_path):
         pt = transformers.CLIPVisionModel.from_pretrained(str(tmp_path / "clip"))
         ref = pt(pixel_values=torch.from_numpy(y.transpose(0, 3, 1, 2).copy())).pooler_output
     np.testing.assert_allclose(got, ref.numpy(), atol=1e-4)
+    folder = tmp_path / "images"  # through compute_features and its cache, as cluster/evaluate use it
+    folder.mkdir()
+    img.resize((40, 40)).save(folder / "a.png")
+    names, feats = F.compute_features(str(folder), clip, batch_size=1)
+    assert names == ["a.png"] and feats.shape == (1, got.shape[1])
+    assert any(n.startswith("clip-") for n in os.listdir(folder / F.CACHE_DIRNAME))
     with pytest.raises(InputError, match="feature_weights"):
         F.get_extractor("dino", None)
     with pytest.raises(InputError, match="config.json"):

@@ -116,7 +116,7 @@ class VisionEncoder:
                 model = classes[model_type].from_pretrained(folder, from_pt=not from_flax)
         except (OSError, ValueError, ImportError) as err:
             raise CheckpointError(f"cannot load {kind} weights from {folder!r}: {err}") from None
-        self.kind = kind
+        self.name = self.kind = kind  # name: the feature cache's file prefix
         self.model_type = model_type
         self.pre = _preprocessing(folder, kind)
         self.fingerprint = f"{kind}:{model_type}:{_folder_digest(folder)}:v1"
