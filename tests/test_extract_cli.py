@@ -29,30 +29,36 @@ def _images(workdir):
     return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))}
 
 
+# Enough batches that the kill lands mid-run: with a warm compile cache one tiny batch takes
+# milliseconds, and 6 images once finished before the first PNG was seen.
+KILL_RUN_IMAGES = 200
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_dir, tiny_finetuned, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("uninterrupted"))
-    subprocess.run(_cmd(tiny_dir, tiny_finetuned["lora"], workdir), check=True, cwd=ROOT, env=_env(),
-                   capture_output=True)
+    subprocess.run(_cmd(tiny_dir, tiny_finetuned["lora"], workdir, num_images=KILL_RUN_IMAGES), check=True, cwd=ROOT,
+                   env=_env(), capture_output=True)
     return _images(workdir)
 
 
 def test_resume_after_sigkill_is_bit_identical(tiny_dir, tiny_finetuned, uninterrupted, tmp_path):
     workdir = str(tmp_path / "killed")
-    proc = subprocess.Popen(_cmd(tiny_dir, tiny_finetuned["lora"], workdir), cwd=ROOT, env=_env(),
+    proc = subprocess.Popen(_cmd(tiny_dir, tiny_finetuned["lora"], workdir, num_images=KILL_RUN_IMAGES), cwd=ROOT,
+                            env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     images = os.path.join(workdir, "images")
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if os.path.isdir(images) and any(n.endswith(".png") for n in os.listdir(images)):
             break
-        time.sleep(0.05)
+        time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = [n for n in os.listdir(images) if n.endswith(".png")]
-    assert 0 < len(done) < 6, "the run must be killed mid-way"
-    subprocess.run(_cmd(tiny_dir, tiny_finetuned["lora"], workdir), check=True, cwd=ROOT, env=_env(),
-                   capture_output=True)
+    assert 0 < len(done) < KILL_RUN_IMAGES, "the run must be killed mid-way"
+    subprocess.run(_cmd(tiny_dir, tiny_finetuned["lora"], workdir, num_images=KILL_RUN_IMAGES), check=True, cwd=ROOT,
+                   env=_env(), capture_output=True)
     assert not [n for n in os.listdir(images) if not n.endswith(".png")]  # no temp files left
     assert _images(workdir) == uninterrupted
 
