@@ -45,3 +45,20 @@ def atomic_write_png(path: str, image):
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def read_record(path: str, remedy: str) -> dict:
+    """A JSON record a run wrote (run.json, a stage's done marker); unreadable -> InputError + remedy."""
+    from finextract_jax.errors import InputError
+
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: unreadable ({err}); {remedy}") from None
+
+
+def changed_settings(old: dict, new: dict, prefix: str = "", limit: int | None = None) -> str:
+    """'k: old -> new; ...' for every key whose value differs ('' when none): what a refusal names."""
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))[:limit]
+    return "; ".join(f"{prefix}{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)

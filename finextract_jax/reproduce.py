@@ -16,6 +16,7 @@ import time
 from absl import logging
 
 from finextract_jax.errors import InputError
+from finextract_jax.fileio import changed_settings, read_record
 
 FINETUNES = ("dreambooth", "lora")
 METHODS = ("finextract", "cfg", "text2img")
@@ -211,15 +212,9 @@ def finished(folder: str, stage: str, settings: dict) -> dict | None:
     path = marker_path(folder, stage)
     if not os.path.exists(path):
         return None
-    try:
-        with open(path) as f:
-            record = json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
-        raise InputError(f"{path}: unreadable ({err}); delete {folder} to redo it") from None
-    old = record.get("settings", {})
-    changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-    if changed:
-        detail = "; ".join(f"--{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+    record = read_record(path, f"delete {folder} to redo it")
+    detail = changed_settings(record.get("settings", {}), settings, prefix="--")
+    if detail:
         raise InputError(f"{folder}: {stage} finished with other settings ({detail}); rerun with the same flags, "
                          f"use a new --workdir, or delete {folder} to redo it")
     return record if os.path.exists(stage_output(folder, stage)) else None

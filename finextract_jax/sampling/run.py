@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from finextract_jax.errors import InputError
-from finextract_jax.fileio import atomic_write_json, atomic_write_png
+from finextract_jax.fileio import atomic_write_json, atomic_write_png, changed_settings, read_record
 from finextract_jax.guidance import get_guidance
 from finextract_jax.sampling import engine
 from finextract_jax.sampling.noise import batch_start_noise, load_init_latents
@@ -113,17 +113,9 @@ def _previous_run(workdir: str, settings: dict) -> dict:
     """The run record already in workdir ({} if none); refuse one that holds other settings."""
     path = os.path.join(workdir, "run.json")
     if os.path.exists(path):
-        import json
-
-        try:
-            with open(path) as f:
-                previous = json.load(f)
-        except (OSError, json.JSONDecodeError) as err:
-            raise InputError(f"{path}: unreadable ({err}); use another --workdir") from None
-        old = previous.get("settings", {})
-        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        if changed:
-            detail = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in changed[:4])
+        previous = read_record(path, "use another --workdir")
+        detail = changed_settings(previous.get("settings", {}), settings, limit=4)
+        if detail:
             raise InputError(f"{workdir} holds a run with other settings ({detail}); rerun with the same "
                              "settings to resume, or use a new --workdir")
         return previous
