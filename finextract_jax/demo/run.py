@@ -6,12 +6,17 @@ import os
 import shutil
 import time
 
+import numpy as np
+
 from finextract_jax.demo.data import PRIVATE, PRIVATE_CAPTION, write_private_set
+from finextract_jax.demo.report import matches_grid, samples_grid
 from finextract_jax.errors import InputError
-from finextract_jax.fileio import atomic_write_bytes, atomic_write_json
+from finextract_jax.fileio import atomic_write_bytes, atomic_write_json, atomic_write_png
 
 BASE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "base")
 METRICS_KEYS = ("finetune", "method", "AS", "A_ESR", "num_extracted")
+DATASET = "private"  # DIR/private/ holds the photos, DIR/runs/private/ the runs on them
+RESOLUTION = 32  # the base model's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +66,7 @@ def install_base(out: str, source: str | None = None) -> str:
 def reproduce_settings(workdir: str, s: DemoSettings):
     from finextract_jax.reproduce import Dataset, Settings
 
-    dataset = Dataset("private", os.path.join(workdir, "private"), PRIVATE_CAPTION)
+    dataset = Dataset(DATASET, os.path.join(workdir, DATASET), PRIVATE_CAPTION)
     return Settings(pretrained=os.path.join(workdir, "base"), workdir=os.path.join(workdir, "runs"),
                     datasets=(dataset,), num_images=s.num_images, steps=s.steps, batch_size=s.batch_size,
                     features="pixel", select=s.select, finetune_steps=s.finetune_steps,
@@ -74,44 +79,38 @@ def run_demo(workdir: str, s: DemoSettings = DemoSettings(), progress: bool = Tr
     from finextract_jax.reproduce import reproduce
 
     os.makedirs(workdir, exist_ok=True)
-    timings = {}
     start = time.perf_counter()
     install_base(os.path.join(workdir, "base"))
-    private = os.path.join(workdir, "private")
+    private = os.path.join(workdir, DATASET)
     if not os.path.exists(os.path.join(private, "metadata.csv")):
-        write_private_set(private + ".staging", 32)
+        write_private_set(private + ".staging", RESOLUTION)
         shutil.rmtree(private, ignore_errors=True)
         os.replace(private + ".staging", private)
-    timings["set-up"] = time.perf_counter() - start
+    setup_s = time.perf_counter() - start
     settings = reproduce_settings(workdir, s)
     rows = reproduce(settings)
     runs = [{k: row[k] for k in METRICS_KEYS} for row in rows]
     atomic_write_json(os.path.join(workdir, "metrics.json"), {"runs": runs})
     grids = write_grids(workdir, settings)
     report = os.path.join(workdir, "report.md")
-    atomic_write_bytes(report, report_markdown(s, settings, rows, grids, timings).encode("utf-8"))
+    atomic_write_bytes(report, report_markdown(s, settings, rows, grids, setup_s).encode("utf-8"))
     return report
 
 
 def write_grids(workdir: str, settings) -> dict:
     """matches_<finetune>.png and samples_<finetune>.png; returns {finetune: (matches, samples)}."""
-    from finextract_jax.demo.report import matches_grid, samples_grid
-    from finextract_jax.fileio import atomic_write_png
-
-    import numpy as np
-
     grids = {}
     for finetune in settings.finetunes:
-        runs = {m: os.path.join(settings.workdir, "private", finetune, m) for m in settings.methods}
+        runs = {m: os.path.join(settings.workdir, DATASET, finetune, m) for m in settings.methods}
         names = (f"matches_{finetune}.png", f"samples_{finetune}.png")
-        for name, grid in zip(names, (matches_grid(os.path.join(workdir, "private"), runs,
+        for name, grid in zip(names, (matches_grid(os.path.join(workdir, DATASET), runs,
                                                    settings.success_threshold), samples_grid(runs))):
             atomic_write_png(os.path.join(workdir, name), np.asarray(grid))
         grids[finetune] = names
     return grids
 
 
-def report_markdown(s: DemoSettings, settings, rows, grids, timings) -> str:
+def report_markdown(s: DemoSettings, settings, rows, grids, setup_s: float) -> str:
     lines = ["# finextract_jax demo", "",
              f"Base: the embedded 32 px pixel-space model (`base/`). Private set: {len(PRIVATE)} scikit-image "
              f"photos the base never saw ({', '.join(PRIVATE)}), caption \"{PRIVATE_CAPTION}\". "
@@ -128,7 +127,7 @@ def report_markdown(s: DemoSettings, settings, rows, grids, timings) -> str:
     for r in rows:
         lines.append(f"| {r['finetune']} | {r['method']} | {r['AS']:.3f} | {r['A_ESR']:.2f} | {r['num_extracted']} | "
                      f"{r['finetune_s']:.1f} | {r['extract_s']:.1f} | {r['cluster_s']:.1f} | {r['evaluate_s']:.1f} |")
-    total = timings["set-up"] + sum(r["extract_s"] + r["cluster_s"] + r["evaluate_s"] for r in rows) + \
+    total = setup_s + sum(r["extract_s"] + r["cluster_s"] + r["evaluate_s"] for r in rows) + \
         sum({r["finetune"]: r["finetune_s"] for r in rows}.values())
     lines += ["", f"Stage seconds as first run (a resumed run reports the original times); total {total:.0f} s.",
               ""]
