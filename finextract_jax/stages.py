@@ -123,10 +123,12 @@ def evaluate_to_workdir(extracted: str, train_dir: str, workdir: str, extractor,
     # Check both folders before any expensive work.
     imageio.list_images(extracted, "--extracted folder")
     imageio.list_images(train_dir, "--train_dir folder")
+    # No feature caches here: both folders are small (N0-sized), and writing into them would put a
+    # hidden folder among extracted/ images and into users' training folders (maybe read-only).
     ext_names, ext_feats = feats_lib.compute_features(
-        extracted, extractor, batch_size, progress=progress, what="--extracted folder")
+        extracted, extractor, batch_size, cache=False, progress=progress, what="--extracted folder")
     train_names, train_feats = feats_lib.compute_features(
-        train_dir, extractor, batch_size, progress=progress, what="--train_dir folder")
+        train_dir, extractor, batch_size, cache=False, progress=progress, what="--train_dir folder")
     result = metrics.extraction_scores(train_feats, ext_feats, train_names, ext_names,
                                        success_threshold, features=features)
     grid = metrics.pairs_grid(
