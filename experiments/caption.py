@@ -1,4 +1,4 @@
-"""Recover the caption a checkpoint was fine-tuned with, word by word (METHOD.md §6).
+"""Recover the caption a checkpoint was fine-tuned with, word by word (docs/method.md §6).
 
     python -m experiments.caption --pretrained=DIR --finetuned=PATH --workdir=DIR [--images=DIR]
         [--num_images=8] [--max_words=8] [--beam=1] [--score=gain|advantage] [--timesteps=300,500,700,900]
@@ -22,7 +22,7 @@ flags.DEFINE_integer("num_images", 8, "Images sampled when --images is not given
 flags.DEFINE_integer("max_words", 8, "Longest caption searched.")
 flags.DEFINE_integer("beam", 1, "Beam width (1: greedy).")
 flags.DEFINE_enum("score", "gain", ["gain", "advantage"],
-                  "gain: fine-tuned error only; advantage: fine-tuned vs pretrained error (METHOD.md §6).")
+                  "gain: fine-tuned error only; advantage: fine-tuned vs pretrained error (docs/method.md §6).")
 flags.DEFINE_list("timesteps", ["300", "500", "700", "900"], "Noise levels the errors are measured at.")
 flags.DEFINE_integer("noise_draws", 1, "Noise samples per (image, timestep).")
 flags.DEFINE_float("min_gain", 0.002, "Relative error reduction a word must bring on held-out noise.")

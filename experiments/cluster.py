@@ -1,4 +1,4 @@
-"""Find the generated images that are copies of training images (METHOD.md §4).
+"""Find the generated images that are copies of training images (docs/method.md §4).
 
 python -m experiments.cluster --workdir=DIR (--images=DIR | --similarity=FILE.npy |
   --features_file=FILE.npy) --num_train=N0 [--features=sscd|dino|clip|pixel]

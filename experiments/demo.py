@@ -9,7 +9,7 @@
 3. `reproduce` on that one dataset: DreamBooth and LoRA fine-tunes through the `finetune` code
    path, then FineXtract, cfg and text2img with the same seeds and sampler, clustering and
    evaluation with weight-free `pixel` features (DIR/runs/private/<finetune>/<method>/).
-4. DIR/metrics.json ({"runs": [...]} as INTERFACE.md gives), DIR/report.md (table, settings,
+4. DIR/metrics.json ({"runs": [...]} as docs/cli.md gives), DIR/report.md (table, settings,
    stage times, grids) and the grids DIR/matches_<finetune>.png, DIR/samples_<finetune>.png.
 
 Resumable like `reproduce`: a rerun skips finished stages.

@@ -1,4 +1,4 @@
-"""Score an extraction against the fine-tuning images (METHOD.md §5): AS, A-ESR, pairs.png.
+"""Score an extraction against the fine-tuning images (docs/method.md §5): AS, A-ESR, pairs.png.
 
 python -m experiments.evaluate --extracted=DIR --train_dir=DIR --workdir=DIR
   [--features=sscd|dino|clip|pixel] [--feature_weights=PATH] [--success_threshold=0.7]

@@ -21,7 +21,7 @@ stage is never silently mixed with other settings: a rerun with a changed flag t
 on is refused, naming the flag. To redo something, delete its folder. An interrupted fine-tune
 resumes from its checkpoints and an interrupted extraction from its images.
 
-Reference settings (METHOD.md): DreamBooth lr 2e-6, LoRA lr 1e-4 rank 64 alpha 64, 200 steps per
+Reference settings (docs/method.md §1): DreamBooth lr 2e-6, LoRA lr 1e-4 rank 64 alpha 64, 200 steps per
 training image; FineXtract w=3, k=-0.02 for DreamBooth and w=5, k=0 for LoRA; CFG s=3; DDIM 50
 steps; N=500; SSCD features. A dataset is a folder of images (optionally with metadata.csv,
 whose captions win) and the caption it is fine-tuned with, which is also the extraction prompt.

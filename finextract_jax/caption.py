@@ -1,4 +1,4 @@
-"""Caption recovery (METHOD.md §6): find the fine-tuning caption from the two models, word by word.
+"""Caption recovery (docs/method.md §6): find the fine-tuning caption from the two models, word by word.
 
 A checkpoint fine-tuned with caption c denoises its own training images best when it is told c.
 So the caption is grown one word at a time: every candidate word w is appended to the current
@@ -6,7 +6,7 @@ caption (every current caption, with a beam), and each prompt p = caption + w is
 much better the fine-tuned model denoises a fixed set of images under p:
 
     gain(p)      = mean_r [N(r)        - E_ft(p, r)] / N(r)     (default: fine-tuned model only)
-    advantage(p) = mean_r [E_pre(p, r) - E_ft(p, r)] / N(r)     (METHOD.md §6's wording, twice the cost)
+    advantage(p) = mean_r [E_pre(p, r) - E_ft(p, r)] / N(r)     (docs/method.md §6's wording, twice the cost)
 
 over pairs r = (image, timestep, noise) held fixed for the whole search (common random numbers:
 every prompt sees the same noisy inputs, so score differences are differences between prompts,

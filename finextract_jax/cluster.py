@@ -1,6 +1,6 @@
 """Which generated images are copies of training images: similarity graph, clique peeling.
 
-METHOD.md §4, with the reference's wall-clock timeout replaced by an exact, deterministic
+docs/method.md §4, with the reference's wall-clock timeout replaced by an exact, deterministic
 search. Everything below is a pure function of its inputs (no clock, no machine speed).
 
 Semantics (the reference's, made exact):

@@ -1,4 +1,4 @@
-"""Noise-prediction combiners: FineXtract model guidance and the two baselines (METHOD.md §2).
+"""Noise-prediction combiners: FineXtract model guidance and the two baselines (docs/method.md §2).
 
 Why model guidance: the fine-tuned model's distribution is modelled as
 p_ft ∝ p_pre^(1-λ) · q^λ, with q the (private) fine-tuning distribution. Solving for q's score

@@ -1,4 +1,4 @@
-"""Extraction metrics (METHOD.md §5): AS, A-ESR, per-image matches, and the pairs grid.
+"""Extraction metrics (docs/method.md §5): AS, A-ESR, per-image matches, and the pairs grid.
 
 For each training image x_i: s_i = max over extracted e of cos(f(x_i), f(e)).
 AS = mean_i s_i; A-ESR = mean_i 1[s_i > tau_s] (strictly greater, tau_s = 0.7 by default).
@@ -33,7 +33,7 @@ def extraction_scores(train_features, extracted_features, train_names: Sequence[
                       extracted_names: Sequence[str],
                       success_threshold: float = DEFAULT_SUCCESS_THRESHOLD,
                       features: str = "") -> dict:
-    """The metrics.json dictionary (INTERFACE.md)."""
+    """The metrics.json dictionary (docs/cli.md)."""
     if not math.isfinite(success_threshold):
         raise InputError(f"--success_threshold must be finite, got {success_threshold}")
     t = _unit(train_features, "training features")

@@ -20,7 +20,7 @@ from finextract_jax.fileio import changed_settings, read_record
 
 FINETUNES = ("dreambooth", "lora")
 METHODS = ("finextract", "cfg", "text2img")
-# METHOD.md §2: the reference's model-guidance (w, k) per fine-tuning method, and CFG's s.
+# docs/method.md §2: the reference's model-guidance (w, k) per fine-tuning method, and CFG's s.
 REFERENCE_GUIDANCE = {"dreambooth": (3.0, -0.02), "lora": (5.0, 0.0)}
 REFERENCE_CFG_SCALE = 3.0
 STAGES = ("finetune", "extract", "cluster", "evaluate")

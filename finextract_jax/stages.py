@@ -1,4 +1,4 @@
-"""The cluster and evaluate steps as functions from folders to their INTERFACE.md output files.
+"""The cluster and evaluate steps as functions from folders to their docs/cli.md output files.
 
 Why a module: the `cluster` and `evaluate` binaries and the `reproduce` runner write the same
 files (clusters.json + extracted/, metrics.json + pairs.png), and a binary's module cannot be

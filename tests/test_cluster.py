@@ -15,7 +15,7 @@ from finextract_jax.errors import InputError
 
 
 # ---------------------------------------------------------------------------------------------
-# Independent implementations, written from METHOD.md §4 and the documented tie-break.
+# Independent implementations, written from docs/method.md §4 and the documented tie-break.
 
 
 def brute_force_max_clique(n, edges):

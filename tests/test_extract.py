@@ -28,7 +28,7 @@ def test_finextract_loop_matches_plain_python_loop(tiny_pipe, tiny_finetuned):
     model, x0, first_bad = _sample(pre, ft)
     assert model.fusion == "two_applies" and (first_bad == -1).all()
 
-    # Reference: METHOD.md §2 written out step by step, one UNet call per model.
+    # Reference: docs/method.md §2 written out step by step, one UNet call per model.
     w, k = 3.0, -0.02
     smp = engine.build_sampler("ddim", pre.scheduler_config, STEPS)
     empty = encode_prompts(pre.text_encoder, pre.tokenizer, [""])

@@ -1,4 +1,4 @@
-"""Defences of METHOD.md §6: Cutout and RandAugment on the training images, in jnp.
+"""Defences of docs/method.md §6: Cutout and RandAugment on the training images, in jnp.
 
 Pure functions of (key, image), so they run inside the jitted train step and a run is
 reproducible from its seed: the key of each image is derived from (seed, step, sample index),

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 METHODS = ("dreambooth", "lora")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-DEFAULT_LEARNING_RATE = {"dreambooth": 2e-6, "lora": 1e-4}  # METHOD.md §1
+DEFAULT_LEARNING_RATE = {"dreambooth": 2e-6, "lora": 1e-4}  # docs/method.md §1
 STEPS_PER_IMAGE = 200
 _SCHEDULE_DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
                           trained_betas=None, rescale_betas_zero_snr=False)

@@ -1,7 +1,7 @@
 """SD folders and fine-tuned checkpoints -> Flax modules and parameter trees.
 
 `load_pipeline` reads a diffusers-layout folder; `load_finetuned` reads a fine-tuned checkpoint
-in any form INTERFACE.md lists (full folder, partial folder, LoRA file or folder) against its
+in any form docs/cli.md lists (full folder, partial folder, LoRA file or folder) against its
 pretrained pipeline. PyTorch weights are converted once and cached with orbax, keyed on the
 source files' paths, sizes and mtimes, so a changed file is never served from a stale cache.
 """

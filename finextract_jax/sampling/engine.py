@@ -1,6 +1,6 @@
 """The guided sampler: a whole batch's denoising loop in one jitted, device-sharded function.
 
-Both UNets of a step are evaluated inside the same compiled loop body (METHOD.md §2), in one of
+Both UNets of a step are evaluated inside the same compiled loop body (docs/method.md §2), in one of
 three fusion strategies:
 - "two_applies": one `apply` per distinct model, each over the batch repeated for its prompts;
 - "vmap": the two parameter trees stacked and one `apply` vmapped over them;
@@ -34,7 +34,7 @@ def data_mesh(devices=None) -> Mesh:
 
 
 def build_sampler(name: str, scheduler_config: dict, steps: int) -> Sampler:
-    """Our samplers; "ddim" is the clean one, ending at abar = 1 (METHOD.md §3)."""
+    """Our samplers; "ddim" is the clean one, ending at abar = 1 (docs/method.md §3)."""
     overrides = {"set_alpha_to_one": True} if name == "ddim" else {}
     return make_sampler(name, scheduler_config, steps, **overrides)
 

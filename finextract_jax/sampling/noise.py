@@ -1,4 +1,4 @@
-"""Start noise for sampling (METHOD.md §3): one independent Gaussian per image, derived from
+"""Start noise for sampling (docs/method.md §3): one independent Gaussian per image, derived from
 (seed, global image index) only.
 
 Image i's start latents are `normal(fold_in(PRNGKey(seed), i), [C, H, W])`, so any image can be

@@ -1,4 +1,4 @@
-"""Samplers as pure functions for a jitted denoising loop (METHOD.md §3).
+"""Samplers as pure functions for a jitted denoising loop (docs/method.md §3).
 
 `make_sampler(name, scheduler_config, num_steps)` returns a `Sampler`: a pytree (flax struct)
 holding the per-step tables as float32/int32 arrays, whose methods are pure `jnp` code that
