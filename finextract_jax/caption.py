@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from finextract_jax.errors import InputError
+from finextract_jax.noise_schedule import add_noise, alphas_cumprod_from_config, training_target
 
 log = logging.getLogger(__name__)
 
@@ -202,8 +203,6 @@ def sample_images(pretrained, finetuned, config: CaptionConfig, progress: bool =
 
 
 def alphas_cumprod(pipe) -> np.ndarray:
-    from finextract_jax.sampling.schedulers import alphas_cumprod_from_config
-
     return np.asarray(alphas_cumprod_from_config(pipe.scheduler_config), np.float32)
 
 
@@ -216,15 +215,8 @@ def make_pairs(x0: np.ndarray, timesteps, draws: int, seed: int, alphas: np.ndar
     noise = np.random.default_rng([seed, 11]).standard_normal((len(grid),) + x0.shape[1:]).astype(np.float32)
     clean = x0[grid[:, 0]]
     t = grid[:, 1].astype(np.int32)
-    a = alphas[t].reshape((-1,) + (1,) * (x0.ndim - 1))
-    noisy = np.sqrt(a) * clean + np.sqrt(1 - a) * noise
-    if prediction_type == "epsilon":
-        target = noise
-    elif prediction_type == "v_prediction":
-        target = np.sqrt(a) * noise - np.sqrt(1 - a) * clean
-    else:
-        raise InputError(f"caption recovery needs an epsilon or v_prediction model, not {prediction_type!r}")
-    return noisy.astype(np.float32), t, target.astype(np.float32)
+    target = training_target(clean, noise, alphas[t], prediction_type)
+    return np.asarray(add_noise(clean, noise, alphas[t]), np.float32), t, np.asarray(target, np.float32)
 
 
 # ---- the batched scorer -----------------------------------------------------------------------

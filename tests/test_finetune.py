@@ -18,7 +18,8 @@ from flax.traverse_util import flatten_dict
 from finextract_jax.errors import InputError
 from finextract_jax.finetune import FinetuneConfig, Trainer, augment, load_train_set
 from finextract_jax.finetune import lora as ft_lora
-from finextract_jax.finetune.train import add_noise, check_resolution, training_target
+from finextract_jax.finetune.train import check_resolution
+from finextract_jax.noise_schedule import add_noise, training_target
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAPTION = "a photo of sks dog"

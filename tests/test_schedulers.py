@@ -9,7 +9,8 @@ from jax import lax
 
 from finextract_jax.errors import InputError
 from finextract_jax.sampling import make_sampler
-from finextract_jax.sampling.schedulers import SAMPLERS, alphas_cumprod_from_config
+from finextract_jax.noise_schedule import alphas_cumprod_from_config
+from finextract_jax.sampling.schedulers import SAMPLERS
 
 # SD v1.4's scheduler/scheduler_config.json (PNDMScheduler).
 SD14 = {

@@ -38,7 +38,7 @@ from finextract_jax.finetune import lora as lora_lib
 from finextract_jax.finetune.data import TrainSet
 from finextract_jax.models import components
 from finextract_jax.models.pipeline import Pipeline, tokenize
-from finextract_jax.sampling.schedulers import alphas_cumprod_from_config
+from finextract_jax.noise_schedule import add_noise, alphas_cumprod_from_config, training_target
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,6 @@ METHODS = ("dreambooth", "lora")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DEFAULT_LEARNING_RATE = {"dreambooth": 2e-6, "lora": 1e-4}  # docs/method.md §1
 STEPS_PER_IMAGE = 200
-_SCHEDULE_DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
-                          trained_betas=None, rescale_betas_zero_snr=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,22 +169,6 @@ def _optimizer(spec: _StepSpec) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(max_norm), adamw) if max_norm > 0 else adamw
 
 
-def training_target(x0, noise, alpha_bar, prediction_type: str):
-    """The UNet's regression target: eps, or v = sqrt(abar) eps - sqrt(1 - abar) x0."""
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "v_prediction":
-        a = jnp.sqrt(alpha_bar).reshape((-1,) + (1,) * (x0.ndim - 1))
-        s = jnp.sqrt(1.0 - alpha_bar).reshape(a.shape)
-        return a * noise - s * x0
-    raise InputError(f"prediction_type {prediction_type!r} cannot be fine-tuned (use epsilon or v_prediction)")
-
-
-def add_noise(x0, noise, alpha_bar):
-    a = jnp.sqrt(alpha_bar).reshape((-1,) + (1,) * (x0.ndim - 1))
-    return a * x0 + jnp.sqrt(1.0 - alpha_bar).reshape(a.shape) * noise
-
-
 def _per_sample_loss(spec: _StepSpec, trainable, frozen, data, indices, keys):
     """MSE per sample [B] for dataset rows `indices` [B] with per-sample keys [B]."""
     split = jax.vmap(lambda k: jax.random.split(k, 4))(keys)
@@ -289,9 +271,7 @@ class Trainer:
             text = _Static(components.text_encoder_from_config(pipe.text_encoder.config, compute)
                            if compute != jnp.float32 else pipe.text_encoder.module)
         encode_in_step = pipe.vae is not None and config.augment != "none"
-        schedule = dict(_SCHEDULE_DEFAULTS)
-        schedule.update({k: v for k, v in pipe.scheduler_config.items() if k in _SCHEDULE_DEFAULTS and v is not None})
-        self.alphas_cumprod = np.asarray(alphas_cumprod_from_config(schedule), np.float32)
+        self.alphas_cumprod = np.asarray(alphas_cumprod_from_config(pipe.scheduler_config), np.float32)
         training_target(jnp.zeros(1), jnp.zeros(1), jnp.ones(1), pipe.prediction_type)  # refuse 'sample' early
         self.spec = _StepSpec(
             unet=unet, text=text, vae=pipe.vae.module if encode_in_step else None, method=config.method,

@@ -21,11 +21,6 @@ from finextract_jax.errors import InputError
 Array = jnp.ndarray
 
 
-def image_key(seed, index) -> Array:
-    """The PRNG key of image `index` under `seed` (works on traced values)."""
-    return jax.random.fold_in(jax.random.PRNGKey(seed), index)
-
-
 def start_noise(seed, indices, shape_chw: Sequence[int]) -> Array:
     """Standard normal start latents for the given global image indices.
 

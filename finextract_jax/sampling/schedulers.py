@@ -44,6 +44,7 @@ import numpy as np
 from flax import struct
 
 from finextract_jax.errors import InputError
+from finextract_jax.noise_schedule import SCHEDULE_DEFAULTS, alphas_cumprod_from_config
 
 Array = jnp.ndarray
 
@@ -52,16 +53,7 @@ _ALIASES = {"dpmsolver++": "dpm", "dpm_solver": "dpm", "dpmsolver": "dpm"}
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 # Defaults of the diffusers (0.39) scheduler classes for the keys we read.
-_COMMON_DEFAULTS = dict(
-    num_train_timesteps=1000,
-    beta_start=0.0001,
-    beta_end=0.02,
-    beta_schedule="linear",
-    trained_betas=None,
-    prediction_type="epsilon",
-    thresholding=False,
-    rescale_betas_zero_snr=False,
-)
+_COMMON_DEFAULTS = dict(SCHEDULE_DEFAULTS, prediction_type="epsilon", thresholding=False)
 _DDIM_DEFAULTS = dict(
     _COMMON_DEFAULTS,
     clip_sample=True,  # diffusers' class default; make_sampler turns it off unless the config says so
@@ -103,42 +95,6 @@ def _read_config(config: Optional[Mapping[str, Any]], defaults: Mapping[str, Any
         if key in defaults and value is not None or key == "trained_betas":
             out[key] = value
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# Noise schedule
-
-
-def betas_from_config(cfg: Mapping[str, Any]) -> np.ndarray:
-    """The training betas (float64) for a scheduler config, as diffusers builds them."""
-    n = int(cfg["num_train_timesteps"])
-    if n < 1:
-        raise InputError(f"num_train_timesteps must be >= 1, got {n}")
-    if cfg.get("trained_betas") is not None:
-        betas = np.asarray(cfg["trained_betas"], dtype=np.float64)
-        if betas.shape != (n,):
-            raise InputError(f"trained_betas has shape {betas.shape}, expected ({n},)")
-        return betas
-    schedule = cfg["beta_schedule"]
-    b0, b1 = float(cfg["beta_start"]), float(cfg["beta_end"])
-    if schedule == "linear":
-        return np.linspace(b0, b1, n, dtype=np.float64)
-    if schedule == "scaled_linear":
-        return np.linspace(b0**0.5, b1**0.5, n, dtype=np.float64) ** 2
-    if schedule == "squaredcos_cap_v2":
-        def abar(t):
-            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-        return np.array([min(1 - abar((i + 1) / n) / abar(i / n), 0.999) for i in range(n)],
-                        dtype=np.float64)
-    raise InputError(f"unsupported beta_schedule {schedule!r}; use linear, scaled_linear or "
-                     "squaredcos_cap_v2")
-
-
-def alphas_cumprod_from_config(cfg: Mapping[str, Any]) -> np.ndarray:
-    """abar_t = prod_{s<=t} (1 − beta_s), float64, t = 0..T−1."""
-    if cfg.get("rescale_betas_zero_snr"):
-        raise InputError("rescale_betas_zero_snr=True is not supported")
-    return np.cumprod(1.0 - betas_from_config(cfg))
 
 
 def _check_common(cfg: Mapping[str, Any], num_steps) -> int:
@@ -281,9 +237,6 @@ class Sampler:
     def latents(self, state: SamplerState) -> Array:
         return state.x
 
-    def timestep(self, i) -> Array:
-        return self.timesteps[i]
-
     def _coefs(self, i):
         return self.alpha[i], self.sigma[i]
 
@@ -333,11 +286,6 @@ class Sampler:
         return {"sampler": self.name, "prediction_type": self.prediction_type,
                 "num_steps": self.num_steps, "timesteps": [int(t) for t in np.asarray(self.timesteps)],
                 "clip_sample_range": self.clip_sample_range}
-
-    def x0_prediction(self, state: SamplerState, model_output, i,
-                      prediction_type: Optional[str] = None) -> Array:
-        """The x0 estimate at step i (e.g. for previews)."""
-        return self.to_x0_eps(state.x, model_output, i, prediction_type)[0]
 
 
 def _f32(a) -> Array:
