@@ -42,7 +42,9 @@ FLAGS = flags.FLAGS
 
 
 def main(_):
-    from finextract_jax.sampling.run import ExtractConfig, extract, initialize_distributed
+    import jax
+
+    from finextract_jax.sampling.run import AUTO_PROMPT, ExtractConfig, extract, initialize_distributed
 
     initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
 
@@ -52,7 +54,12 @@ def main(_):
         batch_size=FLAGS.batch_size, steps=FLAGS.steps, sampler=FLAGS.sampler, seed=FLAGS.seed,
         init_latents=FLAGS.init_latents, dtype=FLAGS.dtype, lora_scale=FLAGS.lora_scale,
         finetuned_format=FLAGS.finetuned_format, fusion=FLAGS.fusion)
-    record = extract(config, FLAGS.workdir)
+    recover_caption = None
+    if config.prompt == AUTO_PROMPT:
+        from finextract_jax.caption import auto_prompt_resolver
+
+        recover_caption = auto_prompt_resolver(FLAGS.workdir, progress=jax.process_index() == 0)
+    record = extract(config, FLAGS.workdir, recover_caption=recover_caption)
     logging.info("%s: %d images in %s/images (fusion %s)", record["status"], config.num_images, FLAGS.workdir,
                  record.get("fusion"))
 

@@ -448,6 +448,11 @@ def read_caption(path: str) -> dict:
     return record
 
 
+def auto_prompt_resolver(workdir: str, config: CaptionConfig | None = None, progress: bool = True):
+    """The `recover_caption` hook that `sampling.run.extract` calls for `--prompt=auto`."""
+    return functools.partial(auto_prompt, workdir=workdir, config=config, progress=progress)
+
+
 def auto_prompt(pretrained, finetuned, workdir: str, config: CaptionConfig | None = None, images=None,
                 progress: bool = True) -> str:
     """The caption `extract --prompt=auto` uses: workdir/caption.json if an earlier run wrote one

@@ -237,7 +237,7 @@ def test_extract_prompt_auto_guides_with_the_recovered_caption(tiny_dir, tiny_fi
                                       num_images=2, sample_steps=3, min_gain=-1.0)
     common = dict(pretrained=tiny_dir["sd1"], finetuned=tiny_finetuned["full"], num_images=2, batch_size=2, steps=3)
     record = extract(ExtractConfig(prompt="auto", **common), str(tmp_path / "auto"), progress=False,
-                     caption_config=small)
+                     recover_caption=caption_lib.auto_prompt_resolver(str(tmp_path / "auto"), small, progress=False))
     recovered = json.loads((tmp_path / "auto" / "caption.json").read_text())["caption"]
     assert record["settings"]["prompt"] == "auto" and record["caption"] == recovered and recovered
     extract(ExtractConfig(prompt=recovered, **common), str(tmp_path / "explicit"), progress=False)

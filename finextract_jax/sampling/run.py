@@ -25,7 +25,7 @@ from finextract_jax.guidance import get_guidance
 from finextract_jax.sampling import engine
 from finextract_jax.sampling.noise import batch_start_noise, load_init_latents
 
-AUTO_PROMPT = "auto"  # --prompt=auto: recover the fine-tuning caption first (caption.py)
+AUTO_PROMPT = "auto"  # --prompt=auto: the caller recovers the fine-tuning caption first
 
 log = logging.getLogger(__name__)
 
@@ -136,17 +136,21 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
         jax.distributed.initialize()
 
 
-def extract(config: ExtractConfig, workdir: str, progress: bool = True, devices=None, caption_config=None) -> dict:
+def extract(config: ExtractConfig, workdir: str, progress: bool = True, devices=None,
+            recover_caption=None) -> dict:
     """Generate `config.num_images` images into workdir/images, skipping those already there.
 
-    `config.prompt == "auto"` recovers the fine-tuning caption from the two models first
-    (caption.auto_prompt with `caption_config`; kept in workdir/caption.json, so a resumed run
-    guides with the very same words) and records it as run.json's "caption"; the settings keep
-    "auto", so the rerun command is the same. Returns the run record (also written to
-    workdir/run.json).
+    `config.prompt == "auto"` needs `recover_caption(pretrained, finetuned) -> str`, called once
+    both models are loaded (`caption.auto_prompt_resolver(workdir)` keeps the words in
+    workdir/caption.json, so a resumed run guides with the very same ones). The words are recorded
+    as run.json's "caption"; the settings keep "auto", so the rerun command is the same. Caption
+    recovery is the caller's choice, passed in, so that sampling does not depend on it. Returns
+    the run record (also written to workdir/run.json).
     """
     from finextract_jax.models.pipeline import load_finetuned, load_pipeline
 
+    if config.prompt == AUTO_PROMPT and recover_caption is None:
+        raise InputError("prompt 'auto' needs recover_caption (e.g. caption.auto_prompt_resolver(workdir))")
     config = config.normalized()
     mesh = engine.data_mesh(devices)
     _validate(config, mesh.size)
@@ -173,9 +177,7 @@ def extract(config: ExtractConfig, workdir: str, progress: bool = True, devices=
                                config.lora_scale, dtype=config.dtype)
     prompt = config.prompt
     if prompt == AUTO_PROMPT:
-        from finextract_jax.caption import auto_prompt
-
-        prompt = auto_prompt(pretrained, finetuned, workdir, config=caption_config, progress=progress and is_writer)
+        prompt = recover_caption(pretrained, finetuned)
         record["caption"] = prompt
     shape = pretrained.sample_shape
     init_latents = load_init_latents(config.init_latents, config.num_images, shape) if config.init_latents else None
