@@ -35,18 +35,19 @@ _UNET_FIELDS = ("sample_size", "in_channels", "out_channels", "down_block_types"
                 "block_out_channels", "layers_per_block", "attention_head_dim", "num_attention_heads",
                 "cross_attention_dim", "use_linear_projection", "only_cross_attention",
                 "transformer_layers_per_block", "flip_sin_to_cos", "freq_shift", "norm_num_groups", "norm_eps",
-                "mid_block_type")
+                "mid_block_type", "addition_embed_type", "addition_time_embed_dim",
+                "projection_class_embeddings_input_dim")
 # Keys that change the architecture: we build only their default (SD 1.x/2.x) value and refuse
 # any other, instead of silently building a different network.
 _UNET_DEFAULT_ONLY = {
     "center_input_sample": False, "downsample_padding": 1, "mid_block_scale_factor": 1, "act_fn": "silu",
     "reverse_transformer_layers_per_block": None, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
-    "dual_cross_attention": False, "class_embed_type": None, "addition_embed_type": None,
-    "addition_time_embed_dim": None, "num_class_embeds": None, "resnet_time_scale_shift": "default",
+    "dual_cross_attention": False, "class_embed_type": None, "num_class_embeds": None,
+    "resnet_time_scale_shift": "default",
     "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional",
     "time_embedding_dim": None, "time_embedding_act_fn": None, "timestep_post_act": None,
     "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
-    "projection_class_embeddings_input_dim": None, "attention_type": "default",
+    "attention_type": "default",
     "class_embeddings_concat": False, "mid_block_only_cross_attention": None, "cross_attention_norm": None,
 }
 # Keys that do not change the float32 network (dropout is off at inference; upcast_attention only
@@ -85,6 +86,12 @@ def unet_from_config(config: dict, dtype=jnp.float32, attention: str = "fused", 
             raise CheckpointError(f"{source}: unsupported {key} {sorted(unknown)}")
     if kwargs.get("mid_block_type", "UNetMidBlock2DCrossAttn") not in ("UNetMidBlock2DCrossAttn", None):
         raise CheckpointError(f"{source}: unsupported mid_block_type {kwargs['mid_block_type']!r}")
+    addition = kwargs.get("addition_embed_type")
+    if addition not in (None, "text_time"):
+        raise CheckpointError(f"{source}: unsupported addition_embed_type {addition!r} (only SDXL's 'text_time')")
+    if addition and not (kwargs.get("addition_time_embed_dim") and kwargs.get("projection_class_embeddings_input_dim")):
+        raise CheckpointError(f"{source}: addition_embed_type 'text_time' needs addition_time_embed_dim and "
+                              "projection_class_embeddings_input_dim")
     if isinstance(kwargs.get("cross_attention_dim"), tuple):
         raise CheckpointError(f"{source}: per-block cross_attention_dim is not supported")
     groups = kwargs.get("norm_num_groups", 32)
@@ -124,9 +131,10 @@ def _expected_shapes(kind: str, config_json: str):
     key = jax.random.PRNGKey(0)
     if kind == "unet":
         size = module.sample_size
+        added = {k: jnp.zeros((1, n)) for k, n in (module.added_cond_shapes() or {}).items()} or None
         shapes = jax.eval_shape(lambda k: module.init(
             k, jnp.zeros((1, module.in_channels, size, size)), jnp.zeros((1,), jnp.int32),
-            jnp.zeros((1, 1, module.cross_attention_dim)))["params"], key)
+            jnp.zeros((1, 1, module.cross_attention_dim)), added_cond_kwargs=added)["params"], key)
     elif kind == "vae":
         shapes = jax.eval_shape(module.init_weights, key)
     elif kind == "text_encoder":

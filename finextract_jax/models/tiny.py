@@ -30,6 +30,17 @@ SD1_UNET = dict(
 SD2_UNET = dict(SD1_UNET, attention_head_dim=[2, 4], use_linear_projection=True,
                 down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
                 up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"])
+# SDXL-shaped: no attention at the first level, linear projections, 64-ish heads scaled down,
+# deeper transformers further down, the text_time addition embedding (pooled text embedding of
+# TEXT_ENCODER_2's projection_dim + 6 micro-conditions x addition_time_embed_dim), and a context
+# that concatenates both text encoders' hidden states (32 + 48).
+SDXL_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4, block_out_channels=[32, 64], layers_per_block=2,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+    attention_head_dim=[2, 4], transformer_layers_per_block=[1, 2], use_linear_projection=True, cross_attention_dim=80,
+    addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
+    norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0,
+)
 TEXT_ENCODER = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
                     max_position_embeddings=77, projection_dim=32, hidden_act="quick_gelu", layer_norm_eps=1e-5)
 VAE = dict(in_channels=3, out_channels=3, block_out_channels=[32, 64], layers_per_block=1, latent_channels=4,

@@ -1,4 +1,4 @@
-"""Our Flax definition of diffusers' UNet2DConditionModel (SD 1.x / 2.x family).
+"""Our Flax definition of diffusers' UNet2DConditionModel (SD 1.x / 2.x / XL family).
 
 Why not diffusers' FlaxUNet2DConditionModel as is: it differs from the PyTorch model that
 published checkpoints are trained with by ~1e-4 per call (tanh-approximate GELU in GEGLU, and
@@ -214,6 +214,17 @@ def sinusoidal_embedding(timesteps, dim: int, flip_sin_to_cos: bool, freq_shift:
     return emb
 
 
+def text_time_input(added_cond_kwargs, time_embed_dim: int, flip_sin_to_cos: bool, freq_shift: float):
+    """SDXL's addition-embedding input: [pooled text embedding, sinusoidal(each time id)], float32."""
+    if not added_cond_kwargs or "text_embeds" not in added_cond_kwargs or "time_ids" not in added_cond_kwargs:
+        raise ValueError("this UNet has addition_embed_type='text_time' (SDXL): pass "
+                         "added_cond_kwargs={'text_embeds': [B, D], 'time_ids': [B, n]}")
+    text_embeds = added_cond_kwargs["text_embeds"]
+    time_embeds = sinusoidal_embedding(jnp.reshape(added_cond_kwargs["time_ids"], (-1,)), time_embed_dim,
+                                       flip_sin_to_cos, freq_shift)
+    return jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds.reshape(text_embeds.shape[0], -1)], axis=-1)
+
+
 def _resnet_and_attention(block, i, x, temb, context, gate):
     """Layer i of a Down/Up block: resnets_i, then attentions_i when the block has heads
     (called inside the block's compact __call__, so the submodules belong to it)."""
@@ -320,14 +331,32 @@ class UNet2DConditionModel(nn.Module):
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
     mid_block_type: str | None = "UNetMidBlock2DCrossAttn"
+    # SDXL's micro-conditioning: pooled text embedding + sinusoidal embeddings of the time ids.
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
     dtype: Dtype = jnp.float32
     attention: str = "fused"
+
+    def added_cond_shapes(self) -> dict | None:
+        """{"text_embeds": dim, "time_ids": count} the text_time embedding expects, else None.
+
+        As diffusers infers it: a refiner has 5 micro-conditions (aesthetic score instead of the
+        target size) and a pooled embedding as wide as cross_attention_dim; the base model has 6.
+        """
+        if self.addition_embed_type != "text_time":
+            return None
+        dim, width = self.projection_class_embeddings_input_dim, self.addition_time_embed_dim
+        count = 5 if 5 * width + self.cross_attention_dim == dim else 6
+        return {"text_embeds": dim - count * width, "time_ids": count}
 
     def _per_block(self, value):
         return tuple(value) if isinstance(value, (tuple, list)) else (value,) * len(self.down_block_types)
 
     @nn.compact
-    def __call__(self, sample, timesteps, encoder_hidden_states, lora_gate=None):
+    def __call__(self, sample, timesteps, encoder_hidden_states, lora_gate=None, added_cond_kwargs=None):
+        """added_cond_kwargs: {"text_embeds": [B, D], "time_ids": [B, n]} for an SDXL-style
+        (addition_embed_type="text_time") UNet, as diffusers takes them; ignored otherwise."""
         channels = tuple(self.block_out_channels)
         # diffusers' historical naming: attention_head_dim holds the number of heads.
         heads = self._per_block(self.num_attention_heads or self.attention_head_dim)
@@ -339,6 +368,11 @@ class UNet2DConditionModel(nn.Module):
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps).reshape(-1), (sample.shape[0],))
         temb = sinusoidal_embedding(timesteps, channels[0], self.flip_sin_to_cos, self.freq_shift)
         temb = _TimestepEmbedding(channels[0] * 4, dtype=self.dtype, name="time_embedding")(temb)
+        if self.addition_embed_type == "text_time":
+            # diffusers' add_time_proj has no parameters: add_embedding is a _TimestepEmbedding.
+            add_embeds = text_time_input(added_cond_kwargs, self.addition_time_embed_dim, self.flip_sin_to_cos,
+                                         self.freq_shift)
+            temb = temb + _TimestepEmbedding(channels[0] * 4, dtype=self.dtype, name="add_embedding")(add_embeds)
 
         x = jnp.transpose(sample, (0, 2, 3, 1)).astype(self.dtype)
         x = nn.Conv(channels[0], (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name="conv_in")(x)
