@@ -180,9 +180,10 @@ def images_to_model_space(pipe, images) -> np.ndarray:
                          f"{images.shape}")
     if pipe.vae is None:
         return images.astype(np.float32)
-    module, scale = pipe.vae.module, float(pipe.vae.config.get("scaling_factor", 0.18215))
-    encode = jax.jit(lambda p, x: jnp.transpose(module.apply({"params": p}, x, method=module.encode)
-                                                .latent_dist.mean, (0, 3, 1, 2)) * scale)
+    from finextract_jax.models.pipeline import vae_posterior
+
+    module, scale = pipe.vae.module, pipe.latent_scale
+    encode = jax.jit(lambda p, x: vae_posterior(module, p, x)[0] * scale)
     return np.concatenate([np.asarray(encode(pipe.vae.params, jnp.asarray(images[i:i + 8], jnp.float32)))
                            for i in range(0, len(images), 8)])
 

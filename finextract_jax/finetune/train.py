@@ -37,7 +37,7 @@ from finextract_jax.finetune import export as export_lib
 from finextract_jax.finetune import lora as lora_lib
 from finextract_jax.finetune.data import TrainSet
 from finextract_jax.models import components
-from finextract_jax.models.pipeline import Pipeline, tokenize
+from finextract_jax.models.pipeline import Pipeline, tokenize, vae_posterior
 from finextract_jax.noise_schedule import add_noise, alphas_cumprod_from_config, training_target
 
 log = logging.getLogger(__name__)
@@ -180,9 +180,9 @@ def _per_sample_loss(spec: _StepSpec, trainable, frozen, data, indices, keys):
     else:
         pixels = augment_lib.augment_batch(spec.augment, k_aug, data["pixels"][indices])
         if spec.vae is not None:
-            dist = spec.vae.apply({"params": frozen["vae"]}, pixels, method=spec.vae.encode).latent_dist
-            eps = jax.vmap(lambda k: jax.random.normal(k, dist.mean.shape[1:], jnp.float32))(k_latent)
-            x0 = jnp.transpose(dist.mean + dist.std * eps, (0, 3, 1, 2)) * spec.vae_scaling
+            mean, std = vae_posterior(spec.vae, frozen["vae"], pixels)
+            eps = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], jnp.float32))(k_latent)
+            x0 = (mean + std * eps) * spec.vae_scaling
         else:
             x0 = pixels
     x0 = jax.lax.stop_gradient(x0.astype(jnp.float32))
@@ -277,7 +277,7 @@ class Trainer:
             unet=unet, text=text, vae=pipe.vae.module if encode_in_step else None, method=config.method,
             prediction_type=pipe.prediction_type, train_text_encoder=config.train_text_encoder,
             augment=augment_lib.AugmentConfig(config.augment), lora_scale=config.lora_scale,
-            vae_scaling=float(pipe.vae.config.get("scaling_factor", 0.18215)) if pipe.vae else 1.0,
+            vae_scaling=pipe.latent_scale,
             sample_shape=(pipe.sample_shape[0], resolution // pipe.vae_scale_factor,
                           resolution // pipe.vae_scale_factor),
             optimizer=(config.lr, config.adam_beta1, config.adam_beta2, config.adam_epsilon, config.weight_decay,
@@ -515,11 +515,7 @@ def check_resolution(pipe: Pipeline, resolution: int):
 def encode_latent_moments(pipe: Pipeline, pixels: np.ndarray, batch: int = 8):
     """VAE posterior (mean, std), NCHW, once per image: each step then draws its own latent sample."""
     module, params = pipe.vae.module, pipe.vae.params
-
-    @jax.jit
-    def encode(p, x):
-        dist = module.apply({"params": p}, x, method=module.encode).latent_dist
-        return jnp.transpose(dist.mean, (0, 3, 1, 2)), jnp.transpose(dist.std, (0, 3, 1, 2))
+    encode = jax.jit(lambda p, x: vae_posterior(module, p, x))
 
     means, stds = [], []
     for i in range(0, len(pixels), batch):

@@ -78,6 +78,11 @@ class Pipeline:
         return 2 ** (len(self.vae.config["block_out_channels"]) - 1) if self.vae else 1
 
     @property
+    def latent_scale(self) -> float:
+        """What the VAE's posterior is multiplied by before the UNet sees it (1 for pixel models)."""
+        return latent_scale(self.vae)
+
+    @property
     def sample_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of what the UNet denoises: latents, or pixels for a pixel-space model."""
         size = self.unet.module.sample_size
@@ -88,6 +93,27 @@ class Pipeline:
         if self.unet_lora is not None:
             variables["lora"] = self.unet_lora
         return variables
+
+
+# diffusers' AutoencoderKL default, for VAE configs that predate the `scaling_factor` key.
+DEFAULT_LATENT_SCALE = 0.18215
+
+
+def latent_scale(vae: Component | None) -> float:
+    return float(vae.config.get("scaling_factor", DEFAULT_LATENT_SCALE)) if vae is not None else 1.0
+
+
+def vae_posterior(vae_module, vae_params, pixels):
+    """Pixels [B, 3, H, W] in [-1, 1] -> the VAE posterior's (mean, std), [B, C, h, w], unscaled.
+    (diffusers' Flax VAE returns it channels-last; everything here is channels-first.)"""
+    dist = vae_module.apply({"params": vae_params}, pixels, method=vae_module.encode).latent_dist
+    return jnp.transpose(dist.mean, (0, 3, 1, 2)), jnp.transpose(dist.std, (0, 3, 1, 2))
+
+
+def vae_decode(vae_module, vae_params, latents, scale: float):
+    """UNet-space latents [B, C, h, w] (posterior times `scale`) -> pixels [B, 3, H, W], about [-1, 1]."""
+    z = (latents / scale).astype(vae_module.dtype)
+    return vae_module.apply({"params": vae_params}, z, method=vae_module.decode).sample
 
 
 def parse_dtype(dtype) -> Any:

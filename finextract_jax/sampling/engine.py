@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from finextract_jax.errors import InputError, NonFiniteError
 from finextract_jax.guidance import CAPTION, EMPTY, FINETUNED, PRETRAINED, GuidanceSpec, get_guidance
-from finextract_jax.models.pipeline import Pipeline, encode_prompts
+from finextract_jax.models.pipeline import Pipeline, encode_prompts, vae_decode
 from finextract_jax.sampling.schedulers import Sampler, make_sampler
 
 FUSIONS = ("auto", "two_applies", "vmap", "lora_batch")
@@ -156,15 +156,10 @@ def check_finite(first_bad: np.ndarray, indices: np.ndarray, sampler: Sampler):
 
 def make_decoder(pipe: Pipeline, mesh: Mesh) -> Callable:
     """jit(vae_params, x_0) -> uint8 images [B, H, W, 3]; pixel-space models skip the VAE."""
-    vae = pipe.vae
+    vae, scale = pipe.vae, pipe.latent_scale
 
     def decode(vae_params, x0):
-        if vae is None:
-            images = x0
-        else:
-            z = x0 / vae.config.get("scaling_factor", 0.18215)
-            images = vae.module.apply({"params": vae_params}, z.astype(vae.module.dtype),
-                                      method=vae.module.decode).sample
+        images = x0 if vae is None else vae_decode(vae.module, vae_params, x0, scale)
         images = jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
         return jnp.round(jnp.transpose(images, (0, 2, 3, 1)) * 255).astype(jnp.uint8)
 
