@@ -1,17 +1,19 @@
 """Write a tiny, randomly initialised SD pipeline in the diffusers layout.
 
-    python -m experiments.make_tiny --out=/tmp/tiny [--kind=latent|pixel] [--format=pt|flax]
+    python -m experiments.make_tiny --out=/tmp/tiny [--kind=latent|pixel|sdxl] [--format=pt|flax]
         [--seed=0] [--prediction_type=epsilon|v_prediction]
 
-With --format=pt it loads in diffusers PyTorch (StableDiffusionPipeline.from_pretrained) as well
-as in finextract_jax; no torch is needed to write it.
+With --format=pt it loads in diffusers PyTorch (StableDiffusionPipeline.from_pretrained, or
+StableDiffusionXLPipeline for --kind=sdxl) as well as in finextract_jax; no torch is needed to write it.
 """
 from absl import flags, logging
 
 from experiments import _app
 
 flags.DEFINE_string("out", None, "Output folder (replaced if it exists).", required=True)
-flags.DEFINE_enum("kind", "latent", ["latent", "pixel"], "Latent model with a tiny VAE, or pixel-space UNet.")
+flags.DEFINE_enum("kind", "latent", ["latent", "pixel", "sdxl"],
+                  "Latent model with a tiny VAE, pixel-space UNet, or SDXL layout (two text encoders, "
+                  "text_time UNet, EulerDiscrete scheduler).")
 flags.DEFINE_enum("format", "pt", ["pt", "flax"], "PyTorch-named safetensors or Flax msgpack weights.")
 flags.DEFINE_integer("seed", 0, "Initialisation seed.")
 flags.DEFINE_enum("prediction_type", "epsilon", ["epsilon", "v_prediction"],

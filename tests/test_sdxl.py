@@ -9,7 +9,12 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from finextract_jax.models import components
 from finextract_jax.models.convert import flax_to_pytorch, pytorch_to_flax
-from finextract_jax.models.tiny import SDXL_UNET
+from finextract_jax.models.tiny import SDXL_UNET, make_tiny
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory):
+    return make_tiny(str(tmp_path_factory.mktemp("sdxl") / "base"), kind="sdxl")
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +91,22 @@ def test_sdxl_config_refusals(change, match):
 
     with pytest.raises(CheckpointError, match=match):
         components.unet_from_config(dict(SDXL_UNET, **change))
+
+
+def test_make_tiny_sdxl_loads_in_diffusers(sdxl_dir):
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
+    assert isinstance(pipe.scheduler, EulerDiscreteScheduler)
+    assert isinstance(pipe.text_encoder, CLIPTextModel)
+    assert isinstance(pipe.text_encoder_2, CLIPTextModelWithProjection)
+    assert pipe.tokenizer_2.pad_token == "!" and pipe.tokenizer.pad_token == "<|endoftext|>"
+    assert pipe.vae.config.scaling_factor == 0.13025 and pipe.unet.config.addition_embed_type == "text_time"
+    assert isinstance(DDIMScheduler.from_pretrained(sdxl_dir, subfolder="scheduler"), DDIMScheduler)
+    with torch.no_grad():
+        prompt_embeds, negative, pooled, _ = pipe.encode_prompt("a photo of sks dog", do_classifier_free_guidance=True)
+        image = pipe(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled, num_inference_steps=2,
+                     output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert prompt_embeds.shape == (1, 77, 80) and pooled.shape == (1, 32) and image.shape == (1, 16, 16, 3)
+    assert float(negative.abs().max()) == 0.0  # force_zeros_for_empty_prompt, as SDXL base ships

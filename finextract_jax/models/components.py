@@ -24,7 +24,7 @@ for _name in ("diffusers", "transformers"):
 
 from diffusers import FlaxAutoencoderKL  # noqa: E402
 from diffusers.utils import logging as _diffusers_logging  # noqa: E402
-from transformers import CLIPTextConfig, FlaxCLIPTextModel  # noqa: E402
+from transformers import CLIPTextConfig, FlaxCLIPTextModel, FlaxCLIPTextModelWithProjection  # noqa: E402
 from transformers.utils import logging as _transformers_logging  # noqa: E402
 
 _diffusers_logging.set_verbosity_error()
@@ -108,11 +108,15 @@ def vae_from_config(config: dict, dtype=jnp.float32, source: str = "vae"):
 
 
 def text_encoder_from_config(config: dict, dtype=jnp.float32, source: str = "text_encoder"):
+    """FlaxCLIPTextModel, or FlaxCLIPTextModelWithProjection when config.json says so (SDXL's
+    text_encoder_2, whose projected pooled output conditions the UNet)."""
+    with_projection = "CLIPTextModelWithProjection" in config.get("architectures", ())
     try:
         clip_config = CLIPTextConfig(**{k: v for k, v in config.items() if not k.startswith("_")})
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{source}: bad CLIP text config: {err}") from None
-    return FlaxCLIPTextModel(clip_config, dtype=dtype, _do_init=False)
+    model = FlaxCLIPTextModelWithProjection if with_projection else FlaxCLIPTextModel
+    return model(clip_config, dtype=dtype, _do_init=False)
 
 
 def expected_shapes(kind: str, module, config: dict) -> dict:

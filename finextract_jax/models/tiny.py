@@ -18,7 +18,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from finextract_jax.models import components
 from finextract_jax.models.convert import flax_to_pytorch
-from finextract_jax.models.tokenizer import write_tokenizer
+from finextract_jax.models.tokenizer import WORDS, write_tokenizer
 
 DIFFUSERS_VERSION = "0.39.0"
 
@@ -43,6 +43,9 @@ SDXL_UNET = dict(
 )
 TEXT_ENCODER = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
                     max_position_embeddings=77, projection_dim=32, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+# SDXL's OpenCLIP-G text encoder, scaled down: CLIPTextModelWithProjection (pooled -> projection_dim).
+TEXT_ENCODER_2 = dict(hidden_size=48, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                      max_position_embeddings=77, projection_dim=32, hidden_act="gelu", layer_norm_eps=1e-5)
 VAE = dict(in_channels=3, out_channels=3, block_out_channels=[32, 64], layers_per_block=1, latent_channels=4,
            down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=32,
            sample_size=16, scaling_factor=0.18215)
@@ -56,9 +59,17 @@ SCHEDULER_SD2 = {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_en
                  "steps_offset": 1, "trained_betas": None, "clip_sample": False, "prediction_type": "v_prediction",
                  "timestep_spacing": "leading"}
 
+# SDXL base's scheduler (EulerDiscrete; our samplers read its schedule) and VAE scaling factor.
+SCHEDULER_SDXL = {"_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                  "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
+                  "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None, "clip_sample": False,
+                  "interpolation_type": "linear", "use_karras_sigmas": False, "sample_max_value": 1.0,
+                  "prediction_type": "epsilon", "timestep_spacing": "leading"}
+SDXL_VAE_SCALING = 0.13025
+
 
 def unet_config(family: str = "sd1", kind: str = "latent", **overrides) -> dict:
-    config = dict(SD2_UNET if family == "sd2" else SD1_UNET)
+    config = dict({"sd2": SD2_UNET, "sdxl": SDXL_UNET}.get(family, SD1_UNET))
     if kind == "pixel":
         config.update(in_channels=3, out_channels=3, sample_size=16)
     config.update(overrides)
@@ -125,38 +136,50 @@ def unet_file_config(config: dict) -> dict:
     return {"_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_VERSION, **config}
 
 
-def text_encoder_file_config(config: dict, vocab_size: int, bos: int, eos: int) -> dict:
-    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **config, "vocab_size": vocab_size,
+def text_encoder_file_config(config: dict, vocab_size: int, bos: int, eos: int,
+                             architecture: str = "CLIPTextModel") -> dict:
+    return {"architectures": [architecture], "model_type": "clip_text_model", **config, "vocab_size": vocab_size,
             "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": eos}
 
 
+def _write_text_encoder(folder: str, config: dict, vocab_size: int, seed: int, fmt: str,
+                        architecture: str = "CLIPTextModel"):
+    file_config = text_encoder_file_config(config, vocab_size, vocab_size - 2, vocab_size - 1, architecture)
+    write_component(folder, "text_encoder", file_config, init_text_encoder(file_config, seed), fmt)
+
+
 def make_tiny(out: str, kind: str = "latent", fmt: str = "pt", seed: int = 0,
-              prediction_type: str = "epsilon", family: str | None = None, unet_overrides: dict | None = None) -> str:
+              prediction_type: str = "epsilon", family: str | None = None, unet_overrides: dict | None = None,
+              words=None, text_overrides: dict | None = None) -> str:
     """Write a tiny random SD pipeline to `out` (atomically: built in a temp folder, then renamed).
 
+    kind: 'latent' (with a tiny VAE), 'pixel' (no VAE) or 'sdxl' (StableDiffusionXLPipeline's
+    layout: two text encoders and tokenizers, text_time UNet, EulerDiscrete, SDXL VAE scaling).
     family: 'sd1' (conv projections, epsilon, PNDM scheduler) or 'sd2' (linear projections,
     per-block heads, DDIM scheduler); by default sd2 when prediction_type is v_prediction.
+    `words`: the tokenizer's whole-word vocabulary (default tokenizer.WORDS); `text_overrides`:
+    text-encoder config fields (its width always follows the UNet's cross_attention_dim).
     """
-    if kind not in ("latent", "pixel"):
-        raise ValueError(f"kind must be latent or pixel, not {kind!r}")
-    family = family or ("sd2" if prediction_type == "v_prediction" else "sd1")
+    if kind not in ("latent", "pixel", "sdxl"):
+        raise ValueError(f"kind must be latent, pixel or sdxl, not {kind!r}")
+    sdxl = kind == "sdxl"
+    family = "sdxl" if sdxl else family or ("sd2" if prediction_type == "v_prediction" else "sd1")
+    words = WORDS if words is None else words
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".make_tiny.", dir=parent)
     try:
-        vocab_size = write_tokenizer(os.path.join(staging, "tokenizer"))
-        bos, eos = vocab_size - 2, vocab_size - 1
+        vocab_size = write_tokenizer(os.path.join(staging, "tokenizer"), words)
         u_config = unet_config(family, kind, **(unet_overrides or {}))
         write_component(os.path.join(staging, "unet"), "unet", unet_file_config(u_config), init_unet(u_config, seed),
                         fmt)
+        # SDXL's context concatenates both encoders' hidden states.
+        width = u_config["cross_attention_dim"] - (TEXT_ENCODER_2["hidden_size"] if sdxl else 0)
         t_config = dict(TEXT_ENCODER, hidden_act="gelu" if family == "sd2" else "quick_gelu",
-                        hidden_size=u_config["cross_attention_dim"])
-        write_component(os.path.join(staging, "text_encoder"), "text_encoder",
-                        text_encoder_file_config(t_config, vocab_size, bos, eos),
-                        init_text_encoder(dict(t_config, vocab_size=vocab_size, bos_token_id=bos, eos_token_id=eos,
-                                               pad_token_id=eos), seed), fmt)
-        scheduler = dict(SCHEDULER_SD2 if family == "sd2" else SCHEDULER_SD1, prediction_type=prediction_type,
-                         _diffusers_version=DIFFUSERS_VERSION)
+                        **(text_overrides or {}), hidden_size=width)
+        _write_text_encoder(os.path.join(staging, "text_encoder"), t_config, vocab_size, seed, fmt)
+        scheduler = dict({"sd2": SCHEDULER_SD2, "sdxl": SCHEDULER_SDXL}.get(family, SCHEDULER_SD1),
+                         prediction_type=prediction_type, _diffusers_version=DIFFUSERS_VERSION)
         os.makedirs(os.path.join(staging, "scheduler"))
         with open(os.path.join(staging, "scheduler", "scheduler_config.json"), "w") as f:
             json.dump(scheduler, f, indent=2)
@@ -165,9 +188,19 @@ def make_tiny(out: str, kind: str = "latent", fmt: str = "pt", seed: int = 0,
                  "requires_safety_checker": False, "image_encoder": [None, None],
                  "scheduler": ["diffusers", scheduler["_class_name"]], "text_encoder": ["transformers", "CLIPTextModel"],
                  "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-                 "vae": ["diffusers", "AutoencoderKL"] if kind == "latent" else [None, None]}
-        if kind == "latent":
-            v_config = dict(VAE, sample_size=u_config["sample_size"] * 2)
+                 "vae": ["diffusers", "AutoencoderKL"] if kind != "pixel" else [None, None]}
+        if sdxl:
+            # OpenCLIP's tokenizer pads with "!" (SDXL's tokenizer_2), not with the end token.
+            write_tokenizer(os.path.join(staging, "tokenizer_2"), words, pad_token="!")
+            _write_text_encoder(os.path.join(staging, "text_encoder_2"), TEXT_ENCODER_2, vocab_size, seed + 10, fmt,
+                                "CLIPTextModelWithProjection")
+            index = {k: v for k, v in index.items() if k not in ("safety_checker", "requires_safety_checker")}
+            index.update(_class_name="StableDiffusionXLPipeline", force_zeros_for_empty_prompt=True,
+                         text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+                         tokenizer_2=["transformers", "CLIPTokenizer"])
+        if kind != "pixel":
+            v_config = dict(VAE, sample_size=u_config["sample_size"] * 2,
+                            **({"scaling_factor": SDXL_VAE_SCALING, "force_upcast": True} if sdxl else {}))
             write_component(os.path.join(staging, "vae"), "vae",
                             {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION, **v_config},
                             init_vae(v_config, seed), fmt)

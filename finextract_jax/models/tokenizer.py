@@ -62,8 +62,11 @@ def _apply_bpe(pieces, merges):
     return pieces
 
 
-def write_tokenizer(out_dir: str, words=WORDS):
-    """Write vocab.json, merges.txt and the tokenizer config; returns the vocabulary size."""
+def write_tokenizer(out_dir: str, words=WORDS, pad_token: str = "<|endoftext|>"):
+    """Write vocab.json, merges.txt and the tokenizer config; returns the vocabulary size.
+
+    pad_token: CLIP pads with the end token; SDXL's second (OpenCLIP) tokenizer pads with "!".
+    """
     os.makedirs(out_dir, exist_ok=True)
     vocab, merges = build_vocab(words)
     with open(os.path.join(out_dir, "vocab.json"), "w") as f:
@@ -73,7 +76,7 @@ def write_tokenizer(out_dir: str, words=WORDS):
     config = {
         "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
         "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>", "errors": "replace", "clean_up_tokenization_spaces": True,
+        "pad_token": pad_token, "errors": "replace", "clean_up_tokenization_spaces": True,
     }
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
         json.dump(config, f, indent=2)
