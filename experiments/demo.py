@@ -16,10 +16,11 @@ Resumable like `reproduce`: a rerun skips finished stages.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 
-from absl import flags, logging
+from absl import flags
 
 from experiments import _app
 
@@ -27,7 +28,7 @@ flags.DEFINE_string("workdir", None, "Output folder.", required=True)
 flags.DEFINE_integer("num_images", 128, "N: images generated per (fine-tune, method).")
 flags.DEFINE_integer("steps", 25, "DDIM steps.")
 flags.DEFINE_bool("quick", False, "A much smaller run (fewer images, steps and fine-tuning steps): checks the "
-                  "pipeline in about a minute; its numbers mean little.")
+                  "pipeline in a few minutes; its numbers mean nothing.")
 FLAGS = flags.FLAGS
 
 
@@ -39,9 +40,18 @@ def main(argv):
     settings = DemoSettings.quick() if FLAGS.quick else DemoSettings(num_images=FLAGS.num_images, steps=FLAGS.steps)
     start = time.perf_counter()
     report = run_demo(FLAGS.workdir, settings)
-    logging.info("demo finished in %.0f s", time.perf_counter() - start)
-    print(open(report).read(), end="")
-    print(f"\nreport: {os.path.abspath(report)}")
+    print(summary(os.path.join(FLAGS.workdir, "metrics.json"), time.perf_counter() - start, report))
+
+
+def summary(metrics_path: str, seconds: float, report: str) -> str:
+    """A few lines to read at the end of the run; the whole story is in the report."""
+    with open(metrics_path) as f:
+        runs = json.load(f)["runs"]
+    lines = [f"demo finished in {seconds:.0f} s"]
+    lines += [f"  {r['finetune']:<10} {r['method']:<10} AS {r['AS']:.3f}  A-ESR {r['A_ESR']:.2f}  "
+              f"({r['num_extracted']} extracted, {r['num_guesses']} guesses)" for r in runs]
+    lines.append(f"report: {os.path.abspath(report)}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

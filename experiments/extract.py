@@ -4,6 +4,7 @@
         [--method=finextract|cfg|text2img] [--guidance_scale=3.0] [--correction=-0.02]
         [--num_images=500] [--batch_size=5] [--steps=50] [--sampler=ddim|reference_ddim|dpm]
         [--seed=0] [--init_latents=FILE.npy] [--dtype=float32|bfloat16] [--lora_scale=1.0]
+        [--finetuned_format=auto|full|lora] [--fusion=auto|two_applies|vmap|lora_batch]
 
 Writes DIR/images/NNNNN.png as batches finish and DIR/run.json. Rerunning the same command
 resumes; rerunning with other settings into the same workdir is refused.

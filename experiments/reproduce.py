@@ -5,7 +5,7 @@
         [--finetunes=dreambooth,lora] [--methods=finextract,cfg,text2img] [--num_images=500]
         [--guidance_scale --correction --cfg_scale=3.0] [--steps=50] [--batch_size=5] [--sampler=ddim]
         [--features=sscd --feature_weights=PATH] [--select=reference] [--success_threshold=0.7]
-        [--finetune_steps=0] [--learning_rate] [--rank=64] [--seed=0] [--dtype=float32] [--devices=0]
+        [--finetune_steps=0] [--dreambooth_learning_rate --lora_learning_rate] [--rank=64] [--seed=0] [--dtype=float32] [--devices=0]
 
 For every dataset x fine-tuning method x extraction method it writes
 

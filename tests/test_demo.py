@@ -26,8 +26,9 @@ def test_quick_demo_writes_metrics_report_and_grids(quick_demo):
     assert [(r["finetune"], r["method"]) for r in runs] == [
         (f, m) for f in ("dreambooth", "lora") for m in ("finextract", "cfg", "text2img")]
     for r in runs:
-        assert set(r) == {"finetune", "method", "AS", "A_ESR", "num_extracted"}
-        assert -1 <= r["AS"] <= 1 and 0 <= r["A_ESR"] <= 1 and r["num_extracted"] == 5  # topk: N0 guesses
+        assert set(r) == {"finetune", "method", "AS", "A_ESR", "num_guesses", "num_extracted"}
+        assert -1 <= r["AS"] <= 1 and 0 <= r["A_ESR"] <= 1 and r["num_guesses"] == 5  # topk: N0 guesses
+        assert r["num_extracted"] == round(r["A_ESR"] * 5)  # training images past the threshold
     text = open(report).read()
     assert text.count("\n| dreambooth |") == 3 and text.count("\n| lora |") == 3
     for finetune in ("dreambooth", "lora"):

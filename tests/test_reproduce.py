@@ -80,7 +80,8 @@ def test_every_stage_writes_its_outputs(finished):
         ("photos", "lora", m) for m in reproduce.METHODS]
     for row in rows:
         assert 0 <= row["A_ESR"] <= 1 and -1 <= row["AS"] <= 1 and row["num_train"] == 3
-        assert 1 <= row["num_extracted"] <= 6
+        assert 1 <= row["num_guesses"] <= 6
+        assert row["num_extracted"] == round(row["A_ESR"] * row["num_train"])
         assert all(row[f"{stage}_s"] >= 0 for stage in reproduce.STAGES)
 
 
@@ -92,11 +93,12 @@ def test_tables_are_well_formed(finished):
     for row, written in zip(rows, parsed):
         assert float(written["AS"]) == pytest.approx(row["AS"])
         assert int(written["num_extracted"]) == row["num_extracted"] and written["method"] == row["method"]
+        assert int(written["num_guesses"]) == row["num_guesses"]
     lines = open(os.path.join(settings.workdir, "table.md")).read().splitlines()
     table = [line for line in lines if line.startswith("|")]
     assert len(table) == 2 + 3
     widths = {line.count("|") for line in table}
-    assert widths == {11}  # 10 columns on every line
+    assert widths == {12}  # 11 columns on every line
     assert set(table[1]) <= set("|-:")
     assert table[2].startswith("| photos | lora | finextract | ")
 

@@ -14,7 +14,7 @@ from finextract_jax.errors import InputError
 from finextract_jax.fileio import atomic_write_bytes, atomic_write_json, atomic_write_png
 
 BASE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "base")
-METRICS_KEYS = ("finetune", "method", "AS", "A_ESR", "num_extracted")
+METRICS_KEYS = ("finetune", "method", "AS", "A_ESR", "num_guesses", "num_extracted")
 DATASET = "private"  # DIR/private/ holds the photos, DIR/runs/private/ the runs on them
 RESOLUTION = 32  # the base model's
 
@@ -122,10 +122,11 @@ def report_markdown(s: DemoSettings, settings, rows, grids, setup_s: float) -> s
              f"{'the ' + str(len(PRIVATE)) + ' largest cliques' if s.select == 'topk' else 'every clique'}; "
              f"a training image counts as extracted when its best match's similarity > "
              f"{settings.success_threshold}.", "",
-             "| fine-tune | method | AS | A-ESR | extracted | fine-tune s | extract s | cluster s | evaluate s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| fine-tune | method | AS | A-ESR | guesses | extracted | fine-tune s | extract s | cluster s | evaluate s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['finetune']} | {r['method']} | {r['AS']:.3f} | {r['A_ESR']:.2f} | {r['num_extracted']} | "
+        lines.append(f"| {r['finetune']} | {r['method']} | {r['AS']:.3f} | {r['A_ESR']:.2f} | {r['num_guesses']} | "
+                     f"{r['num_extracted']} of {r['num_train']} | "
                      f"{r['finetune_s']:.1f} | {r['extract_s']:.1f} | {r['cluster_s']:.1f} | {r['evaluate_s']:.1f} |")
     total = setup_s + sum(r["extract_s"] + r["cluster_s"] + r["evaluate_s"] for r in rows) + \
         sum({r["finetune"]: r["finetune_s"] for r in rows}.values())
