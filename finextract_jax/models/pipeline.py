@@ -68,6 +68,11 @@ class Pipeline:
     vae: Component | None
     scheduler_config: dict
     unet_lora: Any = None
+    # SDXL (a text_time UNet, see models/sdxl.py): the second text encoder (CLIPTextModelWithProjection),
+    # its tokenizer, and whether the unconditional embedding is zeros rather than the encoded "".
+    text_encoder_2: Component | None = None
+    tokenizer_2: Any = None
+    force_zeros_for_empty_prompt: bool = False
 
     @property
     def prediction_type(self) -> str:
@@ -259,12 +264,29 @@ def load_pipeline(path: str, dtype="float32", attention: str = "fused", allow_pi
     vae = load("vae") if os.path.isdir(os.path.join(path, "vae")) else None
     pipe = Pipeline(path, load("unet"), load("text_encoder"), load_tokenizer(os.path.join(path, "tokenizer")), vae,
                     scheduler_config)
+    if pipe.unet.config.get("addition_embed_type") == "text_time":
+        pipe = dataclasses.replace(pipe, **_sdxl_parts(path, lambda folder: load_component(
+            folder, "text_encoder", dtype, attention, allow_pickle, cache_dir, pending)))
     if vae is not None and vae.config.get("latent_channels") != pipe.unet.module.in_channels:
         raise CheckpointError(f"{path}: vae latent_channels {vae.config.get('latent_channels')} != unet in_channels "
                               f"{pipe.unet.module.in_channels}")
     for entry in pending:
         _cache_save(*entry)
     return pipe
+
+
+def _sdxl_parts(path: str, load_text_encoder) -> dict:
+    """SDXL's second text encoder and tokenizer, and model_index.json's force_zeros_for_empty_prompt
+    (StableDiffusionXLPipeline's default, True, when the file does not say)."""
+    for part in ("text_encoder_2", "tokenizer_2"):
+        if not os.path.isdir(os.path.join(path, part)):
+            raise CheckpointError(f"{path}: an SDXL model (text_time UNet) needs {part}/ "
+                                  "(SDXL refiners, with text_encoder_2 alone, are not supported)")
+    index_file = os.path.join(path, "model_index.json")
+    index = read_json(index_file) if os.path.isfile(index_file) else {}
+    return dict(text_encoder_2=load_text_encoder(os.path.join(path, "text_encoder_2")),
+                tokenizer_2=load_tokenizer(os.path.join(path, "tokenizer_2")),
+                force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)))
 
 
 # Config fields that must agree between a base model and its fine-tune.
@@ -324,10 +346,14 @@ def load_finetuned(pretrained: Pipeline, path: str, finetuned_format: str = "aut
                                           allow_pickle, cache_dir, pending)
         tokenizer = load_tokenizer(os.path.join(path, "tokenizer")) if os.path.isdir(
             os.path.join(path, "tokenizer")) else pretrained.tokenizer
+        text_encoder_2 = pretrained.text_encoder_2
+        if text_encoder_2 is not None and os.path.isdir(os.path.join(path, "text_encoder_2")):  # SDXL
+            text_encoder_2 = load_component(os.path.join(path, "text_encoder_2"), "text_encoder", dtype, attention,
+                                            allow_pickle, cache_dir, pending)
         for entry in pending:
             _cache_save(*entry)
         return dataclasses.replace(pretrained, path=path, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
-                                   unet_lora=None)
+                                   text_encoder_2=text_encoder_2, unet_lora=None)
     if fmt != "lora":
         raise CheckpointError(f"unknown finetuned_format {finetuned_format!r}; use auto, full or lora")
     if lora_mode not in ("merged", "unmerged"):
