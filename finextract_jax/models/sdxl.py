@@ -1,0 +1,96 @@
+"""SDXL conditioning: both text encoders, the pooled embedding and the micro-conditioning.
+
+As StableDiffusionXLPipeline.encode_prompt (clip_skip unset) computes it:
+- context: each encoder's penultimate hidden state (hidden_states[-2]; CLIP-L, then OpenCLIP-G),
+  concatenated on the feature axis ([n, 77, 768 + 1280] for SDXL base);
+- pooled: text_encoder_2's projected pooled output (`text_embeds`, [n, 1280]);
+- the unconditional ("") embedding is all zeros, context and pooled, when the model's
+  model_index.json says force_zeros_for_empty_prompt (SDXL base does; it is the pipeline's
+  default when no negative prompt is given), else "" encoded like any prompt;
+- time ids: original_size + crops_coords_top_left + target_size, six numbers per image, which
+  the UNet's text_time embedding turns into sinusoids (diffusers' `_get_add_time_ids`). By default
+  the generated image's own size and no crop, as the pipeline does.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from finextract_jax.errors import InputError
+from finextract_jax.models.pipeline import Component, Pipeline, tokenize
+
+
+@dataclasses.dataclass(frozen=True)
+class MicroConditioning:
+    """SDXL's size conditioning, (height, width) / (top, left) in pixels."""
+
+    original_size: tuple[int, int]
+    crops_coords_top_left: tuple[int, int]
+    target_size: tuple[int, int]
+
+    def time_ids(self) -> np.ndarray:
+        """[6] float32, in diffusers' order."""
+        return np.asarray(tuple(self.original_size) + tuple(self.crops_coords_top_left) + tuple(self.target_size),
+                          np.float32)
+
+    def to_json(self) -> dict:
+        return {k: list(v) for k, v in dataclasses.asdict(self).items()}
+
+
+def is_sdxl(pipe: Pipeline) -> bool:
+    return pipe.text_encoder_2 is not None
+
+
+def image_size(pipe: Pipeline) -> tuple[int, int]:
+    """(height, width) in pixels of what the pipeline generates by default."""
+    size = pipe.unet.module.sample_size * pipe.vae_scale_factor
+    return (size, size)
+
+
+def micro_conditioning(pipe: Pipeline, original_size: Sequence[int] | None = None,
+                       crops_coords_top_left: Sequence[int] = (0, 0),
+                       target_size: Sequence[int] | None = None) -> MicroConditioning:
+    """The pipeline's defaults (the generated size, no crop) for whatever is not given."""
+    default = image_size(pipe)
+    values = [tuple(int(v) for v in (x if x is not None else default))
+              for x in (original_size, crops_coords_top_left, target_size)]
+    if any(len(v) != 2 for v in values) or min(values[0] + values[2]) <= 0 or min(values[1]) < 0:
+        raise InputError(f"SDXL micro-conditioning takes (height, width) sizes > 0 and a (top, left) crop >= 0, "
+                         f"not {values}")
+    return MicroConditioning(*values)
+
+
+def _penultimate(component: Component, ids):
+    """(hidden_states[-2], first output) of a Flax CLIP text model; the first output is
+    text_embeds for CLIPTextModelWithProjection."""
+    def run(params, ids):
+        out = component.module(ids, params=params, train=False, output_hidden_states=True)
+        return out.hidden_states[-2], out[0]
+    return jax.jit(run)(component.params, ids)
+
+
+def encode_prompts(pipe: Pipeline, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
+    """(context [n, 77, d1 + d2], pooled [n, projection_dim]) for each prompt, float32."""
+    hidden_1, _ = _penultimate(pipe.text_encoder, jnp.asarray(tokenize(pipe.tokenizer, prompts)))
+    hidden_2, pooled = _penultimate(pipe.text_encoder_2, jnp.asarray(tokenize(pipe.tokenizer_2, prompts)))
+    context = jnp.concatenate([hidden_1.astype(jnp.float32), hidden_2.astype(jnp.float32)], axis=-1)
+    return context, pooled.astype(jnp.float32)
+
+
+def unconditional(pipe: Pipeline) -> tuple[jax.Array, jax.Array]:
+    """The empty-prompt (context, pooled): zeros under force_zeros_for_empty_prompt, else "" encoded."""
+    if pipe.force_zeros_for_empty_prompt:
+        shapes = jax.eval_shape(lambda: encode_prompts(pipe, [""]))
+        return tuple(jnp.zeros(s.shape, s.dtype) for s in shapes)
+    return encode_prompts(pipe, [""])
+
+
+def conditioning(pipe: Pipeline, prompt: str, empty: bool, micro: MicroConditioning) -> dict:
+    """One evaluation's UNet conditioning: {"context" [1, 77, d], "text_embeds" [1, p], "time_ids" [1, 6]}.
+    `empty`: the unconditional slot of a guidance method (see `unconditional`)."""
+    context, pooled = unconditional(pipe) if empty else encode_prompts(pipe, [prompt])
+    return {"context": context, "text_embeds": pooled, "time_ids": jnp.asarray(micro.time_ids())[None]}
