@@ -1,0 +1,69 @@
+"""Train the testbed's base model on emoji art (finextract_jax/testbed/), resumably.
+
+    python -m experiments.testbed_base --workdir=testbed_work [--steps=20000] [--batch_size=32]
+        [--out=DIR] [--checkpoint_every=100] [--export_every=250]
+
+Installs the emoji packages with npm on first use (finextract_jax/testbed/data.py), builds the
+random initial pipeline in WORKDIR/init, trains UNet and text encoder together with 10% caption
+dropout, checkpoints (orbax) into WORKDIR/checkpoints every --checkpoint_every steps, exports a
+loadable snapshot to WORKDIR/snapshot every --export_every steps (look at it with
+`python -m experiments.testbed_samples --model=WORKDIR/snapshot`), and the final model to --out
+(default WORKDIR/base). Rerun the same command to continue after an interruption, on any
+number of devices; raise --steps to train further.
+"""
+import os
+
+from absl import flags, logging
+
+from experiments import _app
+
+flags.DEFINE_string("workdir", "testbed_work", "Folder for the initial model, checkpoints and snapshots.")
+flags.DEFINE_string("out", None, "Where to export the trained base (SD layout); default WORKDIR/base.")
+flags.DEFINE_integer("steps", 20000, "Total optimizer steps.")
+flags.DEFINE_integer("batch_size", 32, "Images per step.")
+flags.DEFINE_float("learning_rate", 1e-3, "AdamW learning rate (constant, after global-norm clipping at 1).")
+flags.DEFINE_float("caption_dropout", 0.1, "Probability that a sample is trained with the empty caption.")
+flags.DEFINE_integer("checkpoint_every", 100, "Steps between orbax checkpoints.")
+flags.DEFINE_integer("export_every", 250, "Steps between snapshots in WORKDIR/snapshot (0: none).")
+flags.DEFINE_integer("seed", 0, "Seed of the initial weights, data order, noise and caption dropout.")
+FLAGS = flags.FLAGS
+
+
+def train(workdir: str, out: str, steps: int, batch_size: int, learning_rate: float, caption_dropout: float,
+          checkpoint_every: int, export_every: int, seed: int) -> str:
+    from finextract_jax.finetune.train import FinetuneConfig
+    from finextract_jax.models.pipeline import load_pipeline
+    from finextract_jax.testbed import base, data
+
+    emoji = data.all_emoji()
+    images, captions, keys = data.split_sets(emoji)["train"]
+    init = os.path.join(workdir, "init")
+    if not os.path.isdir(init):
+        base.make_init(init, data.caption_words(emoji), seed)
+    config = FinetuneConfig(method="dreambooth", steps=steps, learning_rate=learning_rate, batch_size=batch_size,
+                            train_text_encoder=True, seed=seed, weight_decay=0.0)
+    trainer = base.DropoutTrainer(load_pipeline(init), base.dropout_train_set(images, captions, keys), config,
+                                  caption_dropout=caption_dropout)
+    logging.info("training the testbed base on %d images (%d distinct captions) for %d steps at batch %d",
+                 len(images), len(set(captions)), steps, batch_size)
+
+    def snapshot(state, _metrics):
+        if export_every and state.step % export_every == 0:
+            trainer.export(state, os.path.join(workdir, "snapshot"))
+            logging.info("snapshot of step %d in %s", state.step, os.path.join(workdir, "snapshot"))
+
+    state = trainer.fit(checkpoint_dir=os.path.join(workdir, "checkpoints"), checkpoint_every=checkpoint_every,
+                        log_every=50, progress=False, callback=snapshot)
+    logging.info("eval loss %.5f", trainer.eval_loss(state, repeats=1))
+    return trainer.export(state, out)
+
+
+def main(_):
+    _app.quiet_orbax()
+    out = train(FLAGS.workdir, FLAGS.out or os.path.join(FLAGS.workdir, "base"), FLAGS.steps, FLAGS.batch_size,
+                FLAGS.learning_rate, FLAGS.caption_dropout, FLAGS.checkpoint_every, FLAGS.export_every, FLAGS.seed)
+    logging.info("wrote the testbed base model to %s", out)
+
+
+if __name__ == "__main__":
+    _app.run(main)

