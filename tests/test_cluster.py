@@ -167,9 +167,9 @@ def test_index_order_proofs_give_the_same_partition(monkeypatch):
         k = int(rng.integers(-20, 50))
         graph = graph_at(sim, k)
         renumbered = C.peel_cliques(graph)
-        monkeypatch.setattr(C, "LOCAL_MAX", 3)
+        monkeypatch.setattr(C.cliques, "LOCAL_MAX", 3)
         index_order = C.peel_cliques(graph)
-        monkeypatch.setattr(C, "LOCAL_MAX", 1024)
+        monkeypatch.setattr(C.cliques, "LOCAL_MAX", 1024)
         assert renumbered.cliques == index_order.cliques == nx_reference_peel(sim, C.tau(k))
 
 

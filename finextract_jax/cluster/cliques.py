@@ -1,0 +1,330 @@
+"""Exact maximum cliques and the peel (branch and bound over Python-int bitsets).
+
+No timeout. Branch and bound over Python-int bitsets of small local
+graphs. ``max clique = max over v of (best clique whose smallest member is v)``; the
+subproblem of v lives on v's later live neighbours N+(v), whose induced sub-graph is read
+out of the CSR graph. Comparing (size, then smaller v) across subproblems is exactly the
+lexicographic tie-break, because a clique with a smaller first member is lexicographically
+smaller. Each subproblem is solved in two steps:
+1. its clique number, by Tomita's MCQ (greedy colouring bounds, branching on the highest
+   colours first, never on vertices whose colour cannot beat the incumbent), with the
+   candidates renumbered by decreasing degree when there are at most ``LOCAL_MAX`` of them
+   (in index order above: renumbering a large set costs more than it saves) -- this is the
+   expensive, proving part;
+2. the lexicographically smallest clique of that size: take candidates in increasing index
+   order whenever an MCQ decision ("is a clique of the remaining size still there?", a
+   tight target that prunes hard) says yes.
+The subproblems sit in a lazy priority queue keyed by an upper bound (1 + |N+(v)| at first,
+then the bound a failed search proves) and are solved only on reaching the top, down to the
+size of the best clique still available (anything smaller cannot be the next clique).
+After a clique is removed, a solved subproblem whose clique does not meet it stays exact (its
+graph only lost nodes: the same clique is still the lexicographically smallest maximum one),
+so only the few that meet it are solved again. Isolated nodes never enter the queue. A
+subproblem never leaves its connected component, so the search is per component by
+construction; the queue and the budget stay global because which thresholds are over budget
+depends on the order in which the work is done.
+
+Work budget (deterministic, replaces the reference's 30 s timeout). Work is counted in
+"units": one unit per vertex coloured and per search node (about 0.3-1 microsecond each on
+a 2-core CI machine; the count, not the clock, decides). One subproblem may use at most
+``subproblem_budget`` units and one threshold at most ``threshold_budget`` units; and the
+graph of one threshold may have at most ``edge_budget`` edges (building the graph is part
+of what the reference's timeout covers; networkx needs minutes for 50M edges). In the
+threshold schedule, a threshold that exceeds any of them is abandoned and the schedule moves
+on to the next, as the reference does when its 30 s run out (logged, and recorded in
+``skipped_thresholds``); this happens on the dense graphs of low thresholds, where the exact
+partition is not computable in reasonable time by any method. The edge budget is decided
+from edge counts alone, without building or searching such a graph; with the default
+(50M edges) it can only act when N > 10,000 (N (N - 1) / 2 < 50M below), so smaller runs
+are decided by the search budgets alone. With a fixed threshold there is no next threshold
+to go to: the over-budget subproblems are answered by a greedy clique instead (logged;
+``exact`` is then False), and a graph over the edge budget is refused (InputError).
+"""
+from __future__ import annotations
+
+import dataclasses
+import heapq
+from typing import Optional, Sequence
+
+import numpy as np
+
+from finextract_jax.cluster.graph import Graph
+
+DEFAULT_SUBPROBLEM_BUDGET = 200_000
+# Subproblems with more candidates than this are proved in index order (no renumbering).
+LOCAL_MAX = 1024
+DEFAULT_THRESHOLD_BUDGET = 50_000_000
+
+class BudgetExceeded(Exception):
+    """Raised inside the search when the deterministic work budget is used up."""
+
+
+class _Work:
+    __slots__ = ("used", "threshold_limit", "subproblem_limit", "sub_start")
+
+    def __init__(self, subproblem_limit: int, threshold_limit: int):
+        self.used = 0
+        self.subproblem_limit = subproblem_limit
+        self.threshold_limit = threshold_limit
+        self.sub_start = 0
+
+    def limit(self) -> int:
+        return min(self.sub_start + self.subproblem_limit, self.threshold_limit)
+
+
+def _clique_number(P: int, adj: Sequence[int], r: int, lower: int, upper: int,
+                   work: _Work) -> int:
+    """max(lower - 1, r + clique number of P), stopping early once it reaches ``upper``.
+
+    Tomita's MCQ over bitsets: colour classes in index order, branch on the vertices of the
+    highest colours first, never branch on a vertex whose colour cannot lead past the
+    incumbent. Used to prove bounds (the expensive part); the lexicographically smallest
+    clique of the proven size is then found by ``_lex_clique``.
+    """
+    best = lower - 1
+    limit = work.limit()
+    frames = []
+
+    def colour(Q0: int, kmin: int):
+        us, cs = [], []
+        U = Q0
+        c = 0
+        n = 0
+        while U:
+            c += 1
+            Q = U
+            while Q:
+                low = Q & -Q
+                u = low.bit_length() - 1
+                U ^= low
+                Q ^= low
+                Q &= ~adj[u]
+                n += 1
+                if c >= kmin:
+                    us.append(u)
+                    cs.append(c)
+        return us, cs, c, n
+
+    if P == 0:
+        return max(best, r)
+    us, cs, ncol, m = colour(P, best - r + 1)
+    work.used += m + 1
+    if r + ncol <= best:
+        return best
+    if ncol == m:
+        return r + ncol
+    frames.append([us, cs, len(us) - 1, P, r])
+    while frames:
+        fr = frames[-1]
+        us, cs, i, Prem, depth = fr
+        if i < 0 or depth + cs[i] <= best:
+            frames.pop()
+            continue
+        u = us[i]
+        fr[2] = i - 1
+        fr[3] = Prem ^ (1 << u)
+        newP = Prem & adj[u]
+        if newP == 0:
+            if depth + 1 > best:
+                best = depth + 1
+                if best >= upper:
+                    return best
+            continue
+        nus, ncs, ncol, m = colour(newP, best - depth)
+        work.used += m + 1
+        if work.used > limit:
+            raise BudgetExceeded
+        if depth + 1 + ncol <= best:
+            continue
+        if ncol == m:
+            best = depth + 1 + ncol
+            if best >= upper:
+                return best
+            continue
+        frames.append([nus, ncs, len(nus) - 1, newP, depth + 1])
+    return best
+
+
+def _solve(v: int, idx: np.ndarray, sub: np.ndarray, lower: int, upper: int,
+           work: _Work) -> tuple[Optional[list[int]], int]:
+    """The lexicographically smallest maximum clique with smallest member v, if its size is
+    >= lower; else (None, an upper bound < lower).
+
+    ``idx`` = v's later live neighbours (ascending), ``sub`` their adjacency matrix (bool).
+    Up to LOCAL_MAX candidates the bound proof runs on them renumbered by decreasing degree
+    (better greedy colourings, as in MCQ); the clique itself is then picked in index order
+    (small ints make the bitset operations cheap)."""
+    m = len(idx)
+    full = (1 << m) - 1
+    if m <= LOCAL_MAX:
+        order = np.argsort(-sub.sum(axis=1), kind="stable")
+        size = _clique_number(full, pack_rows(sub[order][:, order]), 1, lower, upper, work)
+        local_adj = pack_rows(sub) if size >= lower else None
+    else:
+        local_adj = pack_rows(sub)
+        size = _clique_number(full, local_adj, 1, lower, upper, work)
+    if size < lower:
+        return None, size
+    return [v] + [int(idx[i]) for i in _lex_clique(full, local_adj, size - 1, work)], size
+
+
+def _lex_clique(P: int, adj: Sequence[int], size: int, work: _Work) -> list[int]:
+    """The lexicographically smallest clique of ``size`` (the clique number) in P: take each
+    candidate in increasing order if a clique of that size still fits with it (an MCQ
+    decision with a tight target), else drop it."""
+    R: list[int] = []
+    while len(R) < size:
+        need = size - len(R)  # vertices still to add, from P
+        cands = P
+        while True:
+            low = cands & -cands
+            u = low.bit_length() - 1
+            cands ^= low
+            newP = P & adj[u] & _above(u)
+            if newP.bit_count() >= need - 1 and (
+                    need == 1 or _clique_number(newP, adj, 1, need, need, work) >= need):
+                R.append(u)
+                P = newP
+                break
+            P ^= low
+    return R
+
+
+def _above(v: int) -> int:
+    return ~((2 << v) - 1)
+
+
+def pack_rows(mask2d: np.ndarray) -> list[int]:
+    """Rows of a boolean matrix -> Python ints (bit j of row i = mask2d[i, j])."""
+    if mask2d.shape[0] == 0:
+        return []
+    bits = np.packbits(mask2d, axis=1, bitorder="little")
+    width = bits.shape[1]
+    buf = bits.tobytes()
+    from_bytes = int.from_bytes
+    return [from_bytes(buf[i:i + width], "little") for i in range(0, len(buf), width)]
+
+
+def _greedy_clique(sub: np.ndarray) -> list[int]:
+    """Deterministic fallback (local indices): grow the clique by the candidate with most
+    candidate neighbours, the first one on ties."""
+    adj = pack_rows(sub)
+    P = (1 << len(adj)) - 1
+    R = []
+    while P:
+        best_u, best_d = -1, -1
+        Q = P
+        while Q:
+            low = Q & -Q
+            u = low.bit_length() - 1
+            Q ^= low
+            d = (adj[u] & P).bit_count()
+            if d > best_d:
+                best_u, best_d = u, d
+        R.append(best_u)
+        P &= adj[best_u]
+    return sorted(R)
+
+
+def max_clique(graph: Graph, budget: int = 10**12) -> list[int]:
+    """The lexicographically smallest maximum clique of the graph."""
+    cliques = peel_cliques(graph, max_cliques=1, subproblem_budget=budget,
+                           threshold_budget=budget)
+    return cliques.cliques[0] if cliques.cliques else []
+
+
+@dataclasses.dataclass
+class PeelResult:
+    cliques: list[list[int]]   # in peel order: larger first, then lexicographically smaller
+    complete: bool             # False if stopped early (max_cliques or count bound)
+    exact: bool                # False if a greedy fallback answered some subproblem
+    work: int
+
+
+def peel_cliques(graph: Graph, *, max_cliques: Optional[int] = None,
+                 min_count: Optional[int] = None,
+                 subproblem_budget: int = DEFAULT_SUBPROBLEM_BUDGET,
+                 threshold_budget: int = DEFAULT_THRESHOLD_BUDGET,
+                 on_budget: str = "raise") -> PeelResult:
+    """Peel maximum cliques off the graph until it is empty.
+
+    max_cliques: stop after this many cliques (they are the largest ones).
+    min_count: stop (complete=False) as soon as the count can no longer reach it.
+    on_budget: "raise" (BudgetExceeded) or "greedy" (answer over-budget subproblems greedily).
+    """
+    work = _Work(subproblem_budget, threshold_budget)
+    exact = True
+    n = graph.n
+    cliques: list[list[int]] = []
+    # Isolated nodes are singletons; handled without the queue.
+    later = graph.later_degrees()
+    has_edges = np.diff(graph.indptr) > 0
+    isolated = np.flatnonzero(~has_edges).tolist()
+    heap = [(-(1 + int(later[v])), int(v), 0, None) for v in np.flatnonzero(has_edges)]
+    heapq.heapify(heap)
+    live = has_edges.copy()
+    num_live = len(heap)
+    SOLVED = 1
+    solved: list = []   # (-size, v, version, members): exact cliques, for the lower bound
+    version: dict = {}
+
+    def _valid(entry) -> bool:
+        _, u, ver, members = entry
+        return version.get(u) == ver and live[members].all()
+
+    def finished() -> bool:
+        return max_cliques is not None and len(cliques) >= max_cliques
+
+    while heap and not finished():
+        if (min_count is not None and len(cliques) + len(heap) + len(isolated) < min_count
+                and len(cliques) + num_live + len(isolated) < min_count):
+            # Even if every remaining node were a singleton the count stays below min_count.
+            return PeelResult(cliques, False, exact, work.used)
+        negb, v, state, payload = heapq.heappop(heap)
+        if not live[v]:
+            continue
+        if state == SOLVED and live[payload[0]].all():
+            members, found = payload
+            cliques.append(found)
+            live[members] = False
+            num_live -= len(found)
+            continue
+        upper = -negb
+        # Solve v exactly down to the best clique size still available (lower bound). A
+        # smaller cut-off would only re-rank v; a larger one (e.g. the runner-up's bound)
+        # makes vertices fail by one, again and again, as bounds decrease.
+        while solved and not _valid(solved[0]):
+            heapq.heappop(solved)
+        lower = -solved[0][0] if solved else 1
+        idx = graph.later_live(v, live)
+        m = idx.shape[0]
+        if m + 1 < lower:  # cannot reach the incumbent: the degree is a good enough bound
+            heapq.heappush(heap, (-(m + 1), v, 0, None))
+            continue
+        work.sub_start = work.used
+        sub = graph.induced(idx)
+        try:
+            found, bound = _solve(v, idx, sub, lower, upper, work)
+        except BudgetExceeded:
+            if on_budget != "greedy":
+                raise
+            exact = False
+            if work.used > work.threshold_limit:
+                work.threshold_limit = 10**18  # from now on: greedy everywhere
+                work.subproblem_limit = 0
+            found = [v] + [int(idx[i]) for i in _greedy_clique(sub)]
+        if found is None:
+            heapq.heappush(heap, (-bound, v, 0, None))
+        else:
+            members = np.asarray(found)
+            heapq.heappush(heap, (-len(found), v, SOLVED, (members, found)))
+            version[v] = version.get(v, 0) + 1
+            heapq.heappush(solved, (-len(found), v, version[v], members))
+    # Isolated nodes are the last cliques (size 1) in index order; merged in by the sort.
+    cliques.extend([v] for v in isolated)
+    complete = num_live == 0
+    cliques.sort(key=lambda c: (-len(c), c))
+    if max_cliques is not None:
+        complete = complete and len(cliques) <= max_cliques
+        cliques = cliques[:max_cliques]
+    return PeelResult(cliques, complete, exact, work.used)

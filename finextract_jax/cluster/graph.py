@@ -1,0 +1,280 @@
+"""The sparse threshold graph: every kept pair once, in CSR form with an int8 level per edge.
+
+The kept pairs, with their level (the largest k with sim >= tau_k), form one CSR graph; the
+graph of threshold k is its sub-graph of levels >= k. The cut-off is the lowest level whose
+graph has at most ``edge_budget`` edges (found while streaming: a level whose running edge
+count already exceeds the budget can never come back under it), so memory is
+O(edge_budget), about 10 bytes an edge, whatever N is.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import numpy as np
+
+from finextract_jax.cluster.similarity import (
+    COL_CHUNK, NUM_THRESHOLD_SAMPLES, ROW_BLOCK, THRESHOLD_QUANTILE, _MAX_LEVEL, _MIN_LEVEL,
+    _check_features, check_similarity, feature_tiles, level_of, matrix_tiles, tau)
+from finextract_jax.errors import InputError
+
+DEFAULT_EDGE_BUDGET = 50_000_000
+
+@dataclasses.dataclass
+class Graph:
+    """Undirected graph in CSR form (rows sorted), with an int8 level per edge.
+
+    ``indices[indptr[v]:indptr[v + 1]]`` are v's neighbours, ascending, and the later ones
+    (> v) start at ``upper[v]``; ``levels`` holds the level of each of these edges (the
+    largest k with sim >= tau(k)), so that the graph of every higher threshold is a filter
+    away. The search only ever needs later neighbours, so ``upper`` saves it every lookup.
+    """
+    indptr: np.ndarray
+    upper: np.ndarray
+    indices: np.ndarray
+    levels: np.ndarray
+    _pos: Optional[np.ndarray] = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def n(self) -> int:
+        return self.indptr.shape[0] - 1
+
+    @property
+    def num_edges(self) -> int:
+        return self.indices.shape[0] // 2
+
+    @classmethod
+    def from_pairs(cls, n: int, chunks: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]
+                   ) -> "Graph":
+        """Build from chunks of (i, j, level) with i < j, in row-major order overall (for a
+        fixed i the j ascend, for a fixed j the i ascend), as the tiles produce them.
+
+        A counting sort, chunk by chunk: first every pair fills its larger end's row (the
+        smaller neighbours, ascending), then its smaller end's row (the larger ones), so the
+        rows come out sorted with no global sort and no temporary of the graph's size."""
+        deg = np.zeros(n, np.int64)
+        for i, j, _ in chunks:
+            deg += np.bincount(i, minlength=n) + np.bincount(j, minlength=n)
+        indptr = np.zeros(n + 1, np.int64)
+        np.cumsum(deg, out=indptr[1:])
+        indices = np.empty(int(indptr[-1]), np.int32)
+        levels = np.empty(int(indptr[-1]), np.int8)
+        fill = indptr[:-1].copy()
+        upper = None
+        for own, other in ((1, 0), (0, 1)):
+            for chunk in chunks:
+                rows, nbrs, lv = chunk[own], chunk[other], chunk[2]
+                order = np.argsort(rows, kind="stable")
+                rows_sorted = rows[order]
+                rank = np.arange(rows.shape[0]) - np.searchsorted(rows_sorted, rows_sorted)
+                pos = fill[rows_sorted] + rank
+                indices[pos] = nbrs[order]
+                levels[pos] = lv[order]
+                fill += np.bincount(rows, minlength=n)
+            if upper is None:
+                upper = fill.copy()  # the smaller neighbours are in: later ones start here
+        return cls(indptr, upper, indices, levels)
+
+    @classmethod
+    def from_edges(cls, n: int, edges, level: int = 0) -> "Graph":
+        """From (i, j) pairs in any order (duplicates and self-loops dropped); for tests."""
+        e = np.asarray(list(edges), np.int64).reshape(-1, 2)
+        e = np.unique(np.sort(e[e[:, 0] != e[:, 1]], axis=1), axis=0)
+        return cls.from_pairs(n, [(e[:, 0].astype(np.int32), e[:, 1].astype(np.int32),
+                                   np.full(e.shape[0], level, np.int8))])
+
+    def at_least(self, k: int) -> "Graph":
+        """The sub-graph of the edges with level >= k (self if that is all of them)."""
+        keep = self.levels >= k
+        if keep.all():
+            return self
+        bounds = np.empty(2 * self.n + 1, np.int64)  # indptr[0], upper[0], indptr[1], ...
+        bounds[0::2], bounds[1::2] = self.indptr, self.upper
+        kept = _count_before(keep, bounds)
+        return Graph(kept[0::2], kept[1::2], self.indices[keep], self.levels[keep])
+
+    def later_degrees(self) -> np.ndarray:
+        """|N+(v)| = the number of neighbours after v, for every v."""
+        return self.indptr[1:] - self.upper
+
+    def later_live(self, v: int, live: np.ndarray) -> np.ndarray:
+        """N+(v) among the live nodes, ascending."""
+        row = self.indices[self.upper[v]:self.indptr[v + 1]]
+        return row[live[row]]
+
+    def induced(self, idx: np.ndarray, max_entries: int = 1 << 22) -> np.ndarray:
+        """Boolean adjacency matrix of the sub-graph induced by ``idx`` (ascending).
+
+        Gathers the later halves of the rows of ``idx`` (about ``max_entries`` at a time),
+        keeps the entries inside ``idx`` through a position map (a scratch array of the
+        graph, reset before returning) and sets both (i, j) and (j, i)."""
+        if self._pos is None:
+            self._pos = np.full(self.n, -1, np.int32)
+        m = idx.shape[0]
+        sub = np.zeros((m, m), bool)
+        starts = self.upper[idx]
+        lens = self.indptr[idx + 1] - starts
+        ends = np.cumsum(lens)
+        self._pos[idx] = np.arange(m, dtype=np.int32)
+        r0 = 0
+        while r0 < m:
+            base = ends[r0] - lens[r0]
+            r1 = max(r0 + 1, int(np.searchsorted(ends, base + max_entries, "right")))
+            n_r = lens[r0:r1]
+            flat = np.arange(ends[r1 - 1] - base) + np.repeat(starts[r0:r1] - ends[r0:r1] + n_r
+                                                              + base, n_r)
+            cols = self._pos[self.indices[flat]]
+            keep = cols >= 0
+            rows, cols = np.repeat(np.arange(r0, r1), n_r)[keep], cols[keep]
+            sub[rows, cols] = True
+            sub[cols, rows] = True
+            r0 = r1
+        self._pos[idx] = -1
+        return sub
+
+
+def _count_before(mask: np.ndarray, positions: np.ndarray, chunk: int = 1 << 22) -> np.ndarray:
+    """For ascending positions p: the number of True entries of mask[:p]. A running sum in
+    chunks, so that no temporary is as long as the mask."""
+    out = np.empty(positions.shape[0], np.int64)
+    total, lo = 0, 0
+    for a in range(0, mask.shape[0] + 1, chunk):
+        b = min(mask.shape[0], a + chunk)
+        cs = np.zeros(b - a + 1, np.int64)
+        np.cumsum(mask[a:b], out=cs[1:])
+        hi = int(np.searchsorted(positions, b, "right")) if b < mask.shape[0] else len(positions)
+        out[lo:hi] = total + cs[positions[lo:hi] - a]
+        total += int(cs[-1])
+        lo = hi
+    return out
+
+
+@dataclasses.dataclass
+class SimilarityGraph:
+    """The thresholds' graphs, as far as they can be searched, plus what the schedule needs.
+
+    ``graph`` holds every pair with level >= ``min_level`` (with a fixed threshold t: every
+    pair with sim >= float32(t)); each level below ``min_level`` has more than the edge
+    budget of edges (so ``min_level`` may be _MAX_LEVEL + 1: nothing searchable).
+    ``edge_counts[k - _MIN_LEVEL]`` = the number of edges of level >= k, for k >= min_level.
+    ``samples`` = the seeded 1000 entries for the start threshold. ``similarity`` is kept
+    only when the input was a matrix (representatives without features).
+    """
+    graph: Graph
+    min_level: int
+    edge_counts: np.ndarray
+    samples: np.ndarray
+    features: Optional[np.ndarray] = None
+    similarity: Optional[np.ndarray] = None
+
+    @property
+    def n(self) -> int:
+        return self.graph.n
+
+
+def _sample_indices(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    total = n * n
+    return np.sort(rng.choice(total, size=min(NUM_THRESHOLD_SAMPLES, total), replace=False))
+
+
+def _edges_at_or_above(per_level: np.ndarray) -> np.ndarray:
+    """[k - _MIN_LEVEL] -> the number of edges of level >= k, for k up to _MAX_LEVEL + 1."""
+    return np.append(np.cumsum(per_level[::-1])[::-1], 0)
+
+
+def _at_least(chunks: list, level: int) -> list:
+    """The (i, j, level) chunks without their pairs below ``level``, in the same order."""
+    out = []
+    for i, j, lv in chunks:
+        keep = lv >= level
+        out.append((i[keep], j[keep], lv[keep]))
+    return out
+
+
+class _EdgeCollector:
+    """Takes the pairs at or above a cut-off out of the tiles, and the seeded samples.
+
+    ``budget`` edges at most are kept. With ``adaptive`` the cut-off rises instead: after
+    each tile it moves to the lowest level whose running edge count is within the budget (a
+    level whose running count is over it will be over at the end too); the kept chunks are
+    compacted when they hold 25% more than the budget. Without it (a fixed threshold) going
+    over the budget is an InputError.
+    """
+
+    def __init__(self, n: int, seed: int, budget: int, cut_value=-np.inf, adaptive=True):
+        self.n, self.budget, self.adaptive = n, budget, adaptive
+        self.cut_level, self.cut_value = _MIN_LEVEL, np.float32(cut_value)
+        self.counts = np.zeros(_MAX_LEVEL - _MIN_LEVEL + 1, np.int64)  # kept edges per level
+        self.kept = 0
+        self.chunks: list = []
+        flat = _sample_indices(n, seed)
+        r, c = np.divmod(flat, n)
+        self.sample_a, self.sample_b = np.minimum(r, c), np.maximum(r, c)
+        self.samples = np.zeros(flat.shape[0], np.float32)  # diagonal entries stay 0
+
+    def add(self, r0: int, c0: int, tile: np.ndarray) -> None:
+        rows, cols = tile.shape
+        a, b = self.sample_a, self.sample_b
+        hit = (a >= r0) & (a < r0 + rows) & (b >= c0) & (b < c0 + cols) & (a < b)
+        self.samples[hit] = tile[a[hit] - r0, b[hit] - c0]
+        sel = tile >= self.cut_value
+        if c0 < r0 + rows:  # the tile reaches the diagonal: keep j > i only
+            sel &= (c0 + np.arange(cols))[None, :] > (r0 + np.arange(rows))[:, None]
+        ii, jj = np.nonzero(sel)
+        lv = level_of(tile[ii, jj]).astype(np.int8)
+        self.counts += np.bincount(lv.astype(np.int64) - _MIN_LEVEL,
+                                   minlength=self.counts.shape[0])
+        self.kept += ii.shape[0]
+        self.chunks.append(((ii + r0).astype(np.int32), (jj + c0).astype(np.int32), lv))
+        if self.kept > self.budget:
+            if not self.adaptive:
+                raise InputError(
+                    f"the graph at this threshold has more than {self.budget:,} edges (the edge "
+                    f"budget, ~{10 * self.budget / 2**30:.1f} GiB); use a higher --threshold or "
+                    "raise --edge_budget")
+            self._raise_cut()
+
+    def _raise_cut(self) -> None:
+        above = _edges_at_or_above(self.counts)
+        new = int(np.argmax(above <= self.budget)) + _MIN_LEVEL  # the last entry is 0
+        self.counts[: new - _MIN_LEVEL] = 0
+        self.cut_level, self.cut_value = new, max(self.cut_value, tau(new))
+        self.kept = int(above[new - _MIN_LEVEL])
+        if sum(c[0].shape[0] for c in self.chunks) > 1.25 * self.budget:
+            self.chunks = _at_least(self.chunks, new)
+
+    def finish(self, features=None, similarity=None) -> SimilarityGraph:
+        chunks, self.chunks = _at_least(self.chunks, self.cut_level), []
+        return SimilarityGraph(graph=Graph.from_pairs(self.n, chunks), min_level=self.cut_level,
+                               edge_counts=_edges_at_or_above(self.counts),
+                               samples=self.samples, features=features, similarity=similarity)
+
+
+def similarity_graph(*, features=None, similarity=None, seed: int = 0,
+                     edge_budget: int = DEFAULT_EDGE_BUDGET,
+                     threshold: Optional[float] = None,
+                     row_block: int = ROW_BLOCK, col_chunk: int = COL_CHUNK) -> SimilarityGraph:
+    """One pass over the similarity (features [N, D] or a matrix [N, N]): the searchable
+    thresholds' graph (or, with ``threshold``, the graph of sim >= float32(threshold))."""
+    if (features is None) == (similarity is None):
+        raise InputError("give exactly one of features or similarity")
+    if features is not None:
+        feats = _check_features(features)
+        n, tiles, sim = feats.shape[0], feature_tiles(feats, row_block, col_chunk), None
+    else:
+        sim, feats = check_similarity(similarity), None
+        n, tiles = sim.shape[0], matrix_tiles(sim, row_block, col_chunk)
+    if threshold is None:
+        collector = _EdgeCollector(n, seed, edge_budget)
+    else:
+        collector = _EdgeCollector(n, seed, edge_budget, cut_value=threshold, adaptive=False)
+    for r0, c0, tile in tiles:
+        collector.add(r0, c0, tile)
+    return collector.finish(features=feats, similarity=sim)
+
+
+def start_level(samples) -> int:
+    """Largest k with tau(k) <= the 25th percentile of the sampled entries."""
+    q = np.float32(np.quantile(np.asarray(samples, np.float32), THRESHOLD_QUANTILE))
+    return int(level_of(np.array([q]))[0])
