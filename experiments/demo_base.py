@@ -39,7 +39,7 @@ FLAGS = flags.FLAGS
 def train_base(out: str, steps: int, batch_size: int, num_images: int, learning_rate: float, seed: int,
                caption_dropout: float) -> str:
     from finextract_jax.demo.data import write_base_training_set
-    from finextract_jax.finetune.train import FinetuneConfig, finetune
+    from finextract_jax.finetune import FinetuneConfig, finetune
     from finextract_jax.models.tiny import make_tiny
 
     work = tempfile.mkdtemp(prefix="demo_base.")

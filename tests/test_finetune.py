@@ -18,7 +18,7 @@ from flax.traverse_util import flatten_dict
 from finextract_jax.errors import InputError
 from finextract_jax.finetune import FinetuneConfig, Trainer, augment, load_train_set
 from finextract_jax.finetune import lora as ft_lora
-from finextract_jax.finetune.train import check_resolution
+from finextract_jax.finetune.inputs import check_resolution
 from finextract_jax.noise_schedule import add_noise, training_target
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -16,6 +16,7 @@ replicated, the per-step index array is split over "data", and XLA all-reduces t
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -31,89 +32,19 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from finextract_jax import fileio
 from finextract_jax.errors import InputError, NonFiniteError
 from finextract_jax.finetune import augment as augment_lib
 from finextract_jax.finetune import export as export_lib
 from finextract_jax.finetune import lora as lora_lib
+from finextract_jax.finetune.config import DTYPES, FinetuneConfig
 from finextract_jax.finetune.data import TrainSet
+from finextract_jax.finetune.inputs import check_resolution, encode_captions, encode_latent_moments
 from finextract_jax.models import components
 from finextract_jax.models.pipeline import Pipeline, tokenize, vae_posterior
 from finextract_jax.noise_schedule import add_noise, alphas_cumprod_from_config, training_target
 
 log = logging.getLogger(__name__)
-
-METHODS = ("dreambooth", "lora")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-DEFAULT_LEARNING_RATE = {"dreambooth": 2e-6, "lora": 1e-4}  # docs/method.md §1
-STEPS_PER_IMAGE = 200
-
-
-@dataclasses.dataclass(frozen=True)
-class FinetuneConfig:
-    """Everything that determines the trained parameters (plus `steps`, which only says when to stop)."""
-
-    method: str = "dreambooth"
-    steps: int = 0  # 0: 200 per training image (the reference)
-    learning_rate: float | None = None  # None: 2e-6 (DreamBooth) or 1e-4 (LoRA)
-    batch_size: int = 1  # images per micro-batch, over all devices
-    grad_accum: int = 1  # micro-batches per optimizer step
-    rank: int = 64
-    lora_alpha: float | None = None  # None: = rank
-    train_text_encoder: bool = False
-    augment: str = "none"
-    seed: int = 0
-    dtype: str = "float32"  # compute dtype; master weights and optimizer state stay float32
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    weight_decay: float = 1e-2
-    max_grad_norm: float = 1.0
-    attention: str = "auto"  # auto: einsum on CPU (compiles faster), fused elsewhere
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise InputError(f"--method={self.method!r} is not one of {', '.join(METHODS)}")
-        if self.steps < 0:
-            raise InputError(f"--steps must be >= 0 (0 = {STEPS_PER_IMAGE} per image), got {self.steps}")
-        if self.learning_rate is not None and not self.learning_rate > 0:
-            raise InputError(f"--learning_rate must be positive, got {self.learning_rate}")
-        if self.batch_size < 1 or self.grad_accum < 1:
-            raise InputError(f"--batch_size and --grad_accum must be >= 1, got {self.batch_size}, {self.grad_accum}")
-        if self.method == "lora":
-            lora_lib.check_rank(self.rank, self.lora_alpha)
-        if self.dtype not in DTYPES:
-            raise InputError(f"--dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
-        if self.attention not in ("auto", "fused", "plain"):
-            raise InputError(f"attention={self.attention!r} is not one of auto, fused, plain")
-        augment_lib.AugmentConfig(self.augment)
-
-    @property
-    def lr(self) -> float:
-        return self.learning_rate if self.learning_rate is not None else DEFAULT_LEARNING_RATE[self.method]
-
-    @property
-    def alpha(self) -> float:
-        return float(self.lora_alpha if self.lora_alpha is not None else self.rank)
-
-    @property
-    def lora_scale(self) -> float:
-        return self.alpha / self.rank
-
-    def total_steps(self, num_images: int) -> int:
-        return self.steps or STEPS_PER_IMAGE * num_images
-
-    def identity(self) -> dict:
-        """The fields a resumed run must share with the checkpoints it resumes from."""
-        out = dataclasses.asdict(self)
-        out.pop("steps")
-        out.pop("attention")
-        out["learning_rate"] = self.lr
-        if self.method != "lora":
-            out.pop("rank"), out.pop("lora_alpha")
-        else:
-            out["lora_alpha"] = self.alpha
-        return out
-
 
 def make_mesh(batch_size: int, devices=None) -> Mesh:
     """A 1-D "data" mesh over as many devices as evenly split the micro-batch."""
@@ -465,16 +396,16 @@ class _CheckpointManager:
         self.directory = os.path.abspath(directory)
         identity_file = os.path.join(self.directory, "run.json")
         if os.path.isfile(identity_file):
-            with open(identity_file) as f:
-                previous = json.load(f)
-            if previous != json.loads(json.dumps(identity)):
+            previous = fileio.read_record(identity_file, "remove it or pass another --checkpoint_dir")
+            steps = os.path.join(self.directory, "steps")
+            holds_checkpoints = os.path.isdir(steps) and bool(os.listdir(steps))
+            # A folder without a checkpoint (a run that failed before its first) is taken over.
+            if holds_checkpoints and previous != json.loads(json.dumps(identity)):
                 diff = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
                 raise InputError(f"{self.directory} holds checkpoints of a different run (differs in {diff}); "
                                  "remove it or pass another --checkpoint_dir")
-        os.makedirs(self.directory, exist_ok=True)
-        with open(identity_file + ".tmp", "w") as f:
-            json.dump(identity, f, indent=2, sort_keys=True)
-        os.replace(identity_file + ".tmp", identity_file)
+        fileio.claim_dir(self.directory, "--checkpoint_dir")
+        fileio.atomic_write_json(identity_file, identity)
         options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
         self.manager = ocp.CheckpointManager(os.path.join(self.directory, "steps"), options=options)
 
@@ -499,42 +430,6 @@ class _CheckpointManager:
         self.manager.close()
 
 
-def check_resolution(pipe: Pipeline, resolution: int):
-    factor = pipe.vae_scale_factor
-    if resolution <= 0 or resolution % factor:
-        raise InputError(f"--resolution {resolution} is not a positive multiple of the VAE factor {factor}; "
-                         f"use e.g. {max(factor, resolution // factor * factor)}")
-    levels = len(pipe.unet.module.block_out_channels) - 1
-    latent = resolution // factor
-    if latent % (2 ** levels):
-        multiple = factor * 2 ** levels
-        raise InputError(f"--resolution {resolution} gives {latent}x{latent} UNet inputs, which its {levels} "
-                         f"downsamplings cannot halve evenly; use a multiple of {multiple}")
-
-
-def encode_latent_moments(pipe: Pipeline, pixels: np.ndarray, batch: int = 8):
-    """VAE posterior (mean, std), NCHW, once per image: each step then draws its own latent sample."""
-    module, params = pipe.vae.module, pipe.vae.params
-    encode = jax.jit(lambda p, x: vae_posterior(module, p, x))
-
-    means, stds = [], []
-    for i in range(0, len(pixels), batch):
-        mean, std = encode(params, jnp.asarray(pixels[i:i + batch]))
-        means.append(np.asarray(mean))
-        stds.append(np.asarray(std))
-    return np.concatenate(means), np.concatenate(stds)
-
-
-def encode_captions(pipe: Pipeline, captions) -> np.ndarray:
-    """Frozen-text-encoder conditioning, [N, tokens, dim], each distinct caption encoded once."""
-    from finextract_jax.models.pipeline import encode_prompts
-
-    unique = sorted(set(captions))
-    encoded = np.asarray(encode_prompts(pipe.text_encoder, pipe.tokenizer, unique), np.float32)
-    row = {c: i for i, c in enumerate(unique)}
-    return encoded[[row[c] for c in captions]]
-
-
 def dreambooth_components(pipe: Pipeline, unet_params, text_params=None) -> dict:
     """{name: (config, params)} to write as safetensors: the trained parts, plus pretrained parts
     held only as Flax msgpack (so that diffusers PyTorch can load the export)."""
@@ -551,6 +446,26 @@ def default_checkpoint_dir(out: str) -> str:
     return os.path.abspath(out).rstrip(os.sep) + ".checkpoints"
 
 
+def check_outputs(out: str, method: str, checkpoint_dir: str, train_dir: str, pretrained: str):
+    """Refuse, before anything is loaded or written, outputs that are not ours to write or that
+    overlap an input or each other (see fileio)."""
+    inputs = {"--train_dir": train_dir, "--pretrained": pretrained}
+    export_lib.check_output(out, method, inputs)
+    fileio.check_output_dir(checkpoint_dir, "--checkpoint_dir")
+    fileio.check_not_inside(checkpoint_dir, "--checkpoint_dir", {**inputs, "--out": out}, both_ways=True)
+
+
+def remove_checkpoints(checkpoint_dir: str):
+    """Delete what `_CheckpointManager` wrote (steps/, run.json, the marker); the folder itself only
+    when nothing else is left in it."""
+    shutil.rmtree(os.path.join(checkpoint_dir, "steps"), ignore_errors=True)
+    for name in ("run.json", fileio.MARKER):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(checkpoint_dir, name))
+    with contextlib.suppress(OSError):
+        os.rmdir(checkpoint_dir)
+
+
 def finetune(pretrained: Pipeline | str, train_dir: str, out: str, config: FinetuneConfig, caption: str | None = None,
              resolution: int | None = None, checkpoint_dir: str | None = None, checkpoint_every: int = 100,
              keep_checkpoints: bool = False, mesh: Mesh | None = None, progress: bool = True, log_every: int = 10,
@@ -563,17 +478,19 @@ def finetune(pretrained: Pipeline | str, train_dir: str, out: str, config: Finet
     from finextract_jax.finetune.data import load_train_set
     from finextract_jax.models.pipeline import load_pipeline
 
+    checkpoint_dir = checkpoint_dir or default_checkpoint_dir(out)
+    check_outputs(out, config.method, checkpoint_dir, train_dir,
+                  pretrained if isinstance(pretrained, str) else pretrained.path)
     pipe = load_pipeline(pretrained) if isinstance(pretrained, str) else pretrained
     resolution = resolution or pipe.unet.module.sample_size * pipe.vae_scale_factor
     check_resolution(pipe, resolution)
     train_set = load_train_set(train_dir, resolution, caption)
     trainer = Trainer(pipe, train_set, config, mesh)
-    checkpoint_dir = checkpoint_dir or default_checkpoint_dir(out)
     log.info("fine-tuning (%s) on %d images at %dpx for %d steps, lr %g, %d device(s)", config.method,
              len(train_set), resolution, trainer.total_steps, config.lr, trainer.mesh.devices.size)
     state = trainer.fit(checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, log_every=log_every,
                         progress=progress, callback=callback)
     path = trainer.export(state, out)
     if not keep_checkpoints:
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        remove_checkpoints(checkpoint_dir)
     return path
