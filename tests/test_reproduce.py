@@ -4,7 +4,7 @@ well-formed tables, refused setting changes and bad inputs that write nothing.
 Runs in-process (compilations are shared with the rest of the session) on the tiny sd1 model,
 with one fine-tuning method (each fine-tune is one long compilation) and all three extraction
 methods; the DreamBooth path differs only in the FinetuneConfig and the checkpoint kind, both
-covered by test_finetune and test_extract_cli.
+covered by test_finetune and test_extract_binary.
 """
 import csv
 import dataclasses
