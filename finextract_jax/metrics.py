@@ -10,9 +10,10 @@ import math
 from typing import Optional, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from finextract_jax.errors import InputError
+from finextract_jax.grids import labelled_grid
 
 DEFAULT_SUCCESS_THRESHOLD = 0.7
 
@@ -62,26 +63,9 @@ def pairs_grid(train_images: Sequence[Image.Image], matched_images: Sequence[Ima
     """Each training image beside its best extracted match, the similarity written below."""
     if len(train_images) != len(matched_images) or len(train_images) != len(similarities):
         raise InputError("pairs_grid: lists of different lengths")
-    label_h = 24
-    pad = 8
-    rows = len(train_images)
-    width = 2 * tile + 3 * pad
-    height = rows * (tile + label_h + pad) + pad
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
-    for r, (a, b, s) in enumerate(zip(train_images, matched_images, similarities)):
-        y = pad + r * (tile + label_h + pad)
-        for c, img in enumerate((a, b)):
-            img = img.convert("RGB")
-            scale = tile / max(img.size)
-            size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-            # Small images (tiny test models) are enlarged with visible pixels.
-            thumb = img.resize(size, Image.NEAREST if scale > 1 else Image.BICUBIC)
-            x = pad + c * (tile + pad) + (tile - thumb.width) // 2
-            canvas.paste(thumb, (x, y + (tile - thumb.height) // 2))
+    rows = []
+    for r, (train, match, s) in enumerate(zip(train_images, matched_images, similarities)):
         ok = success_threshold is not None and s > success_threshold
         name = labels[r] if labels is not None else f"train #{r}"
-        text = f"{name}   |   best match: similarity {s:.3f}" + ("  (extracted)" if ok else "")
-        draw.text((pad, y + tile + 4), text, fill=(0, 110, 0) if ok else (0, 0, 0), font=font)
-    return canvas
+        rows.append([(train, name, False), (match, f"similarity {s:.3f}" + (" (extracted)" if ok else ""), ok)])
+    return labelled_grid(rows, ["training image", "best match"], tile)

@@ -4,7 +4,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from finextract_jax import metrics
+from finextract_jax import grids, metrics
 from finextract_jax.errors import InputError
 
 
@@ -51,7 +51,12 @@ def test_pairs_grid():
     a = Image.fromarray(skimage.data.astronaut())
     b = Image.fromarray(skimage.data.chelsea())
     grid = metrics.pairs_grid([a, b], [b, a], [0.91, 0.12], tile=64, success_threshold=0.7)
-    assert grid.size == (2 * 64 + 3 * 8, 2 * (64 + 24 + 8) + 8)
-    px = np.asarray(grid)
-    assert px[8 + 32, 8 + 32].tolist() != [255, 255, 255]  # an image was pasted
-    assert (px[8 + 64 + 4: 8 + 64 + 20, 8:200] < 128).any()  # a label was written
+    pad, label = grids.PAD, grids.LABEL
+    assert grid.size == (pad + 2 * (64 + pad), label + pad + 2 * (64 + label + pad))
+    px = np.asarray(grid).astype(int)
+    top = label + pad  # first row of tiles
+    assert px[top + 32, pad + 32].tolist() != [255, 255, 255]  # an image was pasted
+    caption = px[top + 64 + 1: top + 64 + label, pad + 64 + pad:]
+    assert ((caption[..., 1] > 90) & (caption[..., 0] < 50)).any()  # 0.91 > 0.7: a green caption
+    second = px[top + 2 * 64 + label + pad + 1: top + 2 * (64 + label) + pad, pad + 64 + pad:]
+    assert (second.max(-1) < 128).any() and not ((second[..., 1] > 90) & (second[..., 0] < 50)).any()
