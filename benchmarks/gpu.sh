@@ -12,3 +12,15 @@ timeout ${SAMPLING_S:-300} python3 benchmarks/bench_sampling.py --size=sd1 --dty
     --variants=${VARIANTS:-two_applies,lora_batch} 2>&1 | grep -v Warning | tee $OUT/sampling.txt
 timeout ${FINETUNE_S:-200} python3 benchmarks/bench_finetune.py --size=sd1 --dtypes=bfloat16 --methods=lora,dreambooth \
     --steps=10 2>&1 | grep -v Warning | tee $OUT/finetune.txt
+# The testbed base (finextract_jax/testbed/, README "The testbed"): trained from scratch, 20,000 steps of 32
+# images, in at most TESTBED_S (480) seconds. This machine has no npm: carry testbed_work/testbed_data.npz
+# (written by `python -m experiments.testbed_base --data=testbed_work/testbed_data.npz`). The last snapshot
+# and its probe grid come back in $OUT/testbed_base and $OUT/testbed_probe.png, also when the time runs out.
+if [ -f testbed_work/testbed_data.npz ]; then
+    timeout ${TESTBED_S:-480} python3 -m experiments.testbed_base --workdir=/tmp/testbed \
+        --data=testbed_work/testbed_data.npz --out=$OUT/testbed_base --export_every=2500 --checkpoint_every=2500 \
+        2>&1 | grep -v Warning | grep -v "^W" | tail -n 60 | tee $OUT/testbed.txt
+    [ -d $OUT/testbed_base ] || cp -r /tmp/testbed/snapshot $OUT/testbed_base
+    python3 -m experiments.testbed_samples --model=$OUT/testbed_base --data=testbed_work/testbed_data.npz \
+        --out=$OUT/testbed_probe.png 2>&1 | tail -n 3
+fi

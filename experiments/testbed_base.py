@@ -18,6 +18,8 @@ from absl import flags, logging
 from experiments import _app
 
 flags.DEFINE_string("workdir", "testbed_work", "Folder for the initial model, checkpoints and snapshots.")
+flags.DEFINE_string("data", None, "The testbed's images as .npz: read when it exists, else built from the npm "
+                    "packages and written there (carry it to a machine without npm); default: npm, not saved.")
 flags.DEFINE_string("out", None, "Where to export the trained base (SD layout); default WORKDIR/base.")
 flags.DEFINE_integer("steps", 20000, "Total optimizer steps.")
 flags.DEFINE_integer("batch_size", 32, "Images per step.")
@@ -29,17 +31,17 @@ flags.DEFINE_integer("seed", 0, "Seed of the initial weights, data order, noise 
 FLAGS = flags.FLAGS
 
 
-def train(workdir: str, out: str, steps: int, batch_size: int, learning_rate: float, caption_dropout: float,
-          checkpoint_every: int, export_every: int, seed: int) -> str:
+def train(workdir: str, data_file: str | None, out: str, steps: int, batch_size: int, learning_rate: float,
+          caption_dropout: float, checkpoint_every: int, export_every: int, seed: int) -> str:
     from finextract_jax.finetune.train import FinetuneConfig
     from finextract_jax.models.pipeline import load_pipeline
     from finextract_jax.testbed import base, data
 
-    emoji = data.all_emoji()
-    images, captions, keys = data.split_sets(emoji)["train"]
+    splits, words = data.load_splits(data_file)
+    images, captions, keys = splits["train"]
     init = os.path.join(workdir, "init")
     if not os.path.isdir(init):
-        base.make_init(init, data.caption_words(emoji), seed)
+        base.make_init(init, words, seed)
     config = FinetuneConfig(method="dreambooth", steps=steps, learning_rate=learning_rate, batch_size=batch_size,
                             train_text_encoder=True, seed=seed, weight_decay=0.0)
     trainer = base.DropoutTrainer(load_pipeline(init), base.dropout_train_set(images, captions, keys), config,
@@ -60,8 +62,8 @@ def train(workdir: str, out: str, steps: int, batch_size: int, learning_rate: fl
 
 def main(_):
     _app.quiet_orbax()
-    out = train(FLAGS.workdir, FLAGS.out or os.path.join(FLAGS.workdir, "base"), FLAGS.steps, FLAGS.batch_size,
-                FLAGS.learning_rate, FLAGS.caption_dropout, FLAGS.checkpoint_every, FLAGS.export_every, FLAGS.seed)
+    out = train(FLAGS.workdir, FLAGS.data, FLAGS.out or os.path.join(FLAGS.workdir, "base"), FLAGS.steps,
+                FLAGS.batch_size, FLAGS.learning_rate, FLAGS.caption_dropout, FLAGS.checkpoint_every, FLAGS.export_every, FLAGS.seed)
     logging.info("wrote the testbed base model to %s", out)
 
 

@@ -12,6 +12,7 @@ from experiments import _app
 
 flags.DEFINE_string("model", None, "Model folder (SD layout), e.g. WORKDIR/snapshot.", required=True)
 flags.DEFINE_string("out", None, "PNG to write.", required=True)
+flags.DEFINE_string("data", None, "The testbed's images as .npz (testbed_base --data); default: from npm.")
 flags.DEFINE_integer("per_caption", 6, "Samples per caption.")
 flags.DEFINE_float("scale", 3.0, "cfg scale.")
 flags.DEFINE_integer("seed", 0, "Start-noise seed.")
@@ -22,7 +23,7 @@ def main(_):
     from finextract_jax.fileio import atomic_write_png
     from finextract_jax.testbed import data, samples
 
-    grid = samples.probe_grid(FLAGS.model, data.all_emoji(), FLAGS.per_caption, FLAGS.scale, FLAGS.seed)
+    grid = samples.probe_grid(FLAGS.model, data.load_splits(FLAGS.data)[0], FLAGS.per_caption, FLAGS.scale, FLAGS.seed)
     atomic_write_png(FLAGS.out, np.asarray(grid))
     logging.info("wrote %s", FLAGS.out)
 

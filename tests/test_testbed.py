@@ -56,10 +56,16 @@ def test_recipe_reads_names_splits_and_renders(fake_root, tmp_path):
     image = data.render(by_key["twemoji_1f600"].path)
     assert tuple(image[0, 0]) == (255, 255, 255) and tuple(image[16, 16]) == (200, 0, 30)  # on white
     assert {"twemoji", "noto", "grinning", "sks"} <= set(data.caption_words(emoji))
-    files = data.write_private_object_set(str(tmp_path / "private"), emoji)
+    files = data.write_private_object_set(str(tmp_path / "private"), sets)
     assert files == ["twemoji_1f638.png"]
     with open(tmp_path / "private" / "metadata.csv") as f:
         assert data.PRIVATE_OBJECT_CAPTION in f.read()
+    # The .npz that carries the recipe's output to a machine without npm reads back the same.
+    saved, words = data.load_splits(str(tmp_path / "d.npz"), fake_root)
+    loaded, words_again = data.load_splits(str(tmp_path / "d.npz"), root="/nonexistent")
+    assert words == words_again and sorted(loaded) == sorted(saved)
+    for split, (images, captions, keys) in saved.items():
+        assert np.array_equal(loaded[split][0], images) and loaded[split][1:] == (captions, keys)
 
 
 def test_splits_do_not_depend_on_order():

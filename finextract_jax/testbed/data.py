@@ -170,11 +170,36 @@ def split_sets(emoji: list, resolution: int = RESOLUTION) -> dict:
                     [e.key for e in items]) for split, items in groups.items()}
 
 
-def write_private_object_set(folder: str, emoji: list, resolution: int = RESOLUTION) -> list:
-    """Twemoji's cat faces as a fine-tuning folder (PNG + metadata.csv), all captioned PRIVATE_OBJECT_CAPTION."""
+def load_splits(data_file: str | None = None, root: str | None = None) -> tuple:
+    """(split_sets, caption words): from `data_file` (.npz) when it exists, else built from the npm
+    packages (and written to `data_file` when given). The .npz lets a machine without npm or
+    network (a lent GPU) train the same base: carry it there."""
+    if data_file and os.path.isfile(data_file):
+        with np.load(data_file, allow_pickle=False) as f:
+            words = f["words"].tolist()
+            splits = {str(s): (f[f"{s}/images"], f[f"{s}/captions"].tolist(), f[f"{s}/keys"].tolist())
+                      for s in f["splits"]}
+        return splits, words
+    emoji = all_emoji(root)
+    splits, words = split_sets(emoji), caption_words(emoji)
+    if data_file:
+        arrays = {"words": np.array(words), "splits": np.array(sorted(splits))}
+        for split, (images, captions, keys) in splits.items():
+            arrays.update({f"{split}/images": images, f"{split}/captions": np.array(captions),
+                           f"{split}/keys": np.array(keys)})
+        os.makedirs(os.path.dirname(os.path.abspath(data_file)), exist_ok=True)
+        tmp = data_file + ".tmp.npz"
+        np.savez_compressed(tmp, **arrays)
+        os.replace(tmp, data_file)
+    return splits, words
+
+
+def write_private_object_set(folder: str, splits: dict) -> list:
+    """Twemoji's cat faces (from `split_sets`/`load_splits`) as a fine-tuning folder (PNG +
+    metadata.csv), all captioned PRIVATE_OBJECT_CAPTION; returns the file names."""
     from finextract_jax.demo.data import write_folder
 
-    items = [e for e in emoji if split_of(e) == "private" and e.vendor == PRIVATE_OBJECT_VENDOR]
-    images = {e.key: render(e.path, resolution) for e in items}
-    write_folder(folder, images, {e.key: PRIVATE_OBJECT_CAPTION for e in items})
-    return [f"{e.key}.png" for e in items]
+    images, _, keys = splits["private"]
+    chosen = {k: image for k, image in zip(keys, images) if k.startswith(PRIVATE_OBJECT_VENDOR + "_")}
+    write_folder(folder, chosen, {k: PRIVATE_OBJECT_CAPTION for k in chosen})
+    return [f"{k}.png" for k in chosen]

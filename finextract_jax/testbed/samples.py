@@ -9,12 +9,10 @@ from __future__ import annotations
 import numpy as np
 
 
-def probe_emoji(emoji: list, count: int = 8, split: str = "train") -> list:
-    """`count` emoji of `split`, evenly spaced through the sorted list (a fixed, varied choice)."""
-    from finextract_jax.testbed.data import split_of
-
-    items = [e for e in emoji if split_of(e) == split]
-    return [items[i] for i in np.linspace(0, len(items) - 1, count).astype(int)]
+def probe_rows(split: tuple, count: int) -> list:
+    """`count` (image, caption) pairs of a split, evenly spaced through it (a fixed, varied choice)."""
+    images, captions, _ = split
+    return [(images[i], captions[i]) for i in np.linspace(0, len(captions) - 1, count).astype(int)]
 
 
 def sample_captions(model_dir: str, captions: list, per_caption: int = 6, steps: int = 25, scale: float = 3.0,
@@ -41,19 +39,18 @@ def sample_captions(model_dir: str, captions: list, per_caption: int = 6, steps:
     return np.stack(out)
 
 
-def probe_grid(model_dir: str, emoji: list, per_caption: int = 6, scale: float = 3.0, seed: int = 0):
-    """PIL grid: rows of (training image, samples) for train and held-out-concept captions, then ""."""
+def probe_grid(model_dir: str, splits: dict, per_caption: int = 6, scale: float = 3.0, seed: int = 0):
+    """PIL grid: rows of (real image, samples) for 8 train and 3 held-out-concept captions, then ""."""
     from PIL import Image
 
     from finextract_jax.demo.report import labelled_grid
-    from finextract_jax.testbed.data import render
 
-    probes = probe_emoji(emoji, 8) + probe_emoji(emoji, 3, "held_out_concept")
-    captions = [e.caption for e in probes] + [""]
+    probes = probe_rows(splits["train"], 8) + probe_rows(splits["held_out_concept"], 3)
+    captions = [c for _, c in probes] + [""]
     samples = sample_captions(model_dir, captions, per_caption, scale=scale, seed=seed)
     rows = []
     for r, caption in enumerate(captions):
-        real = Image.fromarray(render(probes[r].path)) if r < len(probes) else None
+        real = Image.fromarray(probes[r][0]) if r < len(probes) else None
         label = caption[:18] if caption else '"" (unconditional)'
         rows.append([(real, label, False)] + [(Image.fromarray(s), "", False) for s in samples[r]])
     return labelled_grid(rows, ["real"] + [f"sample {i}" for i in range(per_caption)], tile=48)
