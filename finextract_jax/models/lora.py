@@ -1,113 +1,199 @@
-"""LoRA files (diffusers/PEFT keys or kohya keys) onto our Flax parameter trees.
+"""Low-rank adapter files (LoRA, LoCon, DoRA, LoHa, LoKr) onto our Flax parameter trees.
 
-Accepted key styles, per low-rank pair (A = down [rank, in], B = up [out, rank]):
-- PEFT / diffusers >= 0.24: `unet.<module>.lora_A.weight`, `unet.<module>.lora_B.weight`
-  (`text_encoder.` prefix for the text encoder; an optional `.default` adapter name);
-- diffusers LoRACompatibleLinear: `unet.<module>.lora.down.weight`, `.lora.up.weight`;
-- diffusers attention processors: `<block>.processor.to_q_lora.down.weight` (no prefix: UNet);
-- kohya: `lora_unet_<module with _>.lora_down.weight`, `.lora_up.weight`, `.alpha`, and
-  `lora_te_<module>` for the text encoder.
-The scale of a pair is `lora_scale * alpha / rank`, alpha taken from the pair's `.alpha` key, else
-from the file's `lora_adapter_metadata` (diffusers writes `unet.lora_alpha`, `unet.r`,
-`unet.alpha_pattern`), else assumed equal to the rank (diffusers' silent assumption; we log it).
+Key spellings, per module (`<prefix><module><factor>`):
+- prefixes: PEFT / diffusers `unet.`, `text_encoder.`, `text_encoder_2.` (none: UNet; an inner
+  `base_model.model.` is dropped); kohya / LyCORIS `lora_unet_`, `lora_te_` and `lora_te1_` (the
+  first text encoder), `lora_te2_` (SDXL's second), with the module path written with `_`;
+- LoRA (and LoCon, its convolution form: down a kxk conv, up a 1x1 conv): `.lora_A[.<adapter>].weight`
+  / `.lora_B...`, `.lora.down.weight` / `.lora.up.weight`, `.lora_down.weight` / `.lora_up.weight`,
+  and diffusers' attention processors `<attn>.processor.to_q_lora.down.weight`;
+- DoRA: `.lora_magnitude_vector` (PEFT) or `.dora_scale` (LyCORIS) next to a LoRA pair;
+- LyCORIS LoHa `.hada_w1_a/_b`, `.hada_w2_a/_b` [, `.hada_t1`, `.hada_t2`] and LoKr `.lokr_w1[_a/_b]`,
+  `.lokr_w2[_a/_b]` [, `.lokr_t2`];
+- `.alpha`: the module's alpha.
+Other adapter kinds (OFT, GLoRA, LyCORIS' lora_mid / diff / norm modules, LoRA biases) are refused
+by name. The scale of a module is `lora_scale * alpha / rank`; alpha from its `.alpha` key, else
+from the file's `lora_adapter_metadata` (diffusers writes PEFT's `unet.lora_alpha`, `unet.alpha_pattern`,
+`unet.use_rslora`), else assumed equal to the rank (diffusers' silent assumption; we log it). A LoKr
+module with neither factor decomposed has no rank and scale `lora_scale` (as LyCORIS loads it).
+The updates themselves are computed in lora_deltas.py.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
+import math
 import re
 
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from finextract_jax.errors import LoraError
+from finextract_jax.models import lora_deltas
 from finextract_jax.models.convert import flax_to_pytorch_key
 
 log = logging.getLogger(__name__)
 
-_SUFFIXES = (  # (regex on the key tail, factor)
+_FACTORS = (  # (regex on the key's tail, factor name; None: the regex's first group names it)
     (re.compile(r"\.lora_A(\.[A-Za-z0-9_]+)?\.weight$"), "down"),
     (re.compile(r"\.lora_B(\.[A-Za-z0-9_]+)?\.weight$"), "up"),
-    (re.compile(r"\.lora\.down\.weight$"), "down"),
-    (re.compile(r"\.lora\.up\.weight$"), "up"),
+    (re.compile(r"\.(?:lora|lora_linear_layer)\.down\.weight$"), "down"),
+    (re.compile(r"\.(?:lora|lora_linear_layer)\.up\.weight$"), "up"),
     (re.compile(r"\.lora_down\.weight$"), "down"),
     (re.compile(r"\.lora_up\.weight$"), "up"),
     (re.compile(r"\.alpha$"), "alpha"),
+    (re.compile(r"\.dora_scale$"), "dora_scale"),
+    (re.compile(r"\.lora_magnitude_vector(\.[A-Za-z0-9_]+)?(\.weight)?$"), "magnitude"),
+    (re.compile(r"\.(hada_w[12]_[ab]|hada_t[12]|lokr_w[12](?:_[ab])?|lokr_t2)(\.[A-Za-z0-9_]+)?$"), None),
 )
-_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora$")
-_COMPONENT_PREFIXES = (("unet.", "unet"), ("text_encoder.", "text_encoder"), ("lora_unet_", "unet"),
-                       ("lora_te_", "text_encoder"), ("lora_te1_", "text_encoder"))
-
-
-@dataclasses.dataclass
-class LoraPair:
-    down: np.ndarray  # PyTorch layout [rank, in] (or [rank, in, 1, 1] for 1x1 convs)
-    up: np.ndarray  # [out, rank] (or [out, rank, 1, 1])
-    alpha: float | None = None
+_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+_REFUSED = (  # adapter kinds we recognise but do not apply: (regex on a key, what to call them)
+    (re.compile(r"\.lora_mid\.weight$"), "LyCORIS LoCon with a CP/Tucker core (lora_mid)"),
+    (re.compile(r"\.diff(_b)?$"), "LyCORIS full weight differences (diff)"),
+    (re.compile(r"\.(oft_blocks|oft_diag|oft_r|boft_R|boft_s)\b"), "OFT/BOFT"),
+    (re.compile(r"\.[wb]_norm$"), "LyCORIS norm-layer fine-tuning (w_norm/b_norm)"),
+    (re.compile(r"\.(a1|a2|b1|b2)\.weight$"), "GLoRA"),
+    (re.compile(r"\.(lora_B|lora_up|lora\.up)(\.[A-Za-z0-9_]+)?\.bias$"), "LoRA with bias terms (lora_bias)"),
+    (re.compile(r"\.(ia3_l|on_input)\b"), "(IA)3"),
+    (re.compile(r"lora_embedding_[AB]"), "LoRA on token embeddings"),
+)
+_COMPONENT_PREFIXES = (("unet.", "unet"), ("text_encoder.", "text_encoder"), ("text_encoder_2.", "text_encoder_2"),
+                       ("lora_unet_", "unet"), ("lora_te_", "text_encoder"), ("lora_te1_", "text_encoder"),
+                       ("lora_te2_", "text_encoder_2"))
+_EXTRAS = {"alpha", "dora_scale", "magnitude"}  # per-module values that are not factors of the update
 
 
 def _split_key(key: str):
-    """(component, module name as written, factor) of one LoRA tensor key, or None."""
-    for pattern, factor in _SUFFIXES:
-        match = pattern.search(key)
-        if match:
-            module = key[:match.start()]
-            break
+    """(component, module name as written, factor) of one adapter tensor key, or None."""
+    processor = _PROCESSOR.search(key)
+    if processor:  # diffusers' attention processors: <attn>.processor.to_out_lora -> <attn>.to_out.0
+        target, factor = processor.groups()
+        module, factor = key[:processor.start()] + "." + ("to_out.0" if target == "to_out" else target), factor
     else:
-        return None
+        for pattern, name in _FACTORS:
+            match = pattern.search(key)
+            if match:
+                module, factor = key[:match.start()], name or match.group(1)
+                break
+        else:
+            return None
     for prefix, component in _COMPONENT_PREFIXES:
         if module.startswith(prefix):
             module = module[len(prefix):]
             break
     else:
         component = "unet"  # diffusers' attention-processor files carry no prefix
-    module = module.removeprefix("base_model.model.")
-    processor = _PROCESSOR.search(module)
-    if processor:
-        target = processor.group(1)
-        module = module[:processor.start()] + "." + ("to_out.0" if target == "to_out" else target)
-    return component, module, factor
+    return component, module.removeprefix("base_model.model."), factor
 
 
-def group_pairs(tensors: dict, source: str) -> dict:
-    """{(component, module name): LoraPair} from a LoRA state dict."""
-    raw = {}
-    unknown = []
+def _unknown_keys_error(unknown: list, source: str) -> LoraError:
+    for pattern, kind in _REFUSED:
+        named = [k for k in unknown if pattern.search(k)]
+        if named:
+            return LoraError(f"{source}: holds {kind} (e.g. {named[0]}), which finextract_jax does not apply; "
+                             "supported: LoRA/LoCon, DoRA, LoHa, LoKr")
+    return LoraError(f"{source}: {len(unknown)} keys are not adapter factors, e.g. {unknown[:3]}; expected "
+                     "diffusers/PEFT (lora_A/lora_B), kohya (lora_down/lora_up) or LyCORIS (hada_*/lokr_*) keys")
+
+
+def group_modules(tensors: dict, source: str) -> dict:
+    """{(component, module name): {factor: float32 array}} from an adapter state dict."""
+    modules, unknown = {}, []
     for key, value in tensors.items():
         parsed = _split_key(key)
         if parsed is None:
             unknown.append(key)
             continue
         component, module, factor = parsed
-        raw.setdefault((component, module), {})[factor] = np.asarray(value, np.float32)
+        modules.setdefault((component, module), {})[factor] = np.asarray(value, np.float32)
     if unknown:
-        raise LoraError(f"{source}: {len(unknown)} keys are not LoRA factors, e.g. {unknown[:3]}; "
-                        "expected diffusers/PEFT (lora_A/lora_B) or kohya (lora_down/lora_up) keys")
-    pairs = {}
-    for name, factors in raw.items():
-        if "down" not in factors or "up" not in factors:
-            raise LoraError(f"{source}: {name[1]} has only {sorted(factors)}; both down and up factors are needed")
-        alpha = factors.get("alpha")
-        pairs[name] = LoraPair(factors["down"], factors["up"], None if alpha is None else float(alpha))
-    if not pairs:
+        raise _unknown_keys_error(unknown, source)
+    if not modules:
         raise LoraError(f"{source}: holds no LoRA factors")
-    return pairs
+    return modules
 
 
-def _metadata_alpha(metadata: dict, component: str, module: str, rank: int):
+def _format(factors: dict, module: str, source: str) -> str:
+    """'lora', 'loha' or 'lokr', after checking the module has a complete set of factors."""
+    names = set(factors) - _EXTRAS
+    loha = set(lora_deltas.LOHA_FACTORS)
+    has = lambda full, a, b: (full in names) != ({a, b} <= names)  # one of: the full factor, or both halves
+    if names == {"down", "up"}:
+        return "lora"
+    if names in (loha, loha | {"hada_t1", "hada_t2"}):
+        return "loha"
+    if (names <= set(lora_deltas.LOKR_FACTORS) and has("lokr_w1", "lokr_w1_a", "lokr_w1_b")
+            and has("lokr_w2", "lokr_w2_a", "lokr_w2_b") and not {"lokr_t2", "lokr_w2"} <= names):
+        return "lokr"
+    for fmt, prefix in (("LoHa", "hada_"), ("LoKr", "lokr_"), ("LoRA", "")):
+        if names and all(n.startswith(prefix) for n in names) and (prefix or names < {"down", "up"}):
+            raise LoraError(f"{source}: {module} has an incomplete set of {fmt} factors {sorted(names)}")
+    raise LoraError(f"{source}: {module} has factors {sorted(factors)} that form no LoRA, LoHa or LoKr update "
+                    "(mixed formats, or only an alpha)")
+
+
+def _pattern_key(patterns: dict, module: str):
+    """PEFT's get_pattern_key: the first pattern that matches the module name's tail."""
+    return next((p for p in patterns if re.match(rf"(.*\.)?({p})$", module)), None)
+
+
+def _metadata(metadata: dict, source: str) -> dict:
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
-        return None
+        return {}
     try:
         config = json.loads(raw)
     except json.JSONDecodeError:
-        return None
-    for pattern, alpha in (config.get(f"{component}.alpha_pattern") or {}).items():
-        if re.search(rf"(^|\.){re.escape(pattern)}$", module) or re.fullmatch(pattern, module):
-            return float(alpha)
+        raise LoraError(f"{source}: lora_adapter_metadata is not valid JSON") from None
+    return config if isinstance(config, dict) else {}
+
+
+def _alpha(factors: dict, config: dict, component: str, module: str):
+    """(alpha, whether rsLoRA scaling applies): the module's .alpha, else the metadata's, else None."""
+    rslora = bool(config.get(f"{component}.use_rslora"))
+    if "alpha" in factors:
+        return float(factors["alpha"]), rslora
+    patterns = config.get(f"{component}.alpha_pattern") or {}
+    key = _pattern_key(patterns, module)
+    if key is not None:
+        return float(patterns[key]), rslora
     alpha = config.get(f"{component}.lora_alpha")
-    return None if alpha is None else float(alpha)
+    return (None if alpha is None else float(alpha)), rslora
+
+
+@dataclasses.dataclass
+class Update:
+    """One module's adapter: factors in the file's (PyTorch) layout and the scale folded onto them."""
+
+    module: str  # the module's name in the file, for messages
+    format: str  # 'lora' (LoRA/LoCon), 'loha' or 'lokr'
+    factors: dict
+    scale: float
+    conv: bool  # the base layer is a convolution
+    magnitude: np.ndarray | None = None  # DoRA
+    peft_magnitude: bool = True  # lora_magnitude_vector (per output) rather than LyCORIS dora_scale
+
+    def weight_delta(self, weight: np.ndarray) -> np.ndarray:
+        """The change to a PyTorch-layout weight [out, in(, kh, kw)]."""
+        delta = lora_deltas.DELTAS[self.format](self.factors)
+        delta = delta.reshape(delta.shape[0], -1)
+        if delta.shape != (weight.shape[0], weight.size // weight.shape[0]):
+            raise LoraError(f"{self.module}: the {self.format} update has shape {delta.shape}, which does not fit "
+                            f"the base layer {weight.shape}; was it made for another base model?")
+        delta = delta.reshape(weight.shape) * np.float32(self.scale)
+        if self.magnitude is None:
+            return delta
+        return lora_deltas.dora_weight(weight, delta, self.magnitude, self.peft_magnitude) - weight
+
+
+@dataclasses.dataclass
+class ResolvedLora:
+    """Per component: {flax module path: Update}."""
+
+    unet: dict
+    text_encoder: dict
+    text_encoder_2: dict = dataclasses.field(default_factory=dict)
 
 
 def _module_index(flat_params: dict) -> dict:
@@ -122,76 +208,114 @@ def _module_index(flat_params: dict) -> dict:
     return index
 
 
-@dataclasses.dataclass
-class ResolvedLora:
-    """Per component: {flax module path: (down [in, r], up [r, out] with the scale folded in, is_conv)}."""
+def _torch_layout(kernel) -> np.ndarray:
+    kernel = np.asarray(kernel, np.float32)
+    return kernel.transpose(3, 2, 0, 1) if kernel.ndim == 4 else kernel.T
 
-    unet: dict
-    text_encoder: dict
+
+def _flax_layout(weight: np.ndarray) -> np.ndarray:
+    return weight.transpose(2, 3, 1, 0) if weight.ndim == 4 else weight.T
+
+
+def _magnitude(factors: dict, weight_shape: tuple, module: str, source: str):
+    """(DoRA magnitude, is PEFT's layout) or (None, True), its shape checked against the layer."""
+    if "magnitude" in factors:
+        m = factors["magnitude"]
+        if m.size != weight_shape[0]:
+            raise LoraError(f"{source}: {module}: lora_magnitude_vector {m.shape} does not fit {weight_shape[0]} "
+                            "output channels")
+        return m, True
+    if "dora_scale" in factors:
+        m = factors["dora_scale"]
+        per_out = (weight_shape[0],) + (1,) * (len(weight_shape) - 1)
+        per_in = (1, weight_shape[1]) + (1,) * (len(weight_shape) - 2)
+        if m.shape not in (per_out, per_in):
+            raise LoraError(f"{source}: {module}: dora_scale {m.shape} fits neither {per_out} nor {per_in}")
+        return m, False
+    return None, True
 
 
 def resolve(tensors: dict, metadata: dict, unet_params: dict, text_params: dict, source: str,
-            lora_scale: float = 1.0) -> ResolvedLora:
-    """Match a LoRA state dict to the modules of our trees and fold alpha/rank and scale in."""
-    pairs = group_pairs(tensors, source)
-    flats = {"unet": flatten_dict(unet_params), "text_encoder": flatten_dict(text_params)}
+            lora_scale: float = 1.0, text_encoder_2_params: dict | None = None) -> ResolvedLora:
+    """Match an adapter state dict to the modules of our trees, with alpha/rank and scale folded in."""
+    modules = group_modules(tensors, source)
+    config = _metadata(metadata, source)
+    trees = {"unet": unet_params, "text_encoder": text_params, "text_encoder_2": text_encoder_2_params}
+    second = sorted(m for c, m in modules if c == "text_encoder_2")
+    if second and text_encoder_2_params is None:
+        raise LoraError(f"{source}: holds LoRA for a second text encoder (lora_te2_ / text_encoder_2, e.g. "
+                        f"{second[0]}), as SDXL has; the pretrained model has one text encoder: is this LoRA for SDXL?")
+    flats = {c: flatten_dict(t) for c, t in trees.items() if t is not None}
     indices = {c: _module_index(f) for c, f in flats.items()}
-    resolved = {"unet": {}, "text_encoder": {}}
-    unmatched = []
-    assumed_alpha = []
-    for (component, module), pair in pairs.items():
+    resolved = {c: {} for c in trees}
+    unmatched, assumed_alpha = [], []
+    for (component, module), factors in modules.items():
         path = indices[component].get(module)
         if path is None:
             unmatched.append(f"{component}:{module}")
             continue
-        kernel = flats[component][path + ("kernel",)]
-        down, up = pair.down, pair.up
-        if down.ndim == 4 or up.ndim == 4:
-            if down.shape[2:] != (1, 1) or up.shape[2:] != (1, 1):
-                raise LoraError(f"{source}: {module} is a {down.shape[2]}x{down.shape[3]} conv LoRA; "
-                                "only linear and 1x1-conv LoRA are supported")
-            down, up = down[:, :, 0, 0], up[:, :, 0, 0]
-        rank = down.shape[0]
-        fan_in, fan_out = kernel.shape[-2], kernel.shape[-1]
-        if up.shape[1] != rank or down.shape[1] != fan_in or up.shape[0] != fan_out:
-            raise LoraError(f"{source}: {module}: LoRA shapes down {pair.down.shape} / up {pair.up.shape} do not fit "
-                            f"the base layer (in {fan_in}, out {fan_out}); was it made for another base model?")
-        alpha = pair.alpha if pair.alpha is not None else _metadata_alpha(metadata, component, module, rank)
-        if alpha is None:
-            alpha = float(rank)
-            assumed_alpha.append(module)
-        scale = lora_scale * alpha / rank
-        resolved[component][path] = (down.T.copy(), (up.T * scale).astype(np.float32), kernel.ndim == 4)
+        fmt = _format(factors, module, source)
+        weight_shape = _torch_layout(flats[component][path + ("kernel",)]).shape
+        if fmt == "lora" and (factors["down"].shape[1] != weight_shape[1] or factors["up"].shape[0] != weight_shape[0]
+                              or factors["up"].shape[1] != factors["down"].shape[0]):
+            raise LoraError(f"{source}: {module}: LoRA shapes down {factors['down'].shape} / up {factors['up'].shape} "
+                            f"do not fit the base layer {weight_shape}; was it made for another base model?")
+        rank = lora_deltas.RANKS[fmt](factors)
+        alpha, rslora = _alpha(factors, config, component, module)
+        if rank is None:
+            scale = lora_scale
+        else:
+            if alpha is None:
+                alpha = float(rank)
+                assumed_alpha.append(module)
+            scale = lora_scale * alpha / (math.sqrt(rank) if rslora else rank)
+        magnitude, peft_layout = _magnitude(factors, weight_shape, module, source)
+        update_factors = {k: v for k, v in factors.items() if k not in _EXTRAS}
+        resolved[component][path] = Update(f"{source}: {module}", fmt, update_factors, scale, len(weight_shape) == 4,
+                                           magnitude, peft_layout)
     if unmatched:
         raise LoraError(f"{source}: {len(unmatched)} LoRA modules match no layer of the base model, e.g. "
                         f"{sorted(unmatched)[:3]}; is this LoRA for a different architecture?")
     if assumed_alpha:
         log.warning("%s: no alpha for %d LoRA modules (no .alpha keys or adapter metadata); assuming alpha = rank "
                     "(scale 1), as diffusers does", source, len(assumed_alpha))
-    return ResolvedLora(resolved["unet"], resolved["text_encoder"])
+    return ResolvedLora(resolved["unet"], resolved["text_encoder"], resolved["text_encoder_2"])
 
 
-def merge(params: dict, deltas: dict) -> dict:
-    """A new tree with W + down @ up added to each targeted kernel (float32 arithmetic)."""
-    if not deltas:
+def merge(params: dict, updates: dict) -> dict:
+    """A new tree with each targeted kernel replaced by W + its update (float32 arithmetic)."""
+    if not updates:
         return params
     flat = dict(flatten_dict(params))
-    for path, (down, up, _) in deltas.items():
+    for path, update in updates.items():
         kernel = flat[path + ("kernel",)]
-        delta = (down @ up).reshape(kernel.shape)
+        delta = _flax_layout(update.weight_delta(_torch_layout(kernel)))
         flat[path + ("kernel",)] = (np.asarray(kernel, np.float32) + delta).astype(kernel.dtype)
     return unflatten_dict(flat)
 
 
-def lora_collection(deltas: dict, source: str) -> dict:
+def unmerged_obstacle(updates: dict) -> str | None:
+    """Why these UNet updates cannot run unmerged (as our LoraDense layers' x @ down @ up), or None.
+
+    Only plain LoRA on the transformer blocks' linear layers can; convolutions, DoRA, LoHa and LoKr
+    change the weight in ways that side path does not express.
+    """
+    for path, update in updates.items():
+        where = "/".join(path)
+        if update.format != "lora" or update.magnitude is not None:
+            return f"{where} is {'DoRA' if update.magnitude is not None else update.format}"
+        if update.conv:
+            return f"{where} is a convolution"
+        if not any(part.startswith("attentions_") for part in path):
+            return f"{where} is outside the attention blocks"
+    return None
+
+
+def lora_collection(updates: dict, source: str) -> dict:
     """The `lora` variable collection our UNet's LoraDense layers read (unmerged mode)."""
-    convs = [("/".join(p)) for p, (_, _, is_conv) in deltas.items() if is_conv]
-    if convs:
-        raise LoraError(f"{source}: LoRA on convolution layers ({convs[:2]}) cannot run unmerged; use merged mode")
-    # Only the transformer layers are LoraDense; a delta elsewhere would be silently ignored.
-    outside = ["/".join(p) for p in deltas if not any(part.startswith("attentions_") for part in p)]
-    if outside:
-        raise LoraError(f"{source}: LoRA outside the attention blocks ({outside[:2]}) cannot run unmerged; "
-                        "use merged mode")
-    return unflatten_dict({path + (name,): value for path, (down, up, _) in deltas.items()
-                           for name, value in (("down", down), ("up", up))})
+    obstacle = unmerged_obstacle(updates)
+    if obstacle:
+        raise LoraError(f"{source}: cannot run unmerged ({obstacle}); use merged mode")
+    return unflatten_dict({path + (name,): value for path, u in updates.items()
+                           for name, value in (("down", u.factors["down"].T),
+                                               ("up", u.factors["up"].T * np.float32(u.scale)))})
