@@ -328,7 +328,8 @@ def load_finetuned(pretrained: Pipeline, path: str, finetuned_format: str = "aut
 
     lora_mode: 'merged' folds W + scale*(alpha/r)*B@A into a full UNet tree; 'unmerged' keeps the
     pretrained tree and puts the factors in `unet_lora` (text-encoder LoRA is always merged: the
-    prompt is encoded once, so it costs nothing).
+    prompt is encoded once, so it costs nothing). An adapter that cannot run unmerged (LoCon,
+    DoRA, LoHa, LoKr, LoRA outside the attention blocks) is merged whatever lora_mode says.
     """
     cache_dir = default_cache_dir() if cache_dir == "default" else cache_dir
     fmt = detect_format(path) if finetuned_format == "auto" else finetuned_format
@@ -360,18 +361,25 @@ def load_finetuned(pretrained: Pipeline, path: str, finetuned_format: str = "aut
         raise CheckpointError(f"unknown lora_mode {lora_mode!r}; use merged or unmerged")
     file = os.path.join(path, LORA_FILE) if os.path.isdir(path) else path
     tensors, metadata = read_state_dict(file, allow_pickle)
+    second = pretrained.text_encoder_2
     resolved = lora.resolve(tensors, metadata, pretrained.unet.params, pretrained.text_encoder.params, file,
-                            lora_scale)
-    text_encoder = pretrained.text_encoder
-    if resolved.text_encoder:
-        text_params = cast_params(lora.merge(pretrained.text_encoder.params, resolved.text_encoder), dtype)
-        text_encoder = dataclasses.replace(pretrained.text_encoder, params=text_params, source=file)
-    if lora_mode == "merged":
+                            lora_scale, text_encoder_2_params=second.params if second else None)
+    merge_text = lambda part, updates: dataclasses.replace(part, params=cast_params(lora.merge(part.params, updates),
+                                                                                    dtype), source=file)
+    text_encoder = merge_text(pretrained.text_encoder, resolved.text_encoder) if resolved.text_encoder else \
+        pretrained.text_encoder
+    second = merge_text(second, resolved.text_encoder_2) if resolved.text_encoder_2 else second
+    obstacle = lora.unmerged_obstacle(resolved.unet) if lora_mode == "unmerged" else None
+    if obstacle:
+        log.info("%s: merged into the UNet (%s, which cannot run unmerged)", file, obstacle)
+    if lora_mode == "merged" or obstacle:
         unet = dataclasses.replace(pretrained.unet, params=cast_params(lora.merge(pretrained.unet.params,
                                                                                   resolved.unet), dtype), source=file)
-        return dataclasses.replace(pretrained, path=path, unet=unet, text_encoder=text_encoder, unet_lora=None)
+        return dataclasses.replace(pretrained, path=path, unet=unet, text_encoder=text_encoder,
+                                   text_encoder_2=second, unet_lora=None)
     collection = cast_params(lora.lora_collection(resolved.unet, file), dtype) if resolved.unet else None
-    return dataclasses.replace(pretrained, path=path, text_encoder=text_encoder, unet_lora=collection)
+    return dataclasses.replace(pretrained, path=path, text_encoder=text_encoder, text_encoder_2=second,
+                               unet_lora=collection)
 
 
 def tokenize(tokenizer, prompts) -> np.ndarray:
