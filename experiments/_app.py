@@ -1,17 +1,38 @@
-"""Shared scaffolding for the absl binaries: one-line errors and exit status 2 on bad input."""
+"""Shared scaffolding for the absl binaries: what a user sees when something goes wrong.
+
+The contract (README, "Command line"), the same for every binary:
+- stdout carries everything a run says while it works (logs of every level, progress bars,
+  Python warnings) and its result (the last lines); stderr carries only the final error line.
+  So a failing run's stderr is exactly one line, whatever it logged before failing.
+- Exit status 0: done; 2: bad input (a flag, a file, a folder: `FinextractError`), or a file
+  system error (`OSError`: a path that cannot be read or written, a full disk); 130:
+  interrupted (Ctrl-C / SIGINT); a rerun of the same command continues. Anything else is a bug
+  and keeps its traceback (status 1).
+"""
 import logging
+import math
 import sys
 
 from absl import app, flags
 
 from finextract_jax.errors import FinextractError
 
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+
+_error_stream = None  # the real stderr while `run` has redirected sys.stderr to stdout
+
+
+def _error_line(message: str, status: int):
+    stream = _error_stream or sys.stderr
+    stream.write("error: " + " ".join(str(message).split()) + "\n")  # one line, even for multi-line causes
+    stream.flush()
+    sys.exit(status)
+
 
 def fail(message: str):
     """Print one line to stderr and exit 2 (bad input the user can fix)."""
-    sys.stderr.write(f"error: {message}\n")
-    sys.stderr.flush()
-    sys.exit(2)
+    _error_line(message, EXIT_BAD_INPUT)
 
 
 def quiet_orbax():
@@ -36,16 +57,55 @@ def _parse_flags(argv):
         fail(f"{err} (see --helpfull)")
 
 
+def check_finite_flags(flag_values=flags.FLAGS):
+    """No float flag may be NaN or infinite: such a value only fails later, blaming something else."""
+    for name in sorted(flag_values):
+        flag = flag_values[name]
+        if isinstance(flag.value, float) and not math.isfinite(flag.value):
+            fail(f"--{name} must be a finite number, got {flag.value}")
+
+
+def _os_error_message(err: OSError) -> str:
+    paths = " -> ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
+    return f"{paths + ': ' if paths else ''}{err.strerror or err}"
+
+
+def _chatter_to_stdout():
+    """Logs, progress bars and warnings go to stdout, so that stderr holds only the error line."""
+    from absl import logging as absl_logging
+
+    global _error_stream
+    _error_stream = sys.stderr
+    sys.stderr = sys.stdout
+    absl_logging.get_absl_handler().python_handler.stream = sys.stdout
+    logging.captureWarnings(True)
+
+
+def _restore_stderr():
+    global _error_stream
+    if _error_stream is not None:
+        sys.stderr, _error_stream = _error_stream, None
+
+
 def run(main):
-    """Run an absl main; a FinextractError or a bad flag becomes one stderr line and exit status 2."""
+    """Run an absl main under the contract above."""
 
     def guarded(argv):
-        if len(argv) > 1:
-            fail(f"unexpected positional arguments {argv[1:]}; use --flag=value")
+        _chatter_to_stdout()
         try:
+            if len(argv) > 1:
+                fail(f"unexpected positional arguments {argv[1:]}; use --flag=value")
+            check_finite_flags()
             return main(argv)
         except FinextractError as err:
             fail(str(err))
+        except OSError as err:
+            fail(_os_error_message(err))
+        except KeyboardInterrupt:
+            _error_line("interrupted; rerun the same command to continue", EXIT_INTERRUPTED)
+        finally:
+            sys.stdout.flush()
+            _restore_stderr()
 
     # JAX logs its backend probing (e.g. "Unable to initialize backend 'tpu'") at INFO; keep
     # stderr for what the user must read.

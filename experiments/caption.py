@@ -42,7 +42,7 @@ FLAGS = flags.FLAGS
 def main(_):
     import os
 
-    from finextract_jax import caption
+    from finextract_jax import caption, fileio
     from finextract_jax.errors import InputError
     from finextract_jax.models.pipeline import load_finetuned, load_pipeline
 
@@ -56,12 +56,15 @@ def main(_):
         noise_draws=FLAGS.noise_draws, min_gain=FLAGS.min_gain, refine_sweeps=FLAGS.refine_sweeps,
         screen_pairs=FLAGS.screen_pairs, keep=FLAGS.keep, max_candidates=FLAGS.max_candidates,
         batch_size=FLAGS.batch_size, seed=FLAGS.seed, num_images=FLAGS.num_images, **extra)
+    fileio.check_output_dir(FLAGS.workdir, "--workdir")
+    fileio.check_not_inside(FLAGS.workdir, "--workdir", {"--pretrained": FLAGS.pretrained, "--finetuned": FLAGS.finetuned,
+                                                         "--images": FLAGS.images}, both_ways=True)
     pretrained = load_pipeline(FLAGS.pretrained, dtype=FLAGS.dtype)
     finetuned = load_finetuned(pretrained, FLAGS.finetuned, FLAGS.finetuned_format, "unmerged", FLAGS.lora_scale,
                                dtype=FLAGS.dtype)
     images = caption.load_image_folder(FLAGS.images, pretrained) if FLAGS.images else None
     result = caption.recover_caption(pretrained, finetuned, images=images, config=config, progress=True)
-    path = os.path.join(FLAGS.workdir, caption.CAPTION_FILE)
+    path = os.path.join(fileio.claim_dir(FLAGS.workdir, "--workdir"), caption.CAPTION_FILE)
     caption.write_caption(path, result, {"pretrained": os.path.abspath(FLAGS.pretrained),
                                          "finetuned": os.path.abspath(FLAGS.finetuned),
                                          "images": os.path.abspath(FLAGS.images) if FLAGS.images else None})

@@ -66,6 +66,11 @@ def main(argv):
         raise InputError("--num_train=N0 is required (the number of fine-tuning images)")
     if FLAGS.num_train < 1:
         raise InputError(f"--num_train must be >= 1, got {FLAGS.num_train}")
+    if FLAGS.threshold is not None and not -1.0 <= FLAGS.threshold <= 1.0:
+        raise InputError(f"--threshold is a cosine similarity in [-1, 1], got {FLAGS.threshold}")
+    if FLAGS.batch_size < 1:
+        raise InputError(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
+    stages.check_cluster_output(FLAGS.workdir, FLAGS.images)
     options = dict(select=FLAGS.select, threshold=FLAGS.threshold, seed=FLAGS.seed,
                    subproblem_budget=FLAGS.subproblem_budget,
                    threshold_budget=FLAGS.threshold_budget)

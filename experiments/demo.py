@@ -35,11 +35,13 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     _app.quiet_orbax()
+    from finextract_jax import fileio
     from finextract_jax.demo.run import DemoSettings, run_demo
 
     settings = DemoSettings.quick() if FLAGS.quick else DemoSettings(num_images=FLAGS.num_images, steps=FLAGS.steps)
     start = time.perf_counter()
-    report = run_demo(FLAGS.workdir, settings)
+    with fileio.claimed(FLAGS.workdir, "--workdir"):
+        report = run_demo(FLAGS.workdir, settings)
     print(summary(os.path.join(FLAGS.workdir, "metrics.json"), time.perf_counter() - start, report))
 
 

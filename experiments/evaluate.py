@@ -7,7 +7,7 @@ from absl import flags
 
 from experiments import _app
 from finextract_jax import features as feats_lib
-from finextract_jax import imageio, metrics, stages
+from finextract_jax import metrics, stages
 from finextract_jax.errors import InputError
 
 FLAGS = flags.FLAGS
@@ -30,9 +30,12 @@ def main(argv):
     for name in ("extracted", "train_dir", "workdir"):
         if not getattr(FLAGS, name):
             raise InputError(f"--{name} is required")
-    # Check both folders before loading the embedder.
-    imageio.list_images(FLAGS.extracted, "--extracted folder")
-    imageio.list_images(FLAGS.train_dir, "--train_dir folder")
+    if not -1.0 <= FLAGS.success_threshold <= 1.0:
+        raise InputError(f"--success_threshold is a cosine similarity in [-1, 1], got {FLAGS.success_threshold}")
+    if FLAGS.batch_size < 1:
+        raise InputError(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
+    # Check the folders before loading the embedder.
+    stages.check_evaluate_output(FLAGS.workdir, FLAGS.extracted, FLAGS.train_dir)
     extractor = feats_lib.get_extractor(FLAGS.features, FLAGS.feature_weights,
                                         sscd_preprocessing=FLAGS.sscd_preprocessing)
     result = stages.evaluate_to_workdir(FLAGS.extracted, FLAGS.train_dir, FLAGS.workdir, extractor,

@@ -19,7 +19,8 @@ flags.DEFINE_string("train_dir", None, "Folder of training images, optionally wi
                     "(file_name,caption), whose captions win over --caption.", required=True)
 flags.DEFINE_string("caption", None, "Caption of every image not listed in metadata.csv.")
 flags.DEFINE_enum("method", "dreambooth", ["dreambooth", "lora"], "Full UNet fine-tuning or LoRA.")
-flags.DEFINE_string("out", None, "Output: SD folder (dreambooth) or LoRA folder / .safetensors file.",
+flags.DEFINE_string("out", None, "Output: SD folder (dreambooth) or LoRA folder / .safetensors file; "
+                    "must be new, empty, or an earlier output of finetune (which it replaces).",
                     required=True)
 flags.DEFINE_integer("steps", 0, "Optimizer steps; 0 = 200 per training image (the reference).")
 flags.DEFINE_float("learning_rate", None, "Constant AdamW learning rate (default 2e-6 dreambooth, 1e-4 lora).")
@@ -34,7 +35,8 @@ flags.DEFINE_enum("augment", "none", ["none", "cutout", "randaugment"], "Defence
 flags.DEFINE_integer("seed", 0, "Seed of LoRA init, data order, noise, timesteps and augmentations.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (weights stay float32).")
 flags.DEFINE_integer("checkpoint_every", 100, "Save a resumable checkpoint every K steps (0: only at the end).")
-flags.DEFINE_string("checkpoint_dir", None, "Checkpoint folder (default <out>.checkpoints).")
+flags.DEFINE_string("checkpoint_dir", None, "Checkpoint folder (default <out>.checkpoints): new, empty, or this "
+                    "run's; after the export only what finetune wrote there is deleted.")
 flags.DEFINE_boolean("keep_checkpoints", False, "Keep the checkpoints after a successful export.")
 flags.DEFINE_integer("log_every", 10, "Log the training loss every N steps.")
 FLAGS = flags.FLAGS
@@ -42,6 +44,7 @@ FLAGS = flags.FLAGS
 
 def main(_):
     from finextract_jax.finetune import FinetuneConfig, finetune
+    from finextract_jax.finetune.train import check_outputs, default_checkpoint_dir
 
     _app.quiet_orbax()
     from finextract_jax.models.pipeline import load_pipeline
@@ -52,9 +55,11 @@ def main(_):
                             augment=FLAGS.augment, seed=FLAGS.seed, dtype=FLAGS.dtype)
     if FLAGS.checkpoint_every < 0:
         _app.fail(f"--checkpoint_every must be >= 0, got {FLAGS.checkpoint_every}")
+    checkpoint_dir = FLAGS.checkpoint_dir or default_checkpoint_dir(FLAGS.out)
+    check_outputs(FLAGS.out, FLAGS.method, checkpoint_dir, FLAGS.train_dir, FLAGS.pretrained)
     pipe = load_pipeline(FLAGS.pretrained)
     out = finetune(pipe, FLAGS.train_dir, FLAGS.out, config, caption=FLAGS.caption, resolution=FLAGS.resolution,
-                   checkpoint_dir=FLAGS.checkpoint_dir, checkpoint_every=FLAGS.checkpoint_every,
+                   checkpoint_dir=checkpoint_dir, checkpoint_every=FLAGS.checkpoint_every,
                    keep_checkpoints=FLAGS.keep_checkpoints, log_every=FLAGS.log_every)
     logging.info("wrote %s", out)
     print(out)

@@ -10,7 +10,8 @@ from absl import flags, logging
 
 from experiments import _app
 
-flags.DEFINE_string("out", None, "Output folder (replaced if it exists).", required=True)
+flags.DEFINE_string("out", None, "Output folder: new, empty, or an earlier make_tiny output (which it replaces).",
+                    required=True)
 flags.DEFINE_enum("kind", "latent", ["latent", "pixel", "sdxl"],
                   "Latent model with a tiny VAE, pixel-space UNet, or SDXL layout (two text encoders, "
                   "text_time UNet, EulerDiscrete scheduler).")
@@ -22,10 +23,13 @@ FLAGS = flags.FLAGS
 
 
 def main(_):
+    from finextract_jax import fileio
     from finextract_jax.models.tiny import make_tiny
 
+    fileio.check_output_dir(FLAGS.out, "--out")  # make_tiny replaces --out as a whole
     out = make_tiny(FLAGS.out, kind=FLAGS.kind, fmt=FLAGS.format, seed=FLAGS.seed,
                     prediction_type=FLAGS.prediction_type)
+    fileio.claim_dir(out, "--out")
     logging.info("wrote a tiny %s pipeline (%s weights) to %s", FLAGS.kind, FLAGS.format, out)
     print(out)
 

@@ -33,6 +33,7 @@ import dataclasses
 from absl import flags
 
 from experiments import _app
+from finextract_jax import fileio
 from finextract_jax.errors import InputError
 from finextract_jax.reproduce import (FINETUNES, METHODS, REFERENCE_CFG_SCALE, Settings, parse_choices, parse_dataset,
                                       read_datasets_file, reproduce, table_markdown)
@@ -89,7 +90,12 @@ def main(argv):
     del argv
     _app.quiet_orbax()
     settings = settings_from_flags()
-    print(table_markdown(settings, reproduce(settings)), end="")
+    fileio.check_not_inside(settings.workdir, "--workdir", {
+        "--pretrained": settings.pretrained, **{f"--datasets {ds.name}": ds.train_dir for ds in settings.datasets}},
+        both_ways=True)
+    with fileio.claimed(settings.workdir, "--workdir"):
+        rows = reproduce(settings)
+    print(table_markdown(settings, rows), end="")
 
 
 if __name__ == "__main__":

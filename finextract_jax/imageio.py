@@ -1,6 +1,17 @@
-"""Reading a folder of images: a sorted list, and clear errors for empty or unreadable input."""
+"""Image intake: one set of rules for every image a tool reads (training images, extracted and
+generated images, caption-recovery images), so that all of them see the same pixels.
+
+Rules, applied in `to_rgb` and logged when they change anything (docs/cli.md, "Images"):
+- 16-bit and 32-bit greyscale ("I;16", "I", "F") is scaled to 8 bits by its bit depth (65535 -> 255),
+  not clipped (clipping turned a 16-bit photo almost white).
+- Transparency (RGBA, LA, a palette with a transparent entry) is composited on white.
+- Palette, greyscale, bilevel, CMYK and YCbCr images are converted to RGB.
+- Images with a side under `MIN_SIDE` pixels are refused; an aspect ratio over `MAX_ASPECT` is
+  warned about (a centre crop of it keeps little of the image).
+"""
 from __future__ import annotations
 
+import logging
 import os
 from typing import Sequence
 
@@ -10,38 +21,76 @@ from PIL import Image, UnidentifiedImageError
 from finextract_jax.errors import InputError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+MIN_SIDE = 8
+MAX_ASPECT = 4.0
+
+log = logging.getLogger(__name__)
 
 
 def list_images(folder: str, what: str = "image folder") -> list[str]:
     """File names (not paths) of the images directly inside ``folder``, sorted.
 
     Sorted by name so that indices are stable (extract writes zero-padded NNNNN.png, whose
-    name order is the index order). Other files (metadata.csv, caches) are ignored.
+    name order is the index order). Other files (metadata.csv, caches) and hidden files are ignored.
     """
     if not folder:
         raise InputError(f"no {what} given")
     if not os.path.isdir(folder):
-        raise InputError(f"{what} {folder!r} does not exist or is not a directory")
+        raise InputError(f"{what} {folder} does not exist or is not a folder")
     names = sorted(
         name for name in os.listdir(folder)
         if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
         and os.path.isfile(os.path.join(folder, name)))
     if not names:
         raise InputError(
-            f"{what} {folder!r} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
+            f"{what} {folder} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
     return names
 
 
+def _scaled_to_8_bits(img: Image.Image) -> Image.Image:
+    values = np.asarray(img, dtype=np.float64)
+    if img.mode == "F":
+        top = 1.0 if values.size and values.max() <= 1.0 else 255.0
+    else:  # "I;16*" or "I": 16-bit unless a value says 32
+        top = 65535.0 if not values.size or values.max() <= 65535 else float(2 ** 32 - 1)
+    return Image.fromarray(np.clip(np.round(values / top * 255.0), 0, 255).astype(np.uint8), "L")
+
+
+def to_rgb(img: Image.Image, name: str = "image") -> Image.Image:
+    """A decoded PIL image as 8-bit RGB under the module's rules (see the docstring above)."""
+    width, height = img.size
+    if min(width, height) < MIN_SIDE:
+        raise InputError(f"{name}: {width}x{height} pixels is smaller than {MIN_SIDE} on a side; remove it")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        log.warning("%s: aspect ratio %dx%d is over %g:1; its centre crop keeps little of it", name, width, height,
+                    MAX_ASPECT)
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I") or mode == "F":
+        log.info("%s: %s greyscale scaled to 8 bits", name, mode)
+        return _scaled_to_8_bits(img).convert("RGB")
+    if mode == "P" and "transparency" in img.info:
+        img, mode = img.convert("RGBA"), "RGBA"
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        log.info("%s: transparency composited on white", name)
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    log.info("%s: %s converted to RGB", name, mode)
+    return img.convert("RGB")
+
+
 def load_rgb(path: str) -> Image.Image:
-    """Open an image as RGB (alpha dropped, palette/greyscale converted), fully decoded."""
+    """Open an image fully decoded, as 8-bit RGB under the intake rules."""
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert("RGB")
+            return to_rgb(img, path)
     except FileNotFoundError:
-        raise InputError(f"image {path!r} does not exist") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise InputError(f"cannot read image {path!r} ({err}); remove or replace it") from None
+        raise InputError(f"image {path} does not exist") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise InputError(f"cannot read image {path} ({type(err).__name__}: {err}); remove or replace it") from None
 
 
 def load_images(folder: str, names: Sequence[str]) -> list[Image.Image]:

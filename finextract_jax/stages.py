@@ -8,47 +8,71 @@ that a reader or a resumed run never sees half a file.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
-import tempfile
 
 from absl import logging
 
 from finextract_jax import cluster as clustering
 from finextract_jax import features as feats_lib
-from finextract_jax import imageio, metrics
+from finextract_jax import fileio, imageio, metrics
 from finextract_jax.errors import InputError
 from finextract_jax.fileio import atomic_write_bytes
+
+EXTRACTED = "extracted"
 
 
 def _write_json(path, obj, indent=None):
     atomic_write_bytes(path, json.dumps(obj, indent=indent).encode())
 
 
-def _write_extracted(workdir, images_dir, names, reps):
-    """Copy the representatives to workdir/extracted/ (replaced as a whole)."""
-    final = os.path.join(workdir, "extracted")
-    tmp = tempfile.mkdtemp(dir=workdir, prefix=".extracted-")
-    try:
+def _extracted_name(name: str) -> str:
+    return os.path.splitext(name)[0] + ".png"
+
+
+def _written_extracted(workdir: str) -> set:
+    """Names of the files an earlier cluster run put in workdir/extracted/ (from its clusters.json)."""
+    path = os.path.join(workdir, "clusters.json")
+    if not os.path.isfile(path):
+        return set()
+    record = fileio.read_record(path, "use another --workdir")
+    if "extracted" in record:
+        return set(record["extracted"])
+    names = record.get("images") or []
+    return {_extracted_name(names[i]) for i in record.get("representatives", []) if i < len(names)}
+
+
+def check_cluster_output(workdir: str, images_dir: str | None = None):
+    """Refuse, before any work, a --workdir cluster may not write: not ours, inside --images, or
+    whose extracted/ holds files cluster did not write (they would be replaced)."""
+    fileio.check_output_dir(workdir, "--workdir")
+    fileio.check_not_inside(workdir, "--workdir", {"--images": images_dir})
+    extracted = os.path.join(workdir, EXTRACTED)
+    if os.path.lexists(extracted):
+        if not os.path.isdir(extracted) or os.path.islink(extracted):
+            raise InputError(f"{extracted} exists and is not a folder; move it or use another --workdir")
+        ours = _written_extracted(workdir)
+        foreign = sorted(set(os.listdir(extracted)) - ours)
+        if foreign:
+            raise InputError(f"{extracted} holds files cluster did not write (e.g. {', '.join(foreign[:3])}); "
+                             "move them out or use another --workdir")
+
+
+def _write_extracted(workdir, images_dir, names, reps) -> list:
+    """Copy the representatives to workdir/extracted/ (replaced as a whole: check_cluster_output made
+    sure it holds nothing else). Returns the file names written."""
+    written = []
+    with fileio.atomic_dir(os.path.join(workdir, EXTRACTED), "extracted folder", verified=True,
+                           marker=False) as tmp:
         for idx in reps:
-            stem, ext = os.path.splitext(names[idx])
             src = os.path.join(images_dir, names[idx])
-            if ext.lower() == ".png":
+            written.append(_extracted_name(names[idx]))
+            if names[idx].lower().endswith(".png"):
                 shutil.copyfile(src, os.path.join(tmp, names[idx]))
             else:
-                imageio.load_rgb(src).save(os.path.join(tmp, stem + ".png"))
-        old = None
-        if os.path.exists(final):
-            old = final + f".old-{os.getpid()}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                imageio.load_rgb(src).save(os.path.join(tmp, written[-1]))
+    return written
 
 
 def cluster_to_workdir(workdir: str, num_train: int, *, features=None, similarity=None,
@@ -59,6 +83,7 @@ def cluster_to_workdir(workdir: str, num_train: int, *, features=None, similarit
                        progress: bool = True) -> dict:
     """Cluster [N, D] features or an [N, N] similarity; write workdir/clusters.json (and, given
     the `names` of the images in `images_dir`, workdir/extracted/). Returns the clusters.json dict."""
+    check_cluster_output(workdir, images_dir)
     array = features if features is not None else similarity
     n = array.shape[0] if getattr(array, "ndim", 0) >= 1 else 0
     if n and num_train > n:
@@ -91,10 +116,10 @@ def cluster_to_workdir(workdir: str, num_train: int, *, features=None, similarit
            "num_train": num_train,
            "skipped_thresholds": res.skipped_thresholds,
            "exact": res.exact}
-    os.makedirs(workdir, exist_ok=True)
+    fileio.claim_dir(workdir, "--workdir")
     if names is not None:
         out["images"] = names
-        _write_extracted(workdir, images_dir, names, res.representatives)
+        out["extracted"] = _write_extracted(workdir, images_dir, names, res.representatives)
     _write_json(os.path.join(workdir, "clusters.json"), out)
     logging.info("threshold %.2f: %d cliques (largest %d), %d representatives -> %s",
                  res.threshold, len(res.cliques), len(res.cliques[0]),
@@ -115,14 +140,21 @@ def cluster_images(workdir: str, images_dir: str, num_train: int, extractor, bat
                               progress=progress, **options)
 
 
+def check_evaluate_output(workdir: str, extracted: str, train_dir: str):
+    """Both input folders hold images, and --workdir is ours and outside them (pairs.png in a
+    training folder would be read as a training image next time). Writes nothing."""
+    imageio.list_images(extracted, "--extracted folder")
+    imageio.list_images(train_dir, "--train_dir folder")
+    fileio.check_output_dir(workdir, "--workdir")
+    fileio.check_not_inside(workdir, "--workdir", {"--extracted": extracted, "--train_dir": train_dir})
+
+
 def evaluate_to_workdir(extracted: str, train_dir: str, workdir: str, extractor, features: str,
                         success_threshold: float = metrics.DEFAULT_SUCCESS_THRESHOLD,
                         batch_size: int = 16, progress: bool = True) -> dict:
     """Score `extracted` against `train_dir` with `extractor` (whose name `features` goes into the
     result); write workdir/metrics.json and pairs.png. Returns the metrics.json dict."""
-    # Check both folders before any expensive work.
-    imageio.list_images(extracted, "--extracted folder")
-    imageio.list_images(train_dir, "--train_dir folder")
+    check_evaluate_output(workdir, extracted, train_dir)
     # No feature caches here: both folders are small (N0-sized), and writing into them would put a
     # hidden folder among extracted/ images and into users' training folders (maybe read-only).
     ext_names, ext_feats = feats_lib.compute_features(
@@ -137,10 +169,8 @@ def evaluate_to_workdir(extracted: str, train_dir: str, workdir: str, extractor,
         [p["similarity"] for p in result["per_image"]],
         success_threshold=success_threshold,
         labels=[f"{p['train']} -> {p['match']}" for p in result["per_image"]])
-    os.makedirs(workdir, exist_ok=True)
-    buffer = io.BytesIO()
-    grid.save(buffer, format="PNG")
-    atomic_write_bytes(os.path.join(workdir, "pairs.png"), buffer.getvalue())
+    fileio.claim_dir(workdir, "--workdir")
+    fileio.atomic_write_png(os.path.join(workdir, "pairs.png"), grid)
     _write_json(os.path.join(workdir, "metrics.json"), result, indent=1)
     logging.info("AS %.4f, A-ESR %.4f (%d training images, %d extracted, %s features)",
                  result["AS"], result["A_ESR"], len(train_names), len(ext_names), features)

@@ -13,9 +13,9 @@ import os
 
 import numpy as np
 
+from finextract_jax import imageio
 from finextract_jax.errors import InputError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA_FILE = "metadata.csv"
 
 
@@ -38,15 +38,7 @@ class TrainSet:
 
 
 def list_images(train_dir: str) -> list:
-    if not os.path.isdir(train_dir):
-        raise InputError(f"--train_dir {train_dir}: not a folder; pass a folder of training images")
-    files = sorted(f for f in os.listdir(train_dir)
-                   if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith(".")
-                   and os.path.isfile(os.path.join(train_dir, f)))
-    if not files:
-        raise InputError(f"--train_dir {train_dir}: holds no images ({', '.join(IMAGE_SUFFIXES)}); "
-                         "put the fine-tuning images there")
-    return files
+    return imageio.list_images(train_dir, "--train_dir")
 
 
 def read_metadata(train_dir: str) -> dict:
@@ -74,7 +66,6 @@ def resize_center_crop(image, resolution: int) -> np.ndarray:
     """PIL image -> uint8 [R, R, 3]: shorter side to R (bilinear), then the centre R x R."""
     from PIL import Image
 
-    image = image.convert("RGB")
     width, height = image.size
     if width <= height:
         new_w, new_h = resolution, int(resolution * height / width)
@@ -89,15 +80,8 @@ def resize_center_crop(image, resolution: int) -> np.ndarray:
 
 
 def load_image(path: str, resolution: int) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return resize_center_crop(image, resolution)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise InputError(f"{path}: cannot be read as an image ({type(err).__name__}: {err}); "
-                         "remove or replace it") from None
+    """An image file under imageio's intake rules, resized and centre-cropped to `resolution`."""
+    return resize_center_crop(imageio.load_rgb(path), resolution)
 
 
 def load_train_set(train_dir: str, resolution: int, caption: str | None = None) -> TrainSet:

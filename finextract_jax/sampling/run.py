@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
+import math
 import os
+import re
 import platform
 from importlib import metadata
 
@@ -20,7 +22,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from finextract_jax.errors import InputError
-from finextract_jax.fileio import atomic_write_json, atomic_write_png, changed_settings, read_record
+from finextract_jax.fileio import (atomic_write_json, atomic_write_png, changed_settings, check_not_inside,
+                                   check_output_dir, claim_dir, read_record)
 from finextract_jax.guidance import get_guidance
 from finextract_jax.sampling import engine
 from finextract_jax.sampling.noise import batch_start_noise, load_init_latents
@@ -59,6 +62,27 @@ class ExtractConfig:
 
 def image_name(index: int) -> str:
     return f"{index:05d}.png"
+
+
+_IMAGE_NAME = re.compile(r"^\d{5}\.png$")
+
+
+def readable_image(path: str, size: list | None) -> bool:
+    """Whether a PNG a run left can be adopted on resume: it decodes completely (a truncated or
+    foreign file does not) and, when the run recorded it, has the run's [height, width]."""
+    from PIL import Image
+
+    if not os.path.isfile(path):
+        return False
+    try:
+        with Image.open(path) as img:
+            img.load()
+            ok = img.format == "PNG" and (size is None or [img.height, img.width] == list(size))
+    except Exception:  # noqa: BLE001 - any decoder error means "not one of ours, redo it"
+        ok = False
+    if not ok:
+        log.warning("%s is not a complete image of this run; it is generated again", path)
+    return ok
 
 
 def _versions() -> dict:
@@ -106,20 +130,61 @@ def _validate(config: ExtractConfig, num_devices: int):
         raise InputError(f"--steps must be >= 1, not {config.steps}")
     if config.dtype not in ("float32", "bfloat16"):
         raise InputError(f"--dtype must be float32 or bfloat16, not {config.dtype!r}")
+    for name in ("guidance_scale", "correction", "lora_scale"):
+        if not math.isfinite(getattr(config, name)):
+            raise InputError(f"--{name} must be a finite number, not {getattr(config, name)}")
     get_guidance(config.method)
 
 
+def warn_if_truncated(tokenizer, text: str, what: str):
+    """CLIP reads at most `model_max_length` (77) tokens, start and end included; the rest of a longer
+    prompt is dropped (as diffusers does). Say so, naming what is dropped, instead of cutting silently."""
+    limit = getattr(tokenizer, "model_max_length", 77)
+    ids = tokenizer(text, truncation=False)["input_ids"]
+    if len(ids) > limit:
+        dropped = tokenizer.decode(ids[limit - 1:-1]).strip()
+        log.warning("%s is %d tokens; CLIP reads the first %d, so %r is ignored", what, len(ids), limit, dropped)
+
+
+def check_finite_weights(pretrained, finetuned):
+    """Refuse NaN/Inf in the fine-tuned weights (naming the tensor) before anything is sampled:
+    they would only surface as NaN images, blamed on the guidance scale."""
+    import jax.numpy as jnp
+
+    trees = {"unet": (finetuned.unet.params, pretrained.unet.params),
+             "unet lora": (finetuned.unet_lora, None),
+             "text_encoder": (finetuned.text_encoder.params, pretrained.text_encoder.params)}
+    for what, (tree, base) in trees.items():
+        if tree is None or tree is base:
+            continue
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            if jnp.issubdtype(jnp.result_type(leaf), jnp.floating) and not bool(jnp.isfinite(leaf).all()):
+                name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+                raise InputError(f"--finetuned {finetuned.path}: {what} tensor {name} holds NaN or Inf; "
+                                 "the checkpoint is damaged")
+
+
 def _previous_run(workdir: str, settings: dict) -> dict:
-    """The run record already in workdir ({} if none); refuse one that holds other settings."""
+    """The run record already in workdir ({} if none); refuse one that holds other settings, unless
+    it failed (then the corrected command starts it over: its images are dropped by `_start_over`)."""
     path = os.path.join(workdir, "run.json")
     if os.path.exists(path):
         previous = read_record(path, "use another --workdir")
         detail = changed_settings(previous.get("settings", {}), settings, limit=4)
-        if detail:
+        if detail and previous.get("status") != "failed":
             raise InputError(f"{workdir} holds a run with other settings ({detail}); rerun with the same "
                              "settings to resume, or use a new --workdir")
-        return previous
+        return {**previous, "start_over": True} if detail else previous
     return {}
+
+
+def _start_over(workdir: str):
+    """Remove the images a failed run with other settings wrote (only names extract writes)."""
+    images_dir = os.path.join(workdir, "images")
+    if os.path.isdir(images_dir):
+        for name in os.listdir(images_dir):
+            if _IMAGE_NAME.match(name):
+                os.remove(os.path.join(images_dir, name))
 
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -154,12 +219,18 @@ def extract(config: ExtractConfig, workdir: str, progress: bool = True, devices=
     config = config.normalized()
     mesh = engine.data_mesh(devices)
     _validate(config, mesh.size)
+    check_output_dir(workdir, "--workdir")
+    check_not_inside(workdir, "--workdir", {"--pretrained": config.pretrained, "--finetuned": config.finetuned,
+                                            "--init_latents": config.init_latents}, both_ways=True)
     settings = dataclasses.asdict(config)
     previous = _previous_run(workdir, settings)
+    start_over = previous.pop("start_over", False)
+    previous = {} if start_over else {k: v for k, v in previous.items() if k != "error"}
 
     batches = [np.arange(k, min(k + config.batch_size, config.num_images))
                for k in range(0, config.num_images, config.batch_size)]
-    exists = lambda i: os.path.exists(os.path.join(workdir, "images", image_name(i)))
+    size = previous.get("image_size")
+    exists = lambda i: not start_over and readable_image(os.path.join(workdir, "images", image_name(i)), size)
     todo = _agreed_todo(batches, exists)
     record = {"settings": settings, "versions": _versions(), "devices": _devices(),
               "created": previous.get("created", datetime.datetime.now(datetime.timezone.utc).isoformat()),
@@ -175,68 +246,84 @@ def extract(config: ExtractConfig, workdir: str, progress: bool = True, devices=
     lora_mode = "merged" if config.fusion == "vmap" else "unmerged"
     finetuned = load_finetuned(pretrained, config.finetuned, config.finetuned_format, lora_mode,
                                config.lora_scale, dtype=config.dtype)
-    prompt = config.prompt
-    if prompt == AUTO_PROMPT:
-        prompt = recover_caption(pretrained, finetuned)
-        record["caption"] = prompt
+    check_finite_weights(pretrained, finetuned)
     shape = pretrained.sample_shape
     init_latents = load_init_latents(config.init_latents, config.num_images, shape) if config.init_latents else None
-    model = engine.prepare(pretrained, finetuned, config.method, prompt, config.fusion)
-    sampler = engine.build_sampler(config.sampler, pretrained.scheduler_config, config.steps)
-    sample = engine.make_batch_sampler(model, sampler, mesh)
-    decode = engine.make_decoder(pretrained, mesh)
-    vae_params = _replicated(pretrained.vae.params if pretrained.vae else {}, mesh)
-    variables, contexts = _replicated((model.variables, model.contexts), mesh)
-    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
-    record.update(sampler=sampler.describe(), fusion=model.fusion)
     # Only now, with every input loaded and checked, does the workdir get written.
-    images_dir = os.path.join(workdir, "images")
-    os.makedirs(images_dir, exist_ok=True)
-    for name in os.listdir(images_dir):  # temp files of a killed run
-        if name.startswith(".") and name.endswith(".tmp") and is_writer:
-            os.remove(os.path.join(images_dir, name))
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("finextract workdir ready")
     if is_writer:
-        atomic_write_json(os.path.join(workdir, "run.json"), {**previous, **record})
+        claim_dir(workdir, "--workdir")
+        if start_over:
+            _start_over(workdir)
+    record["image_size"] = [shape[1] * pretrained.vae_scale_factor, shape[2] * pretrained.vae_scale_factor]
+    try:
+        prompt = config.prompt
+        if prompt == AUTO_PROMPT:
+            prompt = recover_caption(pretrained, finetuned)
+            record["caption"] = prompt
+        warn_if_truncated(pretrained.tokenizer, prompt, "--prompt")
+        model = engine.prepare(pretrained, finetuned, config.method, prompt, config.fusion)
+        sampler = engine.build_sampler(config.sampler, pretrained.scheduler_config, config.steps)
+        sample = engine.make_batch_sampler(model, sampler, mesh)
+        decode = engine.make_decoder(pretrained, mesh)
+        vae_params = _replicated(pretrained.vae.params if pretrained.vae else {}, mesh)
+        variables, contexts = _replicated((model.variables, model.contexts), mesh)
+        batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+        record.update(sampler=sampler.describe(), fusion=model.fusion)
+        images_dir = os.path.join(workdir, "images")
+        os.makedirs(images_dir, exist_ok=True)
+        for name in os.listdir(images_dir):  # temp files of a killed run
+            if name.startswith(".") and name.endswith(".tmp") and is_writer:
+                os.remove(os.path.join(images_dir, name))
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("finextract workdir ready")
+        if is_writer:
+            atomic_write_json(os.path.join(workdir, "run.json"), {**previous, **record})
 
-    def launch(indices):
-        padded = np.concatenate([indices, np.repeat(indices[:1], config.batch_size - len(indices))])
-        # Every process computes the whole batch's noise (cheap) and keeps its own rows.
-        x_T = np.asarray(batch_start_noise(padded, config.seed, shape, init_latents))
-        x_T = jax.make_array_from_callback(x_T.shape, batch_sharding, lambda idx: x_T[idx])
-        return sample(variables, contexts, x_T, config.guidance_scale, config.correction)
+        def launch(indices):
+            padded = np.concatenate([indices, np.repeat(indices[:1], config.batch_size - len(indices))])
+            # Every process computes the whole batch's noise (cheap) and keeps its own rows.
+            x_T = np.asarray(batch_start_noise(padded, config.seed, shape, init_latents))
+            x_T = jax.make_array_from_callback(x_T.shape, batch_sharding, lambda idx: x_T[idx])
+            return sample(variables, contexts, x_T, config.guidance_scale, config.correction)
 
-    def finish(indices, outputs):
-        x0, first_bad = outputs
-        first_bad = multihost_utils.process_allgather(first_bad, tiled=True)  # every process raises alike
-        engine.check_finite(np.asarray(first_bad)[: len(indices)], indices, sampler)
-        for shard in decode(vae_params, x0).addressable_shards:
-            if shard.replica_id:
-                continue
-            start = shard.index[0].start or 0
-            for offset, image in enumerate(np.asarray(shard.data)):
-                if start + offset < len(indices):
-                    index = int(indices[start + offset])
-                    atomic_write_png(os.path.join(workdir, "images", image_name(index)), image)
+        def finish(indices, outputs):
+            x0, first_bad = outputs
+            first_bad = multihost_utils.process_allgather(first_bad, tiled=True)  # every process raises alike
+            engine.check_finite(np.asarray(first_bad)[: len(indices)], indices, sampler)
+            for shard in decode(vae_params, x0).addressable_shards:
+                if shard.replica_id:
+                    continue
+                start = shard.index[0].start or 0
+                for offset, image in enumerate(np.asarray(shard.data)):
+                    if start + offset < len(indices):
+                        index = int(indices[start + offset])
+                        atomic_write_png(os.path.join(workdir, "images", image_name(index)), image)
 
-    bar = None
-    if progress and is_writer:
-        from tqdm import tqdm
+        bar = None
+        if progress and is_writer:
+            from tqdm import tqdm
 
-        bar = tqdm(total=config.num_images, initial=config.num_images - sum(len(b) for b in todo), unit="img",
-                   desc=f"{config.method} sampling", dynamic_ncols=True)
-    pending = None
-    for indices in todo:
-        outputs = launch(indices)  # dispatched asynchronously; the previous batch is written meanwhile
-        if pending is not None:
-            finish(*pending)
-            bar and bar.update(len(pending[0]))
-        pending = (indices, outputs)
-    finish(*pending)
-    if bar:
-        bar.update(len(pending[0]))
-        bar.close()
+            bar = tqdm(total=config.num_images, initial=config.num_images - sum(len(b) for b in todo), unit="img",
+                       desc=f"{config.method} sampling", dynamic_ncols=True)
+        pending = None
+        for indices in todo:
+            outputs = launch(indices)  # dispatched asynchronously; the previous batch is written meanwhile
+            if pending is not None:
+                finish(*pending)
+                bar and bar.update(len(pending[0]))
+            pending = (indices, outputs)
+        finish(*pending)
+        if bar:
+            bar.update(len(pending[0]))
+            bar.close()
+    except BaseException as err:
+        # Leave a record the same (or corrected) command can continue from: a failed run's settings
+        # may change, an interrupted one's may not (its images are valid for them).
+        if is_writer and os.path.isfile(os.path.join(workdir, "run.json")):
+            status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+            atomic_write_json(os.path.join(workdir, "run.json"),
+                              {**previous, **record, "status": status, "error": f"{type(err).__name__}: {err}"})
+        raise
     record = {**previous, **record, "status": "complete"}
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("finextract images written")
