@@ -92,3 +92,21 @@ def test_caption_dropout_sampler(tiny_pipe):
     again = DropoutTrainer(tiny_pipe("pixel"), train_set, config, caption_dropout=0.3)
     assert np.array_equal(again.batch_indices(7), trainer.batch_indices(7))
     assert trainer.run_identity()["caption_dropout"] == 0.3
+
+
+def test_curve_points_and_plot():
+    from finextract_jax.errors import InputError
+    from finextract_jax.testbed import curve
+
+    points = curve.parse_points("dreambooth:5e-4:50,200; lora:2e-3:100")
+    assert points == [curve.Point("dreambooth", 50, 5e-4), curve.Point("dreambooth", 200, 5e-4),
+                      curve.Point("lora", 100, 2e-3)]
+    assert points[0].name == "dreambooth_s50_lr0.0005"
+    for bad in ("", "dreambooth:5e-4", "full:1e-3:10", "lora:x:10"):
+        with pytest.raises(InputError, match="--points"):
+            curve.parse_points(bad)
+    rows = [dict(finetune=f, finetune_steps=s, learning_rate=1e-3, method=m, AS=a)
+            for f in ("dreambooth", "lora") for s in (50, 200) for m, a in (("finextract", 0.6), ("cfg", 0.3))]
+    image = np.asarray(curve.plot(rows, "t"))
+    assert image.shape == (340, 840, 3)
+    assert (np.abs(image.astype(int) - curve.COLORS["finextract"]).sum(-1) == 0).sum() > 50  # its line is drawn
