@@ -23,7 +23,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from finextract_jax.errors import CheckpointError, ConfigMismatchError
-from finextract_jax.models import components, lora
+from finextract_jax.models import components, hub, lora
 from finextract_jax.models.convert import pytorch_to_flax
 from finextract_jax.models.weights import find_weights, read_json, read_msgpack, read_state_dict, to_float32
 
@@ -251,8 +251,9 @@ def _require_folder(path: str, what: str):
 
 def load_pipeline(path: str, dtype="float32", attention: str = "fused", allow_pickle: bool = False,
                   cache_dir: str | None = "default") -> Pipeline:
-    """A diffusers-layout SD folder (weights as Flax msgpack, safetensors or .bin)."""
+    """A diffusers-layout SD folder (weights as Flax msgpack, safetensors or .bin), or a hub id (models/hub.py)."""
     cache_dir = default_cache_dir() if cache_dir == "default" else cache_dir
+    path = hub.resolve(path, "pretrained")
     _require_folder(path, "pretrained model folder (diffusers layout)")
     if not os.path.isdir(os.path.join(path, "unet")):
         raise CheckpointError(f"{path}: has no unet/ folder; expected the diffusers layout "
@@ -332,6 +333,7 @@ def load_finetuned(pretrained: Pipeline, path: str, finetuned_format: str = "aut
     DoRA, LoHa, LoKr, LoRA outside the attention blocks) is merged whatever lora_mode says.
     """
     cache_dir = default_cache_dir() if cache_dir == "default" else cache_dir
+    path = hub.resolve(path, "finetuned")
     fmt = detect_format(path) if finetuned_format == "auto" else finetuned_format
     if fmt == "full":
         _require_folder(path, "fine-tuned model folder")

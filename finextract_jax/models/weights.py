@@ -31,15 +31,19 @@ def read_json(path: str) -> dict:
         raise CheckpointError(f"{path}: not valid JSON ({err})") from None
 
 
+def weight_file_names(family: str) -> list[str]:
+    """A component's weight file names in order of preference: Flax, safetensors, .bin, fp16 safetensors."""
+    names = WEIGHT_NAMES[family]
+    return list(names) + [n.replace(".safetensors", ".fp16.safetensors") for n in names if n.endswith(".safetensors")]
+
+
 def find_weights(folder: str, family: str) -> str:
     """The weight file of a component folder, preferring Flax, then safetensors, then .bin."""
-    names = WEIGHT_NAMES[family]
-    variants = [n.replace(".safetensors", ".fp16.safetensors") for n in names if n.endswith(".safetensors")]
-    for name in list(names) + variants:
+    for name in weight_file_names(family):
         path = os.path.join(folder, name)
         if os.path.isfile(path):
             return path
-    raise CheckpointError(f"{folder}: no weights found (expected one of {', '.join(names)})")
+    raise CheckpointError(f"{folder}: no weights found (expected one of {', '.join(WEIGHT_NAMES[family])})")
 
 
 def read_safetensors(path: str) -> tuple[dict, dict]:
