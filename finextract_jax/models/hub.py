@@ -75,6 +75,11 @@ def pinned_revision(path: str) -> dict | None:
     return {"repo_id": f"{match['org']}/{match['name']}", "revision": match["commit"]} if match else None
 
 
+def pinned_revisions(**paths) -> dict:
+    """{role: pinned_revision(path)} for the loaded paths that came from the hub."""
+    return {role: pin for role, pin in ((role, pinned_revision(path)) for role, path in paths.items()) if pin}
+
+
 def _cache_dir() -> str:
     """huggingface_hub's cache, read now (its own constant is fixed when it is first imported)."""
     home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")

@@ -55,9 +55,11 @@ class ExtractConfig:
     fusion: str = "auto"
 
     def normalized(self) -> "ExtractConfig":
+        from finextract_jax.models.hub import as_recorded  # hub ids stay as given
+
         absolute = lambda p: os.path.abspath(p) if p else p
-        return dataclasses.replace(self, pretrained=absolute(self.pretrained), finetuned=absolute(self.finetuned),
-                                   init_latents=absolute(self.init_latents))
+        return dataclasses.replace(self, pretrained=as_recorded(self.pretrained),
+                                   finetuned=as_recorded(self.finetuned), init_latents=absolute(self.init_latents))
 
 
 def image_name(index: int) -> str:
@@ -212,6 +214,7 @@ def extract(config: ExtractConfig, workdir: str, progress: bool = True, devices=
     recovery is the caller's choice, passed in, so that sampling does not depend on it. Returns
     the run record (also written to workdir/run.json).
     """
+    from finextract_jax.models import hub
     from finextract_jax.models.pipeline import load_finetuned, load_pipeline
 
     if config.prompt == AUTO_PROMPT and recover_caption is None:
@@ -246,6 +249,11 @@ def extract(config: ExtractConfig, workdir: str, progress: bool = True, devices=
     lora_mode = "merged" if config.fusion == "vmap" else "unmerged"
     finetuned = load_finetuned(pretrained, config.finetuned, config.finetuned_format, lora_mode,
                                config.lora_scale, dtype=config.dtype)
+    pinned = hub.pinned_revisions(pretrained=pretrained.path, finetuned=finetuned.path)
+    if previous.get("hub", pinned) != pinned:  # a hub branch moved on since the images already here were made
+        raise InputError(f"hub revisions {pinned} differ from this workdir's {previous['hub']}; pin them with "
+                         "@<commit> or use another --workdir")
+    record.update({"hub": pinned} if pinned else {})
     check_finite_weights(pretrained, finetuned)
     shape = pretrained.sample_shape
     init_latents = load_init_latents(config.init_latents, config.num_images, shape) if config.init_latents else None
