@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from finextract_jax.errors import InputError, NonFiniteError
 from finextract_jax.guidance import CAPTION, EMPTY, FINETUNED, PRETRAINED, GuidanceSpec, get_guidance
+from finextract_jax.models import sdxl
 from finextract_jax.models.pipeline import Pipeline, encode_prompts, vae_decode
 from finextract_jax.sampling.schedulers import Sampler, make_sampler
 
@@ -60,25 +61,42 @@ class GuidedModel:
     """Everything the jitted loop needs, as arrays (passed as arguments, never baked in)."""
 
     spec: GuidanceSpec
-    evaluations: tuple  # distinct (model, prompt text) pairs: what the UNets compute
+    evaluations: tuple  # distinct (model, prompt text) pairs: what the UNets compute (text None: SDXL's zeros)
     order: tuple  # for each of spec.evaluations, its index in `evaluations`
     fusion: str
     variables: dict  # {"pretrained": vars, "finetuned": vars} or {"stacked": vars}
-    contexts: jax.Array  # [len(evaluations), tokens, dim]
+    # {"context": [len(evaluations), tokens, dim]}, and for SDXL "text_embeds" [n, dim] and "time_ids" [n, 6].
+    contexts: dict
     unet: Any  # the flax module (both models share the architecture)
     prediction_type: str
+    sdxl: dict | None = None  # SDXL's conditioning settings, for the run record
 
 
-def prepare(pretrained: Pipeline, finetuned: Pipeline, method: str, prompt: str, fusion: str = "auto") -> GuidedModel:
-    """Encode the prompts (each with the text encoder of the model that consumes it) and lay
-    out the parameters for the chosen fusion strategy."""
+def _conditioning(pipe: Pipeline, text: str | None, micro: sdxl.MicroConditioning | None) -> dict:
+    """One evaluation's UNet conditioning, each array with a leading axis of 1."""
+    if sdxl.is_sdxl(pipe):
+        return sdxl.conditioning(pipe, text or "", empty=text is None, micro=micro)
+    return {"context": encode_prompts(pipe.text_encoder, pipe.tokenizer, [text])}
+
+
+def prepare(pretrained: Pipeline, finetuned: Pipeline, method: str, prompt: str, fusion: str = "auto",
+            micro: sdxl.MicroConditioning | None = None) -> GuidedModel:
+    """Encode the prompts (each with the text encoder(s) of the model that consumes it) and lay
+    out the parameters for the chosen fusion strategy.
+
+    SDXL (models/sdxl.py): the empty-prompt slot is all zeros when the base model says
+    force_zeros_for_empty_prompt (a caption "" is still encoded); `micro` defaults to the
+    generated size and no crop.
+    """
     spec = get_guidance(method)
     fusion = resolve_fusion(fusion, spec, finetuned)
     pipes = {PRETRAINED: pretrained, FINETUNED: finetuned}
-    texts = {EMPTY: "", CAPTION: prompt}
+    zero_empty = sdxl.is_sdxl(pretrained) and pretrained.force_zeros_for_empty_prompt
+    texts = {EMPTY: None if zero_empty else "", CAPTION: prompt}
+    micro = (micro or sdxl.micro_conditioning(pretrained)) if sdxl.is_sdxl(pretrained) else None
     evaluations = tuple(dict.fromkeys((m, texts[p]) for m, p in spec.evaluations))
-    contexts = jnp.concatenate([encode_prompts(pipes[m].text_encoder, pipes[m].tokenizer, [text])
-                                for m, text in evaluations])
+    contexts = jax.tree_util.tree_map(lambda *rows: jnp.concatenate(rows),
+                                      *[_conditioning(pipes[m], text, micro) for m, text in evaluations])
     if fusion == "vmap":
         variables = {"stacked": jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]),
                                                        {"params": pretrained.unet.params},
@@ -90,29 +108,37 @@ def prepare(pretrained: Pipeline, finetuned: Pipeline, method: str, prompt: str,
     else:
         variables = {m: pipes[m].unet_variables() for m in spec.models}
     order = tuple(evaluations.index((m, texts[p])) for m, p in spec.evaluations)
+    record = micro and {**micro.to_json(), "unconditional": "zeros" if zero_empty else "empty prompt"}
     return GuidedModel(spec, evaluations, order, fusion, variables, contexts, finetuned.unet.module,
-                       finetuned.prediction_type)
+                       finetuned.prediction_type, record)
 
 
 def _evaluate(model: GuidedModel, variables, contexts, x, t):
     """UNet outputs for each distinct evaluation at (x, t), as a list in `model.evaluations` order."""
     batch = x.shape[0]
     n = len(model.evaluations)
-    apply = model.unet.apply
-    expand = lambda c: jnp.broadcast_to(c[None], (batch,) + c.shape)
+
+    def apply(variables, x, cond, **kwargs):
+        added = {k: cond[k] for k in ("text_embeds", "time_ids")} if "time_ids" in cond else None
+        return model.unet.apply(variables, x, t, cond["context"], added_cond_kwargs=added, **kwargs)
+
+    def rows_of(rows):
+        """The conditioning of evaluations `rows`, each repeated over the batch, stacked in order."""
+        return jax.tree_util.tree_map(
+            lambda c: jnp.concatenate([jnp.broadcast_to(c[i][None], (batch,) + c.shape[1:]) for i in rows]), contexts)
+
     if model.fusion == "lora_batch":
         gate = jnp.concatenate([jnp.full((batch,), m == FINETUNED, jnp.float32) for m, _ in model.evaluations])
-        out = apply(variables[FINETUNED], jnp.tile(x, (n, 1, 1, 1)), t,
-                    jnp.concatenate([expand(c) for c in contexts]), lora_gate=gate)
+        out = apply(variables[FINETUNED], jnp.tile(x, (n, 1, 1, 1)), rows_of(range(n)), lora_gate=gate)
         return jnp.split(out, n)
     if model.fusion == "vmap":
-        out = jax.vmap(lambda v, c: apply(v, x, t, expand(c)))(variables["stacked"], contexts)
+        expand = lambda c: jnp.broadcast_to(c[None], (batch,) + c.shape)
+        out = jax.vmap(lambda v, c: apply(v, x, jax.tree_util.tree_map(expand, c)))(variables["stacked"], contexts)
         return list(out)
     outputs = {}
     for m in dict.fromkeys(m for m, _ in model.evaluations):
         rows = [i for i, (mi, _) in enumerate(model.evaluations) if mi == m]
-        out = apply(variables[m], jnp.tile(x, (len(rows), 1, 1, 1)), t,
-                    jnp.concatenate([expand(contexts[i]) for i in rows]))
+        out = apply(variables[m], jnp.tile(x, (len(rows), 1, 1, 1)), rows_of(rows))
         outputs.update(zip(rows, jnp.split(out, len(rows))))
     return [outputs[i] for i in range(n)]
 

@@ -276,7 +276,7 @@ def extract(config: ExtractConfig, workdir: str, progress: bool = True, devices=
         vae_params = _replicated(pretrained.vae.params if pretrained.vae else {}, mesh)
         variables, contexts = _replicated((model.variables, model.contexts), mesh)
         batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
-        record.update(sampler=sampler.describe(), fusion=model.fusion)
+        record.update(sampler=sampler.describe(), fusion=model.fusion, **({"sdxl": model.sdxl} if model.sdxl else {}))
         images_dir = os.path.join(workdir, "images")
         os.makedirs(images_dir, exist_ok=True)
         for name in os.listdir(images_dir):  # temp files of a killed run
