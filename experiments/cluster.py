@@ -2,7 +2,9 @@
 
 python -m experiments.cluster --workdir=DIR (--images=DIR | --similarity=FILE.npy |
   --features_file=FILE.npy) --num_train=N0 [--features=sscd|dino|clip|pixel]
-  [--feature_weights=PATH] [--select=reference|topk] [--threshold=FLOAT] [--seed=0]
+  [--feature_weights=PATH] [--select=reference|topk] [--schedule=chance|reference]
+  [--threshold=FLOAT] [--seed=0] [--edge_budget=50000000]
+  [--coordinator_address=HOST:PORT --num_processes=P --process_id=I]
 
 Writes DIR/clusters.json and, with --images, DIR/extracted/*.png (the representatives).
 """
@@ -43,6 +45,14 @@ flags.DEFINE_integer("threshold_budget", clustering.DEFAULT_THRESHOLD_BUDGET,
 flags.DEFINE_integer("edge_budget", clustering.DEFAULT_EDGE_BUDGET,
                      "Most edges a threshold's graph may have (about 10 bytes each in memory); "
                      "denser thresholds are skipped by the schedule.")
+flags.DEFINE_enum("schedule", clustering.DEFAULT_SCHEDULE, list(clustering.SCHEDULES),
+                  "chance: stop where the cliques larger than chance at the threshold's edge "
+                  "density persist over 3 grid steps, keep those; reference: stop at the first "
+                  "threshold with >= N0 cliques, keep all (the reference implementation).")
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for a multi-process "
+                    "run (the similarity tiles are shared out; process 0 writes).")
+flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 
 
 def _load_npy(path, what):
@@ -70,10 +80,26 @@ def main(argv):
         raise InputError(f"--threshold is a cosine similarity in [-1, 1], got {FLAGS.threshold}")
     if FLAGS.batch_size < 1:
         raise InputError(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
+    if FLAGS.edge_budget < 0:
+        raise InputError(f"--edge_budget must be >= 0, got {FLAGS.edge_budget}")
     stages.check_cluster_output(FLAGS.workdir, FLAGS.images)
     options = dict(select=FLAGS.select, threshold=FLAGS.threshold, seed=FLAGS.seed,
                    subproblem_budget=FLAGS.subproblem_budget,
-                   threshold_budget=FLAGS.threshold_budget)
+                   threshold_budget=FLAGS.threshold_budget, edge_budget=FLAGS.edge_budget,
+                   schedule=FLAGS.schedule)
+    if FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None:
+        from finextract_jax.sampling.run import initialize_distributed
+        initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+        import jax
+        if jax.process_index() != 0:  # computes its share of the tiles; process 0 writes
+            if FLAGS.images:
+                raise InputError("a multi-process cluster run takes --features_file or "
+                                 "--similarity (compute the features once, then share them)")
+            array = _load_npy(FLAGS.features_file or FLAGS.similarity,
+                              "features_file" if FLAGS.features_file else "similarity")
+            key = "features" if FLAGS.features_file else "similarity"
+            clustering.cluster(num_train=FLAGS.num_train, **{key: array}, **options)
+            return
     if FLAGS.images:
         from finextract_jax import features as feats_lib
         extractor = feats_lib.get_extractor(FLAGS.features, FLAGS.feature_weights,

@@ -80,6 +80,8 @@ def cluster_to_workdir(workdir: str, num_train: int, *, features=None, similarit
                        select: str = "reference", threshold: float | None = None, seed: int = 0,
                        subproblem_budget: int = clustering.DEFAULT_SUBPROBLEM_BUDGET,
                        threshold_budget: int = clustering.DEFAULT_THRESHOLD_BUDGET,
+                       edge_budget: int = clustering.DEFAULT_EDGE_BUDGET,
+                       schedule: str = clustering.DEFAULT_SCHEDULE,
                        progress: bool = True) -> dict:
     """Cluster [N, D] features or an [N, N] similarity; write workdir/clusters.json (and, given
     the `names` of the images in `images_dir`, workdir/extracted/). Returns the clusters.json dict."""
@@ -103,7 +105,8 @@ def cluster_to_workdir(workdir: str, num_train: int, *, features=None, similarit
         res = clustering.cluster(num_train=num_train, features=features, similarity=similarity,
                                  select=select, threshold=threshold, seed=seed,
                                  subproblem_budget=subproblem_budget,
-                                 threshold_budget=threshold_budget, progress=on_threshold)
+                                 threshold_budget=threshold_budget, edge_budget=edge_budget,
+                                 schedule=schedule, progress=on_threshold)
     finally:
         for bar in bars:
             bar.close()
@@ -113,6 +116,7 @@ def cluster_to_workdir(workdir: str, num_train: int, *, features=None, similarit
            "timing": {"similarity_s": round(res.similarity_s + features_s, 4),
                       "cliques_s": round(res.cliques_s, 4)},
            "select": select,
+           "schedule": res.schedule,
            "num_train": num_train,
            "skipped_thresholds": res.skipped_thresholds,
            "exact": res.exact}

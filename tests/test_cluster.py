@@ -181,11 +181,12 @@ def test_schedule_equals_networkx_reference_semantics():
         num_train = int(rng.integers(1, min(n, 12) + 1))
         seed = int(rng.integers(0, 3))
         thr, cliques = nx_reference_cluster(sim, num_train, seed)
-        res = C.cluster(similarity=sim, num_train=num_train, seed=seed)
+        res = C.cluster(similarity=sim, num_train=num_train, seed=seed, schedule="reference")
         assert res.threshold == pytest.approx(thr, abs=1e-6), trial
         assert res.cliques == cliques, trial
         assert res.skipped_thresholds == [] and res.exact
-        topk = C.cluster(similarity=sim, num_train=num_train, seed=seed, select="topk")
+        topk = C.cluster(similarity=sim, num_train=num_train, seed=seed, select="topk",
+                         schedule="reference")
         assert topk.cliques == cliques[:num_train]
         assert topk.representatives == res.representatives[:num_train]
 
@@ -206,12 +207,12 @@ def test_threshold_schedule_on_hand_made_matrix():
     # At 0.00 everything is connected: [0,1,2,3,4,5] is not a clique ((3,5) missing? no:
     # sim 0 >= 0 is an edge), so one clique of 6 < N0 = 3; 0.01: edges > 0 only ->
     # {0,1,2}, {3,4}? no: 0-3 (0.12) and 1-4 (0.12) also edges; cliques {0,1,2},{3,4},{5}.
-    res = C.cluster(similarity=s, num_train=3)
+    res = C.cluster(similarity=s, num_train=3, schedule="reference")
     assert res.threshold == pytest.approx(0.01)
     assert res.cliques == [[0, 1, 2], [3, 4], [5]]
     # Representative of {0,1,2}: all tie (sums 1.8) -> smallest index; {3,4} -> 3.
     assert res.representatives == [0, 3, 5]
-    res2 = C.cluster(similarity=s, num_train=1)
+    res2 = C.cluster(similarity=s, num_train=1, schedule="reference")
     assert res2.threshold == pytest.approx(0.0) and res2.cliques == [list(range(6))]
     fixed = C.cluster(similarity=s, num_train=2, threshold=0.6)
     assert fixed.cliques == [[0, 1, 2], [3], [4], [5]] and fixed.threshold == pytest.approx(0.6)
@@ -264,7 +265,8 @@ def test_budget_skips_dense_thresholds_deterministically():
     n = 120
     f = rng.normal(size=(n, 4)) + 2.5  # all similar: a dense graph at low thresholds
     sim = C.cosine_similarity(f)
-    kw = dict(similarity=sim, num_train=10, subproblem_budget=300, threshold_budget=5000)
+    kw = dict(similarity=sim, num_train=10, subproblem_budget=300, threshold_budget=5000,
+              schedule="reference")
     a = C.cluster(**kw)
     b = C.cluster(**kw)
     assert a.skipped_thresholds, "expected over-budget thresholds to be skipped"
@@ -287,7 +289,7 @@ def test_budget_skips_dense_thresholds_deterministically():
 def test_large_graph_partition_is_valid_and_fast_enough():
     rng = np.random.default_rng(9)
     feats, sim = random_similarity(rng, 300, d=64, clusters=8)
-    res = C.cluster(features=feats, num_train=10)
+    res = C.cluster(features=feats, num_train=10, schedule="reference")
     assert sorted(sum(res.cliques, [])) == list(range(300))
     sizes = [len(c) for c in res.cliques]
     assert sizes == sorted(sizes, reverse=True)
@@ -385,7 +387,7 @@ def test_edge_budget_keeps_the_lowest_levels_that_fit():
 def test_schedule_skips_thresholds_over_the_edge_budget():
     f = ternary_features(300, seed=1)
     at = C.similarity_graph(features=f).edge_counts
-    res = C.cluster(features=f, num_train=10, edge_budget=2000)
+    res = C.cluster(features=f, num_train=10, edge_budget=2000, schedule="reference")
     over = [round(float(C.tau(k)), 2) for k in range(-100, 101)
             if at[k - C._MIN_LEVEL] > 2000 and C.tau(k) >= min(res.skipped_thresholds)]
     assert over and set(over) <= set(res.skipped_thresholds) and res.threshold > max(over)
@@ -403,9 +405,10 @@ def test_schedule_skips_thresholds_over_the_edge_budget():
 # Smaller work budgets than the defaults keep this fast; they still skip 12 thresholds.
 SKIPPED_2000 = [0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.1, 0.11, 0.12, 0.13, 0.14]
 DENSE_IMPLEMENTATION_2000 = [
-    (dict(subproblem_budget=20_000, threshold_budget=3_000_000), 0.15, 267, SKIPPED_2000,
+    (dict(subproblem_budget=20_000, threshold_budget=3_000_000, schedule="reference"), 0.15, 267, SKIPPED_2000,
      "5b1c5bff790bd773d69aa1dabd50014ba27dd8dbcbf69a9889154ea37e3cdff6"),
-    (dict(select="topk", subproblem_budget=20_000, threshold_budget=3_000_000), 0.15, 10,
+    (dict(select="topk", subproblem_budget=20_000, threshold_budget=3_000_000,
+          schedule="reference"), 0.15, 10,
      SKIPPED_2000, "5d8d7da8ffe1d20dd96f2bda6be2bc476ce9d2a04c20aab49d517070f2e15779"),
     (dict(threshold=0.155, select="topk"), 0.155, 10, [],
      "59030c320080967fc3a98e34a1f29015d80069365799e9e72c29a7b0f8a52c67"),

@@ -21,14 +21,15 @@ Semantics (the reference's, made exact):
   networkx internals.) With this rule the peel order equals the order
   "larger first, then lexicographically smaller"; that is the order of ``cliques`` in the
   output.
-* Schedule: k = start, start+1, ... until the number of cliques is >= N0.
+* Schedule: k = start, start+1, ... until the stopping rule holds: ``"chance"`` (default)
+  or ``"reference"`` (>= N0 cliques); both are stated in ``schedule.py``.
 * Representative of a clique: the member nearest (L2) to the mean of the members' features
   (L2-normalised, as the similarity is cosine; SSCD's already are unit vectors); ties go to
   the smaller index. For unit vectors the member nearest to the mean is the one with the
   largest summed similarity to the other members, which is what is used when only a
   similarity matrix is given, so both inputs pick the same member.
-* ``select="reference"`` keeps every clique of the final threshold; ``"topk"`` the N0 largest
-  (the first N0 peeled).
+* ``select="reference"`` keeps every clique of the final threshold (with the chance
+  schedule: every clique larger than chance); ``"topk"`` the N0 largest (the first N0 peeled).
 
 The package, one module per concern: ``similarity`` (the 0.01 grid, input checks, JAX tiles
 of the upper triangle), ``graph`` (the sparse CSR threshold graph, the edge budget, the start
@@ -41,7 +42,8 @@ from finextract_jax.cluster.cliques import (  # noqa: F401
 from finextract_jax.cluster.graph import (  # noqa: F401
     DEFAULT_EDGE_BUDGET, Graph, SimilarityGraph, _count_before, similarity_graph, start_level)
 from finextract_jax.cluster.schedule import (  # noqa: F401
-    ClusterResult, cluster, cluster_graph, representatives)
+    DEFAULT_SCHEDULE, SCHEDULES, STABLE_STEPS, ClusterResult, chance_clique_size, cluster,
+    cluster_graph, representatives)
 from finextract_jax.cluster.similarity import (  # noqa: F401
     COL_CHUNK, NUM_THRESHOLD_SAMPLES, ROW_BLOCK, THRESHOLD_QUANTILE, _MAX_LEVEL, _MIN_LEVEL,
-    check_similarity, cosine_similarity, feature_tiles, level_of, matrix_tiles, tau)
+    check_similarity, cosine_similarity, feature_tiles, level_of, matrix_tiles, tau, tile_share)

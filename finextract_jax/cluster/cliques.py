@@ -245,21 +245,28 @@ def peel_cliques(graph: Graph, *, max_cliques: Optional[int] = None,
                  min_count: Optional[int] = None,
                  subproblem_budget: int = DEFAULT_SUBPROBLEM_BUDGET,
                  threshold_budget: int = DEFAULT_THRESHOLD_BUDGET,
-                 on_budget: str = "raise") -> PeelResult:
+                 on_budget: str = "raise", min_size: int = 1) -> PeelResult:
     """Peel maximum cliques off the graph until it is empty.
 
     max_cliques: stop after this many cliques (they are the largest ones).
     min_count: stop (complete=False) as soon as the count can no longer reach it.
+    min_size: stop (complete=False) once no clique of this size is left: the cliques returned
+      are then exactly the prefix of the full peel whose cliques have at least min_size
+      members, and every subproblem is searched against that floor (a tighter cut-off).
     on_budget: "raise" (BudgetExceeded) or "greedy" (answer over-budget subproblems greedily).
     """
     work = _Work(subproblem_budget, threshold_budget)
     exact = True
-    n = graph.n
     cliques: list[list[int]] = []
-    # Isolated nodes are singletons; handled without the queue.
-    later = graph.later_degrees()
+    # Isolated nodes are singletons; handled without the queue. With min_size > 2 only the
+    # (min_size - 1)-core can hold the cliques sought (exact: the same cliques, same order).
     has_edges = np.diff(graph.indptr) > 0
-    isolated = np.flatnonzero(~has_edges).tolist()
+    if min_size > 2:
+        has_edges &= graph.core(min_size - 1)
+        later = graph.later_degrees(has_edges)
+    else:
+        later = graph.later_degrees()
+    isolated = np.flatnonzero(~has_edges).tolist() if min_size <= 1 else []
     heap = [(-(1 + int(later[v])), int(v), 0, None) for v in np.flatnonzero(has_edges)]
     heapq.heapify(heap)
     live = has_edges.copy()
@@ -275,7 +282,7 @@ def peel_cliques(graph: Graph, *, max_cliques: Optional[int] = None,
     def finished() -> bool:
         return max_cliques is not None and len(cliques) >= max_cliques
 
-    while heap and not finished():
+    while heap and not finished() and -heap[0][0] >= min_size:  # keys are upper bounds
         if (min_count is not None and len(cliques) + len(heap) + len(isolated) < min_count
                 and len(cliques) + num_live + len(isolated) < min_count):
             # Even if every remaining node were a singleton the count stays below min_count.
@@ -295,7 +302,7 @@ def peel_cliques(graph: Graph, *, max_cliques: Optional[int] = None,
         # makes vertices fail by one, again and again, as bounds decrease.
         while solved and not _valid(solved[0]):
             heapq.heappop(solved)
-        lower = -solved[0][0] if solved else 1
+        lower = max(-solved[0][0] if solved else 1, min_size)
         idx = graph.later_live(v, live)
         m = idx.shape[0]
         if m + 1 < lower:  # cannot reach the incumbent: the degree is a good enough bound

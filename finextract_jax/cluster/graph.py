@@ -15,7 +15,8 @@ import numpy as np
 
 from finextract_jax.cluster.similarity import (
     COL_CHUNK, NUM_THRESHOLD_SAMPLES, ROW_BLOCK, THRESHOLD_QUANTILE, _MAX_LEVEL, _MIN_LEVEL,
-    _check_features, check_similarity, feature_tiles, level_of, matrix_tiles, tau)
+    _check_features, _tile_shape, check_similarity, feature_tiles, level_of, matrix_tiles, tau,
+    tile_share)
 from finextract_jax.errors import InputError
 
 DEFAULT_EDGE_BUDGET = 50_000_000
@@ -93,9 +94,28 @@ class Graph:
         kept = _count_before(keep, bounds)
         return Graph(kept[0::2], kept[1::2], self.indices[keep], self.levels[keep])
 
-    def later_degrees(self) -> np.ndarray:
-        """|N+(v)| = the number of neighbours after v, for every v."""
-        return self.indptr[1:] - self.upper
+    def later_degrees(self, nodes: Optional[np.ndarray] = None) -> np.ndarray:
+        """|N+(v)| = the number of neighbours after v, for every v (among ``nodes``, a bool
+        mask, when given)."""
+        if nodes is None:
+            return self.indptr[1:] - self.upper
+        rows = np.repeat(np.arange(self.n), self.indptr[1:] - self.upper)
+        cols = self.indices[_upper_positions(self)]
+        return np.bincount(rows[nodes[cols]], minlength=self.n) * nodes
+
+    def core(self, min_degree: int) -> np.ndarray:
+        """Bool mask of the ``min_degree``-core: the largest sub-graph in which every node has
+        at least ``min_degree`` neighbours (nodes of fewer are removed until none is left).
+        Every clique of more than ``min_degree`` nodes lies inside it."""
+        rows = np.repeat(np.arange(self.n), np.diff(self.indptr))
+        alive = np.diff(self.indptr) >= min_degree
+        while True:
+            keep = alive[self.indices] & alive[rows]
+            deg = np.bincount(rows[keep], minlength=self.n)
+            still = alive & (deg >= min_degree)
+            if (still == alive).all():
+                return alive
+            alive = still
 
     def later_live(self, v: int, live: np.ndarray) -> np.ndarray:
         """N+(v) among the live nodes, ascending."""
@@ -131,6 +151,14 @@ class Graph:
             r0 = r1
         self._pos[idx] = -1
         return sub
+
+
+def _upper_positions(graph: "Graph") -> np.ndarray:
+    """Positions in ``indices`` of every node's later neighbours, row by row."""
+    lens = graph.indptr[1:] - graph.upper
+    ends = np.cumsum(lens)
+    return np.arange(int(ends[-1]) if len(ends) else 0) + np.repeat(graph.upper - ends + lens,
+                                                                     lens)
 
 
 def _count_before(mask: np.ndarray, positions: np.ndarray, chunk: int = 1 << 22) -> np.ndarray:
@@ -229,10 +257,7 @@ class _EdgeCollector:
         self.chunks.append(((ii + r0).astype(np.int32), (jj + c0).astype(np.int32), lv))
         if self.kept > self.budget:
             if not self.adaptive:
-                raise InputError(
-                    f"the graph at this threshold has more than {self.budget:,} edges (the edge "
-                    f"budget, ~{10 * self.budget / 2**30:.1f} GiB); use a higher --threshold or "
-                    "raise --edge_budget")
+                raise _over_budget(self.budget)
             self._raise_cut()
 
     def _raise_cut(self) -> None:
@@ -265,13 +290,67 @@ def similarity_graph(*, features=None, similarity=None, seed: int = 0,
     else:
         sim, feats = check_similarity(similarity), None
         n, tiles = sim.shape[0], matrix_tiles(sim, row_block, col_chunk)
-    if threshold is None:
-        collector = _EdgeCollector(n, seed, edge_budget)
-    else:
-        collector = _EdgeCollector(n, seed, edge_budget, cut_value=threshold, adaptive=False)
+    share = tile_share() if features is not None else (0, 1)
+    # A share of a multi-process run checks the budget of a fixed threshold only on the
+    # merged edges (every process must reach the merge).
+    local_budget = edge_budget if threshold is None or share[1] == 1 else np.iinfo(np.int64).max
+    collector = _EdgeCollector(n, seed, local_budget, adaptive=threshold is None,
+                               cut_value=-np.inf if threshold is None else threshold)
+    if share[1] > 1:
+        tiles = feature_tiles(feats, row_block, col_chunk, share=share)
     for r0, c0, tile in tiles:
         collector.add(r0, c0, tile)
+    if share[1] > 1:
+        _merge_processes(collector, edge_budget, _tile_shape(n, row_block, col_chunk))
     return collector.finish(features=feats, similarity=sim)
+
+
+def _merge_processes(collector: _EdgeCollector, budget: int, tile_shape: tuple[int, int]
+                     ) -> None:
+    """Every process's share of the tiles -> the edges of all of them, on every process.
+
+    The cut-off of the merged graph is at least every process's own (a level over the budget
+    in one share is over it in the sum); the per-level counts above the highest of them are
+    summed, the merged cut-off taken from the sums, and the edges at or above it gathered and
+    put back in row-major tile order, so that every process builds the same graph as one
+    process computing all tiles. The samples are filled in by exactly one process each."""
+    from jax.experimental import multihost_utils
+
+    def gather(x):
+        return np.asarray(multihost_utils.process_allgather(np.asarray(x)))
+
+    cut = int(gather(np.array([collector.cut_level])).max())
+    collector.counts[: cut - _MIN_LEVEL] = 0
+    collector.counts = gather(collector.counts).sum(axis=0)
+    above = _edges_at_or_above(collector.counts)
+    if collector.adaptive:
+        cut = max(cut, int(np.argmax(above <= budget)) + _MIN_LEVEL)
+        collector.counts[: cut - _MIN_LEVEL] = 0
+    collector.cut_level = cut
+    chunks = _at_least(collector.chunks, cut)
+    parts = [np.concatenate([c[a] for c in chunks]) if chunks else np.zeros(0, dt)
+             for a, dt in enumerate((np.int32, np.int32, np.int8))]
+    sizes = gather(np.array([parts[0].shape[0]]))[:, 0]
+    if not collector.adaptive and sizes.sum() > budget:
+        raise _over_budget(budget)  # on every process alike
+    width = max(1, int(sizes.max()))
+    merged = []
+    for part in parts:
+        padded = np.zeros(width, part.dtype)
+        padded[: part.shape[0]] = part
+        every = gather(padded)
+        merged.append(np.concatenate([every[p, :size] for p, size in enumerate(sizes)]))
+    rb, cc = tile_shape
+    key = (merged[0] // rb).astype(np.int64) * (-(-collector.n // cc)) + merged[1] // cc
+    order = np.argsort(key, kind="stable")
+    collector.chunks = [tuple(m[order] for m in merged)]
+    collector.samples = gather(collector.samples).sum(axis=0, dtype=np.float32)
+
+
+def _over_budget(budget: int) -> InputError:
+    return InputError(
+        f"the graph at this threshold has more than {budget:,} edges (the edge budget, "
+        f"~{10 * budget / 2**30:.1f} GiB); use a higher --threshold or raise --edge_budget")
 
 
 def start_level(samples) -> int:

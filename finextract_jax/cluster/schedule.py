@@ -1,5 +1,28 @@
 """The threshold schedule and the representatives: from a similarity graph to clusters.json's
-content (docs/method.md §4)."""
+content (docs/method.md §4).
+
+Two stopping rules, both over the same grid k = start, start + 1, ... (the start is the
+reference's: the 25th percentile of 1000 seeded entries, floored to 0.01):
+
+* ``"reference"``: stop at the first threshold whose peel has >= N0 cliques, and keep every
+  clique of it (the reference implementation's rule). At low thresholds the graph is so dense
+  that chance cliques are as large as real copy groups; this rule stops there as soon as the
+  count is reached, so most of its cliques are chance mixtures.
+* ``"chance"`` (the default): a clique counts only if it is larger than chance at that edge
+  density. With p_k = edges_k / C(N, 2), the chance size s_k is the largest s for which the
+  expected number of s-cliques of the random graph G(N, p_k), C(N, s) p_k^(s(s-1)/2), is at
+  least 1 (the clique number of G(n, p) concentrates on that value). The significant cliques
+  of threshold k are the peel's cliques of more than s_k members -- a prefix of the exact
+  peel, found by peeling only down to s_k + 1 (``peel_cliques(min_size=...)``), so the rest
+  of a dense graph is never searched. Stop at the first threshold k with at least one
+  significant clique where their number is the same at k, k + 1 and k + 2: copy groups
+  persist over grid steps, while chance cliques (topic clusters, coincidences) appear and
+  vanish as the density changes. Keep the significant cliques of k (``select="topk"``: the
+  first N0). If no threshold qualifies, the reference rule decides (logged).
+
+Both rules skip a threshold that is over a budget (edges, work: ``cliques.py``), as the
+reference skips one after its 30 s timeout.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -45,6 +68,29 @@ def representatives(cliques: Sequence[Sequence[int]], features: Optional[np.ndar
     return reps
 
 
+SCHEDULES = ("chance", "reference")
+DEFAULT_SCHEDULE = "chance"
+# Grid steps over which the number of significant cliques must stay the same.
+STABLE_STEPS = 3
+
+
+def chance_clique_size(n: int, edges: int) -> int:
+    """The largest s with C(n, s) p^(s(s-1)/2) >= 1 for p = edges / C(n, 2): the clique size a
+    random graph of this edge density reaches by chance (at least 1)."""
+    pairs = n * (n - 1) / 2
+    if edges <= 0 or n < 2:
+        return 1
+    if edges >= pairs:
+        return n
+    log_p = math.log(edges / pairs)
+    s = 1
+    # log C(n, s+1) + (s+1) s / 2 log p is concave in s: the first negative value ends it.
+    while s < n and (math.lgamma(n + 1) - math.lgamma(s + 2) - math.lgamma(n - s)
+                     + (s + 1) * s / 2 * log_p) >= 0:
+        s += 1
+    return s
+
+
 @dataclasses.dataclass
 class ClusterResult:
     threshold: float
@@ -55,11 +101,15 @@ class ClusterResult:
     exact: bool
     similarity_s: float = 0.0
     cliques_s: float = 0.0
+    schedule: str = DEFAULT_SCHEDULE
+    chance_size: Optional[int] = None  # s_k of the final threshold (chance schedule)
 
 
-def _check_common(n: int, num_train: int, select: str) -> None:
+def _check_common(n: int, num_train: int, select: str, schedule: str = DEFAULT_SCHEDULE) -> None:
     if select not in ("reference", "topk"):
         raise InputError(f"--select must be 'reference' or 'topk', got {select!r}")
+    if schedule not in SCHEDULES:
+        raise InputError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     if not isinstance(num_train, (int, np.integer)) or num_train < 1:
         raise InputError(f"--num_train must be a positive integer, got {num_train!r}")
     if num_train > n:
@@ -73,82 +123,158 @@ def _check_threshold(threshold: Optional[float]) -> None:
         raise InputError(f"--threshold must be a finite number, got {threshold}")
 
 
-def cluster_graph(sg: SimilarityGraph, num_train: int, *, select: str = "reference",
-                  threshold: Optional[float] = None,
-                  subproblem_budget: int = DEFAULT_SUBPROBLEM_BUDGET,
-                  threshold_budget: int = DEFAULT_THRESHOLD_BUDGET,
-                  progress=None) -> ClusterResult:
-    """Run the threshold schedule, or peel the one graph that ``sg`` was built for with
-    ``threshold``."""
-    _check_common(sg.n, num_train, select)
-    _check_threshold(threshold)
-    skipped: list[float] = []
-    max_cliques = num_train if select == "topk" else None
-    t0 = time.perf_counter()
-    if threshold is not None:
-        res = peel_cliques(sg.graph, max_cliques=max_cliques,
-                           subproblem_budget=subproblem_budget,
-                           threshold_budget=threshold_budget, on_budget="greedy")
-        if not res.exact:
-            logging.warning(
-                "threshold %.4f: the exact clique search exceeded its work budget "
-                "(subproblem %d, threshold %d units); some cliques were found greedily and "
-                "may not be maximum", threshold, subproblem_budget, threshold_budget)
-        final_k, final_thr, final = None, float(np.float32(threshold)), res
-    else:
-        k = start_level(sg.samples)
-        graph = sg.graph
-        while True:
-            thr = float(tau(k))
-            if k < sg.min_level:
-                logging.info(
-                    "threshold %.2f: its graph has more edges than the edge budget; skipping "
-                    "it as the reference skips a threshold after its 30 s timeout", thr)
-                skipped.append(round(thr, 2))
-                if progress is not None:
-                    progress(thr, None)
-                k += 1
-                continue
-            graph = graph.at_least(k)
+class _Thresholds:
+    """The peels of the schedule's thresholds, each computed at most once (None: skipped as
+    over a budget, logged and reported to ``progress``)."""
+
+    def __init__(self, sg: SimilarityGraph, progress, **peel_options):
+        self.sg, self.progress, self.options = sg, progress, peel_options
+        self.graphs: dict = {}
+        self.peels: dict = {}
+
+    def graph(self, k: int):
+        if k not in self.graphs:
+            below = [j for j in self.graphs if j < k]
+            self.graphs[k] = (self.graphs[max(below)] if below else self.sg.graph).at_least(k)
+            for j in [j for j in self.graphs if j < k - STABLE_STEPS]:
+                del self.graphs[j]  # memory: the schedule only moves up
+        return self.graphs[k]
+
+    def peel(self, k: int, *, min_size: int = 1, **extra):
+        key = (k, min_size)
+        if key in self.peels:
+            return self.peels[key]
+        thr = float(tau(k))
+        res = None
+        if k < self.sg.min_level:
+            logging.info(
+                "threshold %.2f: its graph has more edges than the edge budget; skipping "
+                "it as the reference skips a threshold after its 30 s timeout", thr)
+        else:
+            graph = self.graph(k)
             try:
-                res = peel_cliques(graph, max_cliques=max_cliques, min_count=num_train,
-                                   subproblem_budget=subproblem_budget,
-                                   threshold_budget=threshold_budget, on_budget="raise")
+                res = peel_cliques(graph, min_size=min_size, on_budget="raise",
+                                   **self.options, **extra)
             except BudgetExceeded:
                 logging.info(
                     "threshold %.2f (%d edges): exact clique search exceeded the deterministic "
                     "work budget (subproblem %d / threshold %d units); skipping it as the "
                     "reference skips a threshold after its 30 s timeout", thr, graph.num_edges,
-                    subproblem_budget, threshold_budget)
-                skipped.append(round(thr, 2))
-                if progress is not None:
-                    progress(thr, None)
-                k += 1
-                continue
-            count = len(res.cliques)
-            if progress is not None:
-                progress(thr, count)
-            logging.info("threshold %.2f (%d edges, %d work units): %s cliques", thr,
-                         graph.num_edges, res.work,
-                         count if res.complete or select == "topk" else f"< {num_train}")
-            if count >= num_train:
-                final_k, final_thr, final = k, thr, res
-                break
-            if k > _MAX_LEVEL:  # pragma: no cover - empty graph gives n >= num_train cliques
-                raise InputError("no threshold gives enough cliques")
-            k += 1
+                    self.options["subproblem_budget"], self.options["threshold_budget"])
+        self.peels[key] = res
+        if self.progress is not None:
+            self.progress(thr, None if res is None else len(res.cliques))
+        return res
+
+
+def _reference_schedule(thresholds: _Thresholds, start: int, num_train: int, max_cliques):
+    """(k, peel, skipped): the first threshold with >= num_train cliques."""
+    skipped = []
+    for k in range(start, _MAX_LEVEL + 2):
+        res = thresholds.peel(k, max_cliques=max_cliques, min_count=num_train)
+        if res is None:
+            skipped.append(k)
+            continue
+        logging.info("threshold %.2f (%d edges, %d work units): %s cliques", tau(k),
+                     thresholds.graph(k).num_edges, res.work, len(res.cliques)
+                     if res.complete or max_cliques else f"< {num_train}")
+        if len(res.cliques) >= num_train:
+            return k, res, skipped
+    raise InputError("no threshold gives enough cliques")  # pragma: no cover - n >= num_train
+
+
+def _chance_schedule(thresholds: _Thresholds, start: int):
+    """(k, significant peel, chance size, skipped) or None: the first threshold whose cliques
+    larger than chance number the same (at least one) over STABLE_STEPS grid steps."""
+    n = thresholds.sg.n
+    memo: dict = {}
+
+    def significant(k):
+        if k not in memo:
+            size = n
+            if k >= thresholds.sg.min_level:
+                size = chance_clique_size(n, int(thresholds.graph(k).num_edges))
+            res = thresholds.peel(k, min_size=size + 1)
+            if res is not None:
+                logging.info("threshold %.2f (%d edges, %d work units): %d cliques larger "
+                             "than chance (%d)", tau(k), thresholds.graph(k).num_edges,
+                             res.work, len(res.cliques), size)
+            memo[k] = (res, size)
+        return memo[k]
+
+    def count(k):
+        res = significant(k)[0]
+        return None if res is None else len(res.cliques)
+
+    # Each window [k, k + STABLE_STEPS) is checked from its top (the sparser, cheaper graphs)
+    # down. Where it fails at j (no significant clique, or over budget), no window holding j
+    # passes: the next starts at j + 1; where the counts of j - 1 and j differ, the next
+    # starts at j. So the answer is the first k whose window passes, as a plain upward scan
+    # would find it, and the dense thresholds below a failure are never searched.
+    k = start
+    while k <= _MAX_LEVEL:
+        j = k + STABLE_STEPS - 1
+        if not count(j):
+            k = j + 1
+            continue
+        while j > k and count(j - 1) == count(j):
+            j -= 1
+        if j == k:
+            res, size = memo[k]
+            skipped = sorted(i for i, (r, _) in memo.items() if r is None and i < k)
+            return k, res, size, skipped
+        k = j
+    return None
+
+
+def cluster_graph(sg: SimilarityGraph, num_train: int, *, select: str = "reference",
+                  threshold: Optional[float] = None, schedule: str = DEFAULT_SCHEDULE,
+                  subproblem_budget: int = DEFAULT_SUBPROBLEM_BUDGET,
+                  threshold_budget: int = DEFAULT_THRESHOLD_BUDGET,
+                  progress=None) -> ClusterResult:
+    """Run the threshold schedule, or peel the one graph that ``sg`` was built for with
+    ``threshold`` (every clique: a fixed threshold does not use the chance rule)."""
+    _check_common(sg.n, num_train, select, schedule)
+    _check_threshold(threshold)
+    budgets = dict(subproblem_budget=subproblem_budget, threshold_budget=threshold_budget)
+    max_cliques = num_train if select == "topk" else None
+    t0 = time.perf_counter()
+    skipped, size = [], None
+    if threshold is not None:
+        res = peel_cliques(sg.graph, max_cliques=max_cliques, on_budget="greedy", **budgets)
+        if not res.exact:
+            logging.warning(
+                "threshold %.4f: the exact clique search exceeded its work budget "
+                "(subproblem %d, threshold %d units); some cliques were found greedily and "
+                "may not be maximum", threshold, subproblem_budget, threshold_budget)
+        final_k, final_thr = None, float(np.float32(threshold))
+    else:
+        thresholds = _Thresholds(sg, progress, **budgets)
+        start = start_level(sg.samples)
+        found = _chance_schedule(thresholds, start) if schedule == "chance" else None
+        if found is not None:
+            final_k, res, size, skipped = found
+        else:
+            if schedule == "chance":
+                logging.warning("no threshold has cliques larger than chance that persist over "
+                                "%d grid steps; using the reference schedule", STABLE_STEPS)
+            final_k, res, skipped = _reference_schedule(thresholds, start, num_train,
+                                                         max_cliques)
+        final_thr = float(tau(final_k))
     cliques_s = time.perf_counter() - t0
-    cliques = final.cliques
-    if select == "topk":
-        cliques = cliques[:num_train]
+    cliques = res.cliques[:num_train] if select == "topk" else res.cliques
     reps = representatives(cliques, features=sg.features, similarity=sg.similarity)
     return ClusterResult(threshold=round(final_thr, 6), level=final_k, cliques=cliques,
-                         representatives=reps, skipped_thresholds=skipped, exact=final.exact,
-                         cliques_s=cliques_s)
+                         representatives=reps,
+                         skipped_thresholds=[round(float(tau(k)), 2) for k in skipped],
+                         exact=res.exact, cliques_s=cliques_s,
+                         schedule="reference" if size is None and threshold is None else schedule,
+                         chance_size=size)
 
 
 def cluster(*, num_train: int, features=None, similarity=None, select: str = "reference",
             threshold: Optional[float] = None, seed: int = 0,
+            schedule: str = DEFAULT_SCHEDULE,
             subproblem_budget: int = DEFAULT_SUBPROBLEM_BUDGET,
             threshold_budget: int = DEFAULT_THRESHOLD_BUDGET,
             edge_budget: int = DEFAULT_EDGE_BUDGET, progress=None) -> ClusterResult:
@@ -161,11 +287,12 @@ def cluster(*, num_train: int, features=None, similarity=None, select: str = "re
         features = _check_features(features)
     else:
         similarity = check_similarity(similarity)
-    _check_common((features if features is not None else similarity).shape[0], num_train, select)
+    _check_common((features if features is not None else similarity).shape[0], num_train, select,
+                  schedule)
     sg = similarity_graph(features=features, similarity=similarity, seed=seed,
                           edge_budget=edge_budget, threshold=threshold)
     sim_s = time.perf_counter() - t0
-    res = cluster_graph(sg, num_train, select=select, threshold=threshold,
+    res = cluster_graph(sg, num_train, select=select, threshold=threshold, schedule=schedule,
                         subproblem_budget=subproblem_budget, threshold_budget=threshold_budget,
                         progress=progress)
     res.similarity_s = sim_s

@@ -8,7 +8,7 @@ dropped as soon as the pairs at or above the current cut-off are taken out of it
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -86,21 +86,22 @@ def check_similarity(similarity, atol: float = 1e-4) -> np.ndarray:
 # Similarity, tile by tile over the upper triangle.
 
 
-_SIM_BLOCK_FN = None
+_TILE_FNS: dict = {}
 
 
-def _sim_block_fn():
-    """One jitted [B, D] x [C, D]^T matmul, shared by every caller (compiled per shape)."""
-    global _SIM_BLOCK_FN
-    if _SIM_BLOCK_FN is None:
+def _tile_batch_fn():
+    """One jitted batch of tiles, [L, B, D] x [L, C, D] -> [L, B, C]. With the batch axis
+    sharded over L devices every device computes its own tile (no communication), by the
+    same program as a single device computing one tile: the same floats on 1 or L devices."""
+    if "batch" not in _TILE_FNS:
         import jax
         import jax.numpy as jnp
 
-        def block(rows, cols):
-            return jnp.dot(rows, cols.T, precision=jax.lax.Precision.HIGHEST)
+        def batch(rows, cols):
+            return jnp.einsum("lrd,lcd->lrc", rows, cols, precision=jax.lax.Precision.HIGHEST)
 
-        _SIM_BLOCK_FN = jax.jit(block)
-    return _SIM_BLOCK_FN
+        _TILE_FNS["batch"] = jax.jit(batch)
+    return _TILE_FNS["batch"]
 
 
 def _round_up(x: int, m: int) -> int:
@@ -125,41 +126,72 @@ def _tile_shape(n: int, row_block: int, col_chunk: int) -> tuple[int, int]:
     return max(1, min(row_block, _round_up(n, 8))), min(col_chunk, _round_up(n, 256))
 
 
-def feature_tiles(features, row_block: int = ROW_BLOCK, col_chunk: int = COL_CHUNK
+def tile_share() -> tuple[int, int]:
+    """(this process's index, number of processes): the tiles ``feature_tiles`` computes here
+    are every ``count``-th of the upper triangle's, starting at ``index``."""
+    import jax
+
+    return jax.process_index(), jax.process_count()
+
+
+def feature_tiles(features, row_block: int = ROW_BLOCK, col_chunk: int = COL_CHUNK,
+                  devices: Optional[Sequence] = None, share: tuple[int, int] = (0, 1)
                   ) -> Iterator[tuple[int, int, np.ndarray]]:
     """Yield ``(r0, c0, S[r0:r1, c0:c1])`` of the cosine similarity, upper-triangle tiles.
 
-    Computed in JAX, one padded tile at a time (the next one is dispatched before the
-    current one is handed out, so the matmul overlaps the caller's work). Entries on and
-    below the diagonal are whatever the product gives; callers use only j > i.
+    Computed in JAX, L padded tiles at a time, one per device of ``devices`` (default: this
+    process's devices), as one computation sharded over a one-axis mesh of them; the next
+    batch is dispatched before the current one is handed out, so the matmuls overlap the
+    caller's work. ``share=(index, count)``: only the tiles index, index + count, ... of the
+    row-major tile order (one process's share of a multi-process run), in that order.
+    Entries on and below the diagonal are whatever the product gives; callers use only j > i.
     """
-    import jax.numpy as jnp
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     feats = _check_features(features)
     n, d = feats.shape
     normed = feats / np.linalg.norm(feats, axis=1, keepdims=True)
     rb, cc = _tile_shape(n, row_block, col_chunk)
+    devices = list(devices or jax.local_devices())
+    sharding = NamedSharding(Mesh(np.array(devices), ("tiles",)), PartitionSpec("tiles"))
+    fn = _tile_batch_fn()
 
     def padded(a, b, rows):
-        out = np.zeros((rows, d), np.float32)
-        out[: b - a] = normed[a:b]
-        return jnp.asarray(out)
+        out = np.zeros((1, rows, d), np.float32)
+        out[0, : b - a] = normed[a:b]
+        return out
 
-    cols = {c0: padded(c0, min(n, c0 + cc), cc) for c0 in range(0, n, cc)}
-    fn = _sim_block_fn()
+    col_cache: dict = {}  # (c0, device) -> the column chunk on that device
+
+    def cols_on(c0, device):
+        if (c0, device) not in col_cache:
+            col_cache[c0, device] = jax.device_put(padded(c0, min(n, c0 + cc), cc), device)
+        return col_cache[c0, device]
+
+    grid = list(_tile_grid(n, rb, cc))[share[0]::share[1]]
+    empty = (0, 0, 0, 0)
 
     def dispatched():
-        rows_at, rows = -1, None
-        for r0, r1, c0, c1 in _tile_grid(n, rb, cc):
-            if rows_at != r0:
-                rows_at, rows = r0, padded(r0, r1, rb)
-            yield r0, c0, fn(rows, cols[c0]), r1 - r0, c1 - c0
+        for b0 in range(0, len(grid), len(devices)):
+            tiles = grid[b0:b0 + len(devices)]
+            tiles = tiles + [empty] * (len(devices) - len(tiles))
+            rows = [jax.device_put(padded(r0, r1, rb), dev)
+                    for (r0, r1, _, _), dev in zip(tiles, devices)]
+            cols = [cols_on(c0, dev) for (_, _, c0, _), dev in zip(tiles, devices)]
+            out = fn(jax.make_array_from_single_device_arrays(
+                (len(devices), rb, d), sharding, rows),
+                jax.make_array_from_single_device_arrays((len(devices), cc, d), sharding, cols))
+            yield tiles, out
 
-    tiles = dispatched()
-    ahead = next(tiles, None)
+    batches = dispatched()
+    ahead = next(batches, None)
     while ahead is not None:
-        (r0, c0, tile, rows, width), ahead = ahead, next(tiles, None)
-        yield r0, c0, np.asarray(tile)[:rows, :width]
+        (tiles, out), ahead = ahead, next(batches, None)
+        shards = {shard.device: shard.data for shard in out.addressable_shards}
+        for (r0, r1, c0, c1), dev in zip(tiles, devices):
+            if r1 > r0:
+                yield r0, c0, np.asarray(shards[dev])[0, :r1 - r0, :c1 - c0]
 
 
 def matrix_tiles(similarity: np.ndarray, row_block: int = ROW_BLOCK,
