@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax.traverse_util import flatten_dict
 
 from finextract_jax.errors import CheckpointError
+from finextract_jax.models.configs import resolve_unet
 from finextract_jax.models.unet import UNet2DConditionModel
 
 warnings.filterwarnings("ignore", message=".*Flax classes are deprecated.*")
@@ -78,8 +79,12 @@ def _check_config(config: dict, fields, default_only: dict, ignored, source: str
 
 
 def unet_from_config(config: dict, dtype=jnp.float32, attention: str = "fused", source: str = "unet") -> UNet2DConditionModel:
+    """Our UNet for a diffusers config.json, built from the config diffusers would resolve (its
+    defaults for missing keys: an SD 1.4 config and a current save of it build the same module)."""
+    config = resolve_unet(config)
     _check_config(config, _UNET_FIELDS, _UNET_DEFAULT_ONLY, _UNET_IGNORED, source)
-    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items() if k in _UNET_FIELDS}
+    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items()
+              if k in _UNET_FIELDS and not (k == "sample_size" and v is None)}
     for key in ("down_block_types", "up_block_types"):
         unknown = set(kwargs.get(key, ())) - _BLOCKS
         if unknown:

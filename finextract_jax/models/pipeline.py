@@ -23,7 +23,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from finextract_jax.errors import CheckpointError, ConfigMismatchError
-from finextract_jax.models import components, hub, lora
+from finextract_jax.models import components, configs, hub, lora
 from finextract_jax.models.convert import pytorch_to_flax
 from finextract_jax.models.weights import find_weights, read_json, read_msgpack, read_state_dict, to_float32
 
@@ -290,20 +290,13 @@ def _sdxl_parts(path: str, load_text_encoder) -> dict:
                 force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)))
 
 
-# Config fields that must agree between a base model and its fine-tune.
-_ARCH_FIELDS = components._UNET_FIELDS[1:]  # sample_size is a default, not an architecture
-
-
-def check_compatible(pretrained_config: dict, finetuned_config: dict, source: str):
-    """Raise ConfigMismatchError naming each UNet config field that differs."""
-    diffs = []
-    for field in _ARCH_FIELDS:
-        a, b = pretrained_config.get(field), finetuned_config.get(field)
-        norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v
-        if norm(a) != norm(b):
-            diffs.append(f"{field}: pretrained {a!r} vs fine-tuned {b!r}")
+def check_compatible(pretrained_config: dict, finetuned_config: dict, source: str, kind: str = "unet"):
+    """Raise ConfigMismatchError naming each field where the two configs' resolved architectures
+    differ (models/configs.py: keys a config file leaves out count at the library's defaults)."""
+    diffs = configs.differences(kind, pretrained_config, finetuned_config)
     if diffs:
-        raise ConfigMismatchError(f"{source}: not a fine-tune of the pretrained model; UNet config differs in "
+        what = {"unet": "UNet", "text_encoder": "text encoder", "scheduler": "noise schedule"}[kind]
+        raise ConfigMismatchError(f"{source}: not a fine-tune of the pretrained model; {what} config differs in "
                                   + "; ".join(diffs))
 
 
@@ -342,9 +335,14 @@ def load_finetuned(pretrained: Pipeline, path: str, finetuned_format: str = "aut
         pending = []
         unet_config = read_json(os.path.join(path, "unet", "config.json"))
         check_compatible(pretrained.unet.config, unet_config, path)
+        scheduler_file = os.path.join(path, "scheduler", "scheduler_config.json")
+        if os.path.isfile(scheduler_file):
+            check_compatible(pretrained.scheduler_config, read_json(scheduler_file), path, "scheduler")
         unet = load_component(os.path.join(path, "unet"), "unet", dtype, attention, allow_pickle, cache_dir, pending)
         text_encoder = pretrained.text_encoder
         if os.path.isdir(os.path.join(path, "text_encoder")):
+            check_compatible(pretrained.text_encoder.config, read_json(os.path.join(path, "text_encoder", "config.json")),
+                             path, "text_encoder")
             text_encoder = load_component(os.path.join(path, "text_encoder"), "text_encoder", dtype, attention,
                                           allow_pickle, cache_dir, pending)
         tokenizer = load_tokenizer(os.path.join(path, "tokenizer")) if os.path.isdir(
