@@ -54,16 +54,35 @@ class LoraDense(nn.Module):
         return y
 
 
+ATTENTION_IMPLEMENTATIONS = ("auto", "fused", "plain", "cudnn")
+
+
+def attention_implementation(implementation: str, dtype, head_dim: int) -> str:
+    """The concrete implementation behind `implementation` for this backend, dtype and head size.
+
+    "auto": the measured choice per backend (benchmarks/RESULTS.md). "cudnn" (cuDNN flash attention,
+    GPU only) takes 16-bit inputs with head_dim a multiple of 8 up to 128; other shapes fall back to
+    the fused XLA formulation, so an SD 1.x UNet (head sizes 40, 80, 160) mixes the two.
+    """
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {implementation!r} "
+                         f"(use one of {', '.join(ATTENTION_IMPLEMENTATIONS)})")
+    if implementation == "auto":
+        implementation = "fused"
+    if implementation == "cudnn" and not (jnp.dtype(dtype).itemsize == 2 and head_dim % 8 == 0 and head_dim <= 128):
+        return "fused"
+    return implementation
+
+
 def attend(query, key, value, implementation: str):
     """Multi-head attention on [batch, tokens, heads, head_dim] arrays."""
+    implementation = attention_implementation(implementation, query.dtype, query.shape[-1])
     if implementation == "plain":
         scale = 1.0 / math.sqrt(query.shape[-1])
         scores = jnp.einsum("bqhd,bkhd->bhqk", query, key) * scale
         probs = jax.nn.softmax(scores, axis=-1)
         return jnp.einsum("bhqk,bkhd->bqhd", probs, value)
-    if implementation == "fused":
-        return jax.nn.dot_product_attention(query, key, value)
-    raise ValueError(f"unknown attention implementation {implementation!r} (use 'fused' or 'plain')")
+    return jax.nn.dot_product_attention(query, key, value, implementation="cudnn" if implementation == "cudnn" else None)
 
 
 class Attention(nn.Module):
