@@ -41,6 +41,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from finextract_jax import cluster as C  # noqa: E402
+from finextract_jax.cluster.synthetic import copy_group_features, copy_group_scores  # noqa: E402
 
 REFERENCE_TIMEOUT_S = 30
 # The forked children only run numpy and networkx, never JAX.
@@ -68,73 +69,38 @@ def sscd_like(n, seed=0, dim=512):
     return (f / np.linalg.norm(f, axis=1, keepdims=True)).astype(np.float32)
 
 
-def realistic_features(n, num_train=20, dim=512, copy_fraction=0.05, zipf=1.0, seed=0,
-                       chunk=8192):
-    """SSCD-like features of generated images, written chunk by chunk in float32.
-
-    num_train 'training' images; a copy_fraction of the rows are noisy near-duplicates of them
-    (cosine 0.55-0.95 to their training image, so 0.3-0.9 between two copies), their counts
-    proportional to 1 / rank**zipf (zipf=1, N0=20, N=100k: 1419 copies of the first image,
-    64 of the last; zipf=0: equal counts). The rest are diverse images sharing a model
-    'style' and one of 64 'topics': cosine 0.07 +- 0.045 between topics, 0.17 within one
-    (25th percentile of all pairs ~0.04, as for SSCD on one fine-tuned model's samples).
-    Rows are shuffled."""
-    rng = np.random.default_rng(seed)
-
-    def unit(x):
-        return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-    style = unit(rng.normal(size=dim))
-    topics = unit(rng.normal(size=(64, dim)))
-    train = unit(0.3 * style + 0.35 * topics[rng.integers(64, size=num_train)]
-                 + rng.normal(size=(num_train, dim)) / np.sqrt(dim))
-    weights = 1.0 / np.arange(1, num_train + 1) ** zipf
-    n_copy = int(round(copy_fraction * n))
-    source = np.full(n, -1)
-    source[:n_copy] = rng.choice(num_train, size=n_copy, p=weights / weights.sum())
-    perm = rng.permutation(n)
-    out = np.empty((n, dim), np.float32)
-    for t0 in range(0, n, chunk):
-        src = source[t0:t0 + chunk]
-        copy = (src >= 0)[:, None]
-        a = rng.uniform(0.55, 0.95, size=(src.size, 1))
-        copies = a * train[np.maximum(src, 0)] + np.sqrt(1 - a * a) * unit(
-            rng.normal(size=(src.size, dim)))
-        diverse = (0.3 * style + 0.35 * topics[rng.integers(64, size=src.size)]
-                   + rng.normal(size=(src.size, dim)) / np.sqrt(dim))
-        out[perm[t0:t0 + chunk]] = unit(np.where(copy, copies, diverse))
-    counts = np.bincount(source[source >= 0], minlength=num_train)
-    return out, counts
-
-
-def _write_features(path, n, num_train, copy_fraction, zipf, pairs=200_000, seed=1):
-    """realistic_features() to ``path``; returns a one-line description with pair stats."""
-    feats, counts = realistic_features(n, num_train, copy_fraction=copy_fraction, zipf=zipf)
+def _write_features(path, n, groups, copy_fraction, zipf, dim, pairs=200_000, seed=1):
+    """copy_group_features() to ``path`` (labels next to it); a one-line description."""
+    feats, labels = copy_group_features(n, groups, dim=dim, copy_fraction=copy_fraction,
+                                        zipf=zipf)
     np.save(path, feats)
+    np.save(path + ".labels.npy", labels)
+    counts = np.bincount(labels[labels >= 0], minlength=groups)
     i, j = np.random.default_rng(seed).integers(n, size=(2, pairs))
     s = np.einsum("ij,ij->i", feats[i[i != j]], feats[j[i != j]])
-    return (f"features: N={n} D={feats.shape[1]}, {counts.sum()} near-copies of {num_train} "
+    return (f"features: N={n} D={feats.shape[1]}, {counts.sum()} near-copies of {groups} "
             f"training images ({counts.max()} .. {counts.min()} each); pair cosine "
             f"{s.mean():.3f} +- {s.std():.3f}, 25th percentile {np.quantile(s, 0.25):.3f}")
 
 
-def large_run(n, num_train, copy_fraction, zipf):
-    """Cluster realistic features through the binary; wall time and peak RSS of that child."""
+def large_run(n, num_train, groups, copy_fraction, zipf, dim, schedule, extra=()):
+    """Cluster synthetic features through the binary; wall time and peak RSS of that child,
+    thresholds searched / skipped, and the scores against the known copy groups."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "features.npy")
         with mp.get_context("spawn").Pool(1) as pool:
-            print(pool.apply(_write_features, (path, n, num_train, copy_fraction, zipf)),
+            print(pool.apply(_write_features, (path, n, groups, copy_fraction, zipf, dim)),
                   flush=True)
-        print(f"bench process before the run: {_rss_gib():.2f} GiB", flush=True)
         load0 = os.getloadavg()[0]
         t0 = time.perf_counter()
         proc = subprocess.Popen(
             [sys.executable, "-m", "experiments.cluster", f"--features_file={path}",
-             f"--num_train={num_train}", f"--workdir={tmp}/out"], cwd=root,
-            env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, text=True)
-        log = proc.stderr.read()
+             f"--num_train={num_train}", f"--workdir={tmp}/out", f"--schedule={schedule}",
+             *extra], cwd=root,
+            env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True)
+        log = proc.stdout.read()
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
         load1 = os.getloadavg()[0]
@@ -142,16 +108,19 @@ def large_run(n, num_train, copy_fraction, zipf):
             raise SystemExit(f"cluster failed:\n{log[-3000:]}")
         with open(os.path.join(tmp, "out", "clusters.json")) as f:
             res = json.load(f)
+        labels = np.load(path + ".labels.npy")
     over_edges = len(re.findall(r"more edges than the edge budget", log))
-    over_work = len(res["skipped_thresholds"]) - over_edges
-    searched = re.findall(r"threshold ([0-9.]+) \((\d+) edges", log)
-    print(f"ours  N={n}: {wall:.1f} s wall (similarity {res['timing']['similarity_s']:.1f} s, "
-          f"cliques {res['timing']['cliques_s']:.1f} s), peak RSS "
-          f"{usage.ru_maxrss / 2**20:.2f} GiB, load average {load0:.1f} -> {load1:.1f}; "
-          f"threshold {res['threshold']:.2f}, {len(res['cliques'])} cliques (largest "
-          f"{[len(c) for c in res['cliques'][:5]]}), thresholds skipped: {over_edges} over "
-          f"the edge budget, {over_work} over the work budget; first searched: "
-          f"{searched[0] if searched else None}", flush=True)
+    over_work = len(re.findall(r"exceeded the deterministic work budget", log))
+    searched = len(re.findall(r"threshold [0-9.]+ \(\d+ edges, \d+ work units\)", log))
+    scores = copy_group_scores(res["cliques"], res["representatives"], labels)
+    print(f"ours  N={n} N0={num_train} schedule={schedule}: {wall:.1f} s wall (similarity "
+          f"{res['timing']['similarity_s']:.1f} s, cliques {res['timing']['cliques_s']:.1f} s), "
+          f"peak RSS {usage.ru_maxrss / 2**20:.2f} GiB, load average {load0:.1f} -> {load1:.1f};"
+          f" threshold {res['threshold']:.2f}, {len(res['cliques'])} cliques (largest "
+          f"{[len(c) for c in res['cliques'][:5]]}); thresholds searched {searched}, skipped: "
+          f"{over_edges} over the edge budget, {over_work} over the work budget; "
+          + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                      for k, v in scores.items()), flush=True)
 
 
 def _rss_gib():
@@ -237,11 +206,16 @@ def main():
     parser.add_argument("--num_train", type=int, default=20)
     parser.add_argument("--copy_fraction", type=float, default=0.05)
     parser.add_argument("--zipf", type=float, default=1.0)
+    parser.add_argument("--groups", type=int, default=None,
+                        help="training images copied (default: --num_train)")
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--schedule", default=C.DEFAULT_SCHEDULE, choices=C.SCHEDULES)
     args = parser.parse_args()
     print(f"# bench_cluster  {time.strftime('%Y-%m-%d')}  {platform.processor() or platform.machine()}"
           f"  {os.cpu_count()} cores  python {platform.python_version()}")
     if args.large:
-        large_run(args.large_n, args.num_train, args.copy_fraction, args.zipf)
+        large_run(args.large_n, args.num_train, args.groups or args.num_train,
+                  args.copy_fraction, args.zipf, args.dim, args.schedule)
         return
     rows = []
     for n in [int(s) for s in args.sizes.split(",")]:
