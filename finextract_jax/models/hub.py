@@ -118,10 +118,14 @@ def _fetch(repo: str, revision: str, role: str, file: str | None) -> str:
             raise CheckpointError(f"{repo}@{revision}: no local path by that name, and not in the Hugging Face "
                                   f"cache {cache} ({'HF_HUB_OFFLINE is set' if _offline() else 'hub unreachable'})"
                                   ) from None
-        return os.path.join(folder, select_files(_listing(folder), role, repo, file).path)
+        return _inside(folder, select_files(_listing(folder), role, repo, file))
     selection = select_files([s.rfilename for s in info.siblings], role, repo, file)
     folder = snapshot_download(repo, revision=info.sha, cache_dir=cache, allow_patterns=selection.files)
-    return os.path.join(folder, selection.path)
+    return _inside(folder, selection)
+
+
+def _inside(folder: str, selection: Selection) -> str:
+    return os.path.join(folder, selection.path) if selection.path else folder
 
 
 def resolve(spec: str, role: str) -> str:
