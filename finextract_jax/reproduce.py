@@ -207,6 +207,15 @@ def marker_path(folder: str, stage: str) -> str:
     return os.path.join(folder, f"{stage}.done.json")
 
 
+def mark_done(folder: str, stage: str, settings: dict, seconds: float) -> dict:
+    """Write the stage's done record (what `finished` reads on a rerun) and return it."""
+    from finextract_jax.fileio import atomic_write_json
+
+    record = {"settings": settings, "seconds": round(seconds, 3), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    atomic_write_json(marker_path(folder, stage), record)
+    return record
+
+
 def finished(folder: str, stage: str, settings: dict) -> dict | None:
     """The stage's done record, None if it has to run; refuses a finished stage with other settings."""
     path = marker_path(folder, stage)
@@ -315,7 +324,6 @@ def _lazy(make):
 def reproduce(s: Settings, devices=None) -> list:
     """Run every unfinished stage, then (re)write the tables; returns the table rows."""
     from finextract_jax import features as feats_lib
-    from finextract_jax.fileio import atomic_write_json
     from finextract_jax.models.pipeline import load_pipeline
 
     devices = devices if devices is not None else select_devices(s.devices)
@@ -338,9 +346,7 @@ def reproduce(s: Settings, devices=None) -> list:
         logging.info("%s: %s", where, st.name)
         start = time.perf_counter()
         run_stage(s, st, tools)
-        st.record = {"settings": st.settings, "seconds": round(time.perf_counter() - start, 3),
-                     "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        atomic_write_json(marker_path(st.folder, st.name), st.record)
+        st.record = mark_done(st.folder, st.name, st.settings, time.perf_counter() - start)
         logging.info("%s: %s done in %.1f s", where, st.name, st.record["seconds"])
     rows = table_rows(s, stages)
     write_tables(s, rows)
