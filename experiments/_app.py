@@ -11,7 +11,10 @@ The contract (README, "Command line"), the same for every binary:
 """
 import logging
 import math
+import os
+import signal
 import sys
+import threading
 
 from absl import app, flags
 
@@ -21,6 +24,19 @@ EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 _error_stream = None  # the real stderr while `run` has redirected sys.stderr to stdout
+_in_main = False  # Ctrl-C before main (imports, flag parsing) has nothing to clean up: exit at once
+
+
+def _on_sigint(signum, frame):
+    if _in_main:
+        raise KeyboardInterrupt  # main's cleanup runs (temp files removed, run.json marked interrupted)
+    (_error_stream or sys.stderr).write("error: interrupted\n")
+    (_error_stream or sys.stderr).flush()
+    os._exit(EXIT_INTERRUPTED)
+
+
+if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGINT, _on_sigint)
 
 
 def _error_line(message: str, status: int):
@@ -91,7 +107,9 @@ def run(main):
     """Run an absl main under the contract above."""
 
     def guarded(argv):
+        global _in_main
         _chatter_to_stdout()
+        _in_main = True
         try:
             if len(argv) > 1:
                 fail(f"unexpected positional arguments {argv[1:]}; use --flag=value")
@@ -104,6 +122,7 @@ def run(main):
         except KeyboardInterrupt:
             _error_line("interrupted; rerun the same command to continue", EXIT_INTERRUPTED)
         finally:
+            _in_main = False
             sys.stdout.flush()
             _restore_stderr()
 

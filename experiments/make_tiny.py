@@ -27,10 +27,10 @@ def main(_):
     from finextract_jax.models.tiny import make_tiny
 
     fileio.check_output_dir(FLAGS.out, "--out")  # make_tiny replaces --out as a whole
+    logging.info("writing a tiny %s pipeline (%s weights) to %s", FLAGS.kind, FLAGS.format, FLAGS.out)
     out = make_tiny(FLAGS.out, kind=FLAGS.kind, fmt=FLAGS.format, seed=FLAGS.seed,
                     prediction_type=FLAGS.prediction_type)
-    fileio.claim_dir(out, "--out")
-    logging.info("wrote a tiny %s pipeline (%s weights) to %s", FLAGS.kind, FLAGS.format, out)
+    fileio.mark_own(out)
     print(out)
 
 

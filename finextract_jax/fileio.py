@@ -138,11 +138,27 @@ def check_output_dir(path: str, flag: str):
 def claim_dir(path: str, flag: str) -> str:
     """Create `path` (or adopt it: empty, or already ours) and leave the marker in it."""
     check_output_dir(path, flag)
-    os.makedirs(path, exist_ok=True)
-    marker = os.path.join(path, MARKER)
-    if not os.path.exists(marker):
-        atomic_write_bytes(marker, b"written by finextract_jax; its tools write only into folders holding this file\n")
+    if not os.path.exists(os.path.join(path, MARKER)):
+        adopted = os.path.isdir(path)
+        os.makedirs(path, exist_ok=True)
+        mark_own(path, created=not adopted)
     return path
+
+
+def mark_own(folder: str, created: bool = True):
+    """Leave the marker in a folder a tool made (or adopted empty)."""
+    how = "created" if created else "adopted"
+    atomic_write_bytes(os.path.join(folder, MARKER),
+                       f"{how} by finextract_jax; its tools write only into folders holding this file\n".encode())
+
+
+def created_by_us(folder: str) -> bool:
+    """Whether `claim_dir` created `folder` (rather than adopting an empty one the user made)."""
+    try:
+        with open(os.path.join(folder, MARKER), "rb") as f:
+            return f.read().startswith(b"created")
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
@@ -175,7 +191,7 @@ def check_not_inside(out: str, out_flag: str, inputs: dict, both_ways: bool = Fa
     """Refuse an output equal to or inside an input folder ({flag: path}); with `both_ways`, also an
     input inside the output (an output replaced as a whole would take the input with it)."""
     for flag, path in inputs.items():
-        if not path or not os.path.exists(path):
+        if not path:
             continue
         if _contains(path, out) or (both_ways and _contains(out, path)):
             raise InputError(f"{out_flag} {out} and {flag} {path} overlap; write outputs outside the inputs")
@@ -196,7 +212,7 @@ def atomic_dir(path: str, flag: str, verified: bool = False, marker: bool = True
         os.chmod(staging, dir_mode())
         yield staging
         if marker:
-            atomic_write_bytes(os.path.join(staging, MARKER), b"written by finextract_jax\n")
+            mark_own(staging)
         if os.path.lexists(path):
             trash = tempfile.mkdtemp(prefix=".old.", dir=parent)
             os.replace(path, os.path.join(trash, "old"))

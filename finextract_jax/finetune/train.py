@@ -457,13 +457,15 @@ def check_outputs(out: str, method: str, checkpoint_dir: str, train_dir: str, pr
 
 def remove_checkpoints(checkpoint_dir: str):
     """Delete what `_CheckpointManager` wrote (steps/, run.json, the marker); the folder itself only
-    when nothing else is left in it."""
+    when finetune created it and nothing else is left in it."""
+    created = fileio.created_by_us(checkpoint_dir)
     shutil.rmtree(os.path.join(checkpoint_dir, "steps"), ignore_errors=True)
     for name in ("run.json", fileio.MARKER):
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(checkpoint_dir, name))
-    with contextlib.suppress(OSError):
-        os.rmdir(checkpoint_dir)
+    if created:
+        with contextlib.suppress(OSError):
+            os.rmdir(checkpoint_dir)
 
 
 def finetune(pretrained: Pipeline | str, train_dir: str, out: str, config: FinetuneConfig, caption: str | None = None,
