@@ -156,6 +156,10 @@ def check_inputs(s: Settings, num_devices: int) -> str:
         raise InputError(f"--pretrained {s.pretrained} does not exist; give the base model's folder")
     kind = finetune_kind(s.finetuned)
     _validate(extract_config(s, kind), num_devices)
+    if s.train_dir:
+        from finextract_jax.imageio import list_images
+
+        list_images(s.train_dir, "--train_dir folder")
     count = num_train(s)
     if not 1 <= count <= s.num_images:
         raise InputError(f"--num_train={count} must be between 1 and --num_images={s.num_images}")
