@@ -28,6 +28,14 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    """A tiny random SDXL pipeline (make_tiny --kind=sdxl, PyTorch safetensors)."""
+    from finextract_jax.models.tiny import make_tiny
+
+    return make_tiny(str(tmp_path_factory.mktemp("tiny_sdxl") / "sdxl"), kind="sdxl")
+
+
+@pytest.fixture(scope="session")
 def tiny_pipe(tiny_dir):
     """{name: Pipeline} loaded by finextract_jax (float32, no cache)."""
     from finextract_jax.models.pipeline import load_pipeline

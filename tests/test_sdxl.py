@@ -9,12 +9,12 @@ from flax.traverse_util import flatten_dict
 
 from finextract_jax.models import components
 from finextract_jax.models.convert import flax_to_pytorch
-from finextract_jax.models.tiny import SDXL_UNET, make_tiny
+from finextract_jax.models.tiny import SDXL_UNET
 
 
 @pytest.fixture(scope="module")
-def sdxl_dir(tmp_path_factory):
-    return make_tiny(str(tmp_path_factory.mktemp("sdxl") / "base"), kind="sdxl")
+def sdxl_dir(tiny_sdxl_dir):
+    return tiny_sdxl_dir
 
 
 def _added_cond(batch, seed=0):

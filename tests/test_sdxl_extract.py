@@ -16,7 +16,7 @@ STEPS = 3
 
 
 @pytest.fixture(scope="module")
-def sdxl_torch_pair(tmp_path_factory):
+def sdxl_torch_pair(tiny_sdxl_dir, tmp_path_factory):
     """{"base", "full", "lora", "x_T"}: the tiny SDXL folder re-saved by diffusers, a full fine-tune
     (every UNet weight perturbed by 20% of its tensor's spread) and a PEFT LoRA (rank 4, alpha 8, on
     all attention projections) as diffusers' SDXL DreamBooth-LoRA script saves it, and start noise."""
@@ -25,11 +25,9 @@ def sdxl_torch_pair(tmp_path_factory):
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from finextract_jax.models.tiny import make_tiny
-
     root = tmp_path_factory.mktemp("sdxl_pair")
     torch.manual_seed(0)
-    StableDiffusionXLPipeline.from_pretrained(make_tiny(str(root / "tiny"), kind="sdxl")).save_pretrained(root / "base")
+    StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir).save_pretrained(root / "base")
     pipe = StableDiffusionXLPipeline.from_pretrained(root / "base")
     with torch.no_grad():
         for p in pipe.unet.parameters():
@@ -50,8 +48,8 @@ def sdxl_torch_pair(tmp_path_factory):
     return {"base": str(root / "base"), "full": str(root / "full"), "lora": str(root / "lora"), "x_T": x_T}
 
 
-def _torch_loop(pair, kind, method, w, k):
-    """The guidance written out in diffusers PyTorch: DDIM ending at abar = 1, SDXL conditioning
+def _torch_loop(pair, kind, w, k):
+    """FineXtract's guidance written out in diffusers PyTorch: DDIM ending at abar = 1, SDXL conditioning
     from StableDiffusionXLPipeline.encode_prompt (zeros for the empty prompt) and its default time ids."""
     from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
@@ -72,7 +70,7 @@ def _torch_loop(pair, kind, method, w, k):
         unet = lambda model, c, p: model.unet(x, t, rows(c), added_cond_kwargs={
             "text_embeds": rows(p), "time_ids": rows(time_ids)}).sample
         for t in scheduler.timesteps:
-            eps_uncond = unet(pre if method == "finextract" else post, uncond, uncond_pooled)
+            eps_uncond = unet(pre, uncond, uncond_pooled)
             eps_cond = unet(post, cond, pooled)
             eps = eps_uncond + w * (eps_cond - eps_uncond) + k * eps_uncond
             x = scheduler.step(eps, t, x).prev_sample
@@ -80,24 +78,32 @@ def _torch_loop(pair, kind, method, w, k):
     return ((images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
 
 
-def _extract_cli(pair, kind, workdir, **flags):
-    args = dict(pretrained=pair["base"], finetuned=pair[kind], workdir=workdir, prompt=PROMPT, num_images=2,
-                batch_size=2, steps=STEPS, init_latents=pair["x_T"], **flags)
-    subprocess.run([sys.executable, "-m", "experiments.extract"] + [f"--{k}={v}" for k, v in args.items()],
-                   check=True, cwd=ROOT, env=dict(os.environ, FINEXTRACT_CACHE=""), capture_output=True)
+def _extract(pair, kind, workdir, through_cli, **flags):
+    """Images and run.json of an extraction: through the extract binary, or its library call."""
+    args = dict(pretrained=pair["base"], finetuned=pair[kind], prompt=PROMPT, num_images=2, batch_size=2,
+                steps=STEPS, init_latents=pair["x_T"], **flags)
+    if through_cli:
+        subprocess.run([sys.executable, "-m", "experiments.extract", f"--workdir={workdir}"]
+                       + [f"--{k}={v}" for k, v in args.items()],
+                       check=True, cwd=ROOT, env=dict(os.environ, FINEXTRACT_CACHE=""), capture_output=True)
+    else:
+        from finextract_jax.sampling.run import ExtractConfig, extract
+
+        extract(ExtractConfig(**args), workdir, progress=False)
     images = np.stack([np.asarray(Image.open(os.path.join(workdir, "images", f"{i:05d}.png"))) for i in range(2)])
     with open(os.path.join(workdir, "run.json")) as f:
         return images, json.load(f)
 
 
-@pytest.mark.parametrize("kind, method, w, k, fusion", [
-    ("lora", "finextract", 5.0, 0.0, "lora_batch"),  # the reference's LoRA setting, one doubled-batch pass
-    ("full", "finextract", 3.0, -0.02, "two_applies"),  # the reference's DreamBooth setting
+# Both reference settings (LoRA w=5, k=0; DreamBooth w=3, k=-0.02); the LoRA through the binary (one
+# doubled-batch pass), the full fine-tune through the library (two applies; no second process start).
+@pytest.mark.parametrize("kind, w, k, fusion, through_cli", [
+    ("lora", 5.0, 0.0, "lora_batch", True),
+    ("full", 3.0, -0.02, "two_applies", False),
 ])
-def test_sdxl_pair_extracts_like_pytorch(sdxl_torch_pair, tmp_path, kind, method, w, k, fusion):
-    ours, record = _extract_cli(sdxl_torch_pair, kind, str(tmp_path / "run"), method=method, guidance_scale=w,
-                                correction=k)
-    reference = _torch_loop(sdxl_torch_pair, kind, method, w, k)
+def test_sdxl_pair_extracts_like_pytorch(sdxl_torch_pair, tmp_path, kind, w, k, fusion, through_cli):
+    ours, record = _extract(sdxl_torch_pair, kind, str(tmp_path / "run"), through_cli, guidance_scale=w, correction=k)
+    reference = _torch_loop(sdxl_torch_pair, kind, w, k)
     assert ((reference > 10) & (reference < 245)).mean() > 0.5  # images, not saturated noise
     assert np.abs(reference[0].astype(int) - reference[1]).max() > 50  # the start noise matters
     assert np.abs(ours.astype(int) - reference).max() <= 2
