@@ -3,7 +3,9 @@
     python -m experiments.testbed_samples --model=testbed_work/snapshot --out=probe.png [--per_caption=6]
 
 Rows: 8 training captions and 3 held-out-concept captions (each beside its real image), then
-the empty caption; columns: samples from the same start noise (cfg, --scale).
+the empty caption; columns: samples from the same start noise (cfg, --scale). Also logs the
+eps-MSE of 16 training and 16 held-out-concept images under their own caption, another one's
+and "" (finextract_jax/testbed/samples.py).
 """
 import numpy as np
 from absl import flags, logging
@@ -23,7 +25,12 @@ def main(_):
     from finextract_jax.fileio import atomic_write_png
     from finextract_jax.testbed import data, samples
 
-    grid = samples.probe_grid(FLAGS.model, data.load_splits(FLAGS.data)[0], FLAGS.per_caption, FLAGS.scale, FLAGS.seed)
+    splits = data.load_splits(FLAGS.data)[0]
+    for split in ("train", "held_out_concept"):
+        errors = samples.caption_dependence(FLAGS.model, splits[split])
+        logging.info("%s eps-MSE: own caption %.5f, another image's %.5f, empty %.5f (%d noisy pairs)", split,
+                     errors["own"], errors["other"], errors["empty"], errors["pairs"])
+    grid = samples.probe_grid(FLAGS.model, splits, FLAGS.per_caption, FLAGS.scale, FLAGS.seed)
     atomic_write_png(FLAGS.out, np.asarray(grid))
     logging.info("wrote %s", FLAGS.out)
 

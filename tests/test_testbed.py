@@ -110,3 +110,15 @@ def test_curve_points_and_plot():
     image = np.asarray(curve.plot(rows, "t"))
     assert image.shape == (340, 840, 3)
     assert (np.abs(image.astype(int) - curve.COLORS["finextract"]).sum(-1) == 0).sum() > 50  # its line is drawn
+
+
+def test_caption_dependence_compares_the_same_noise(tiny_dir):
+    from finextract_jax.testbed.samples import caption_dependence
+
+    images = np.random.default_rng(1).integers(0, 255, (4, 16, 16, 3), dtype=np.uint8)
+    same = caption_dependence(tiny_dir["pixel"], (images, ["a dog"] * 4, list("abcd")), count=4, timesteps=(500,),
+                              draws=1)
+    assert same["pairs"] == 4 and same["own"] == same["other"] != same["empty"]  # one caption: own is other
+    mixed = caption_dependence(tiny_dir["pixel"], (images, ["a dog", "a cat", "red", "blue"], list("abcd")),
+                               count=4, timesteps=(500,), draws=1)
+    assert mixed["own"] != mixed["other"] and mixed["empty"] == same["empty"]

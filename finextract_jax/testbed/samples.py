@@ -1,8 +1,13 @@
-"""Does the base read its captions? Samples for fixed captions beside their training images.
+"""Does the base read its captions? Two probes.
 
-Every caption is sampled from the same start noise (image i from (seed, i)), so a row that
-differs from its neighbours differs because of its caption. cfg at scale `scale` for a
-caption, plain sampling for "".
+- `probe_grid`: samples for fixed captions beside their training images. Every caption is
+  sampled from the same start noise (image i from (seed, i)), so a row that differs from its
+  neighbours differs because of its caption. cfg at scale `scale` for a caption, plain
+  sampling for "".
+- `caption_dependence`: the denoising error (eps-MSE) on images with their own caption, with
+  another image's caption and with "" on the same noisy inputs (caption.PromptScorer). A
+  model that reads its captions has own < other and own < empty; one that ignores them has all
+  three equal.
 """
 from __future__ import annotations
 
@@ -54,3 +59,26 @@ def probe_grid(model_dir: str, splits: dict, per_caption: int = 6, scale: float 
         label = caption[:18] if caption else '"" (unconditional)'
         rows.append([(real, label, False)] + [(Image.fromarray(s), "", False) for s in samples[r]])
     return labelled_grid(rows, ["real"] + [f"sample {i}" for i in range(per_caption)], tile=48)
+
+
+def caption_dependence(model_dir: str, split: tuple, count: int = 16, timesteps=(300, 500, 700, 900),
+                       draws: int = 2, seed: int = 0) -> dict:
+    """Mean eps-MSE of `count` images of `split` under their own caption, the next probe image's
+    caption, and "" (the same noise for all three)."""
+    from finextract_jax.caption import PromptScorer, alphas_cumprod, images_to_model_space, make_pairs
+    from finextract_jax.models.pipeline import load_pipeline, tokenize
+
+    rows = probe_rows(split, count)
+    pipe = load_pipeline(model_dir)
+    x0 = images_to_model_space(pipe, np.stack([image for image, _ in rows]))
+    alphas = alphas_cumprod(pipe)
+    per_image = [make_pairs(x0[i:i + 1], timesteps, draws, seed + i, alphas, pipe.prediction_type)
+                 for i in range(count)]
+    pairs = tuple(np.concatenate(parts) for parts in zip(*per_image))
+    image_of = np.repeat(np.arange(count), len(timesteps) * draws)
+    scorer = PromptScorer(pipe, pipe, pairs, batch_size=64, need_pretrained=False)
+    errors, _ = scorer.errors(tokenize(pipe.tokenizer, [c for _, c in rows] + [""]))  # [count + 1, pairs]
+    columns = np.arange(len(image_of))
+    return {"own": float(errors[image_of, columns].mean()),
+            "other": float(errors[(image_of + 1) % count, columns].mean()),
+            "empty": float(errors[count, columns].mean()), "images": count, "pairs": int(len(image_of))}
