@@ -56,7 +56,6 @@ def train(workdir: str, data_file: str | None, out: str, steps: int, batch_size:
 
     state = trainer.fit(checkpoint_dir=os.path.join(workdir, "checkpoints"), checkpoint_every=checkpoint_every,
                         log_every=50, progress=False, callback=snapshot)
-    logging.info("eval loss %.5f", trainer.eval_loss(state, repeats=1))
     return trainer.export(state, out)
 
 
