@@ -23,7 +23,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from finextract_jax.errors import CheckpointError, ConfigMismatchError
-from finextract_jax.models import components, configs, hub, lora
+from finextract_jax.models import components, configs, hub, lora, single_file
 from finextract_jax.models.convert import pytorch_to_flax
 from finextract_jax.models.weights import find_weights, read_json, read_msgpack, read_state_dict, to_float32
 
@@ -198,9 +198,7 @@ def load_component(folder: str, kind: str, dtype="float32", attention: str = "fu
         raise CheckpointError(f"{folder}: not found (expected a diffusers component folder with config.json)")
     config = read_json(os.path.join(folder, "config.json"))
     compute_dtype = parse_dtype(dtype)
-    build = _BUILDERS[kind]
-    module = build(config, compute_dtype, attention, source=folder) if kind == "unet" else \
-        build(config, compute_dtype, source=folder)
+    module = _build(kind, config, compute_dtype, attention, folder)
     expected = lambda: components.expected_shapes(kind, module, config)  # tracing costs seconds: only if needed
     weights = find_weights(folder, _FAMILY[kind])
     if weights.endswith(".msgpack"):
@@ -219,6 +217,21 @@ def load_component(folder: str, kind: str, dtype="float32", attention: str = "fu
                 pending_cache.append(entry) if pending_cache is not None else _cache_save(*entry)
     params = cast_params(unflatten_dict(to_float32(flat)), compute_dtype)
     return Component(module, params, config, weights)
+
+
+def _build(kind: str, config: dict, compute_dtype, attention: str, source: str):
+    build = _BUILDERS[kind]
+    return build(config, compute_dtype, attention, source=source) if kind == "unet" else \
+        build(config, compute_dtype, source=source)
+
+
+def component_from_state(kind: str, config: dict, pt_state: dict, source: str, dtype="float32",
+                         attention: str = "fused") -> Component:
+    """A component from a diffusers/transformers-named PyTorch state dict (numpy) and its config."""
+    compute_dtype = parse_dtype(dtype)
+    module = _build(kind, config, compute_dtype, attention, source)
+    flat = pytorch_to_flax(to_float32(pt_state), components.expected_shapes(kind, module, config), source)
+    return Component(module, cast_params(unflatten_dict(flat), compute_dtype), config, source)
 
 
 def _check_tree(flat: dict, expected: dict, source: str):
@@ -254,6 +267,8 @@ def load_pipeline(path: str, dtype="float32", attention: str = "fused", allow_pi
     """A diffusers-layout SD folder (weights as Flax msgpack, safetensors or .bin), or a hub id (models/hub.py)."""
     cache_dir = default_cache_dir() if cache_dir == "default" else cache_dir
     path = hub.resolve(path, "pretrained")
+    if single_file.is_single_file(path):
+        return _single_file_pipeline(path, dtype, attention, allow_pickle)
     _require_folder(path, "pretrained model folder (diffusers layout)")
     if not os.path.isdir(os.path.join(path, "unet")):
         raise CheckpointError(f"{path}: has no unet/ folder; expected the diffusers layout "
@@ -274,6 +289,38 @@ def load_pipeline(path: str, dtype="float32", attention: str = "fused", allow_pi
     for entry in pending:
         _cache_save(*entry)
     return pipe
+
+
+def _single_file_pipeline(path: str, dtype, attention: str, allow_pickle: bool) -> Pipeline:
+    """A pretrained single file in the original SD layout (models/single_file.py: configs read off
+    its shapes; the tokenizer from a tokenizer/ folder beside it, else SD's own from the HF cache)."""
+    state = single_file.read(path, allow_pickle)
+    config = single_file.infer_configs(path, state)
+    build = lambda kind, pt_state: component_from_state(kind, config[kind], pt_state, path, dtype, attention)
+    vae = build("vae", single_file.vae_state(state)) if config["vae"] else None
+    sd2 = single_file.family(state) == "sd2"
+    return Pipeline(path, build("unet", single_file.unet_state(state)),
+                    build("text_encoder", single_file.text_encoder_state(state, config["text_encoder"]["num_hidden_layers"])),
+                    _single_file_tokenizer(path, sd2), vae, config["scheduler"])
+
+
+# The tokenizers SD's single files were trained with (as diffusers' from_single_file loads them).
+_SD_TOKENIZERS = {False: ("openai/clip-vit-large-patch14", ""), True: ("stabilityai/stable-diffusion-2-1", "tokenizer")}
+
+
+def _single_file_tokenizer(path: str, sd2: bool):
+    beside = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer")
+    if os.path.isdir(beside):
+        return load_tokenizer(beside)
+    from transformers import CLIPTokenizer
+
+    repo, subfolder = _SD_TOKENIZERS[sd2]
+    try:
+        return CLIPTokenizer.from_pretrained(repo, subfolder=subfolder)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: a single file holds no tokenizer; put the model's tokenizer/ folder beside "
+                              f"it, or make {repo} reachable through the Hugging Face cache "
+                              f"({str(err).splitlines()[0]})") from None
 
 
 def _sdxl_parts(path: str, load_text_encoder) -> dict:
@@ -305,9 +352,12 @@ def detect_format(path: str) -> str:
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: not found; pass a fine-tuned SD folder, a unet/ folder or a LoRA file")
     if os.path.isfile(path):
+        if single_file.is_single_file(path):
+            return "single_file"
         if path.endswith(".safetensors"):
             return "lora"
-        raise CheckpointError(f"{path}: a single file must be a LoRA .safetensors file")
+        raise CheckpointError(f"{path}: a single file must be a LoRA .safetensors file or an SD checkpoint "
+                              "(.safetensors, or .ckpt with --allow_pickle)")
     if os.path.isfile(os.path.join(path, LORA_FILE)):
         return "lora"
     if os.path.isdir(os.path.join(path, "unet")):
@@ -355,8 +405,10 @@ def load_finetuned(pretrained: Pipeline, path: str, finetuned_format: str = "aut
             _cache_save(*entry)
         return dataclasses.replace(pretrained, path=path, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
                                    text_encoder_2=text_encoder_2, unet_lora=None)
+    if fmt == "single_file":
+        return _single_file_finetune(pretrained, path, dtype, attention, allow_pickle)
     if fmt != "lora":
-        raise CheckpointError(f"unknown finetuned_format {finetuned_format!r}; use auto, full or lora")
+        raise CheckpointError(f"unknown finetuned_format {finetuned_format!r}; use auto, full, single_file or lora")
     if lora_mode not in ("merged", "unmerged"):
         raise CheckpointError(f"unknown lora_mode {lora_mode!r}; use merged or unmerged")
     file = os.path.join(path, LORA_FILE) if os.path.isdir(path) else path
@@ -380,6 +432,22 @@ def load_finetuned(pretrained: Pipeline, path: str, finetuned_format: str = "aut
     collection = cast_params(lora.lora_collection(resolved.unet, file), dtype) if resolved.unet else None
     return dataclasses.replace(pretrained, path=path, text_encoder=text_encoder, text_encoder_2=second,
                                unet_lora=collection)
+
+
+def _single_file_finetune(pretrained: Pipeline, path: str, dtype, attention: str, allow_pickle: bool) -> Pipeline:
+    """A fine-tune as one original-layout file, read with the pretrained model's configs: every
+    weight must fit them (the file's UNet and text encoder replace the pretrained ones; its VAE, if
+    any, is not used, as for a fine-tuned folder)."""
+    state = single_file.read(path, allow_pickle)
+    text_state = single_file.text_encoder_state(state, pretrained.text_encoder.config.get("num_hidden_layers"))
+    try:
+        unet = component_from_state("unet", pretrained.unet.config, single_file.unet_state(state), path, dtype,
+                                    attention)
+        text_encoder = component_from_state("text_encoder", pretrained.text_encoder.config, text_state, path, dtype) \
+            if text_state else pretrained.text_encoder
+    except CheckpointError as err:
+        raise ConfigMismatchError(f"not a fine-tune of the pretrained model: {err}") from None
+    return dataclasses.replace(pretrained, path=path, unet=unet, text_encoder=text_encoder, unet_lora=None)
 
 
 def tokenize(tokenizer, prompts) -> np.ndarray:

@@ -1,0 +1,243 @@
+"""Single-file checkpoints in the original SD layout (models/single_file.py).
+
+The files are written from tiny diffusers folders by this test's own inverse map (diffusers ->
+LDM names, every key); diffusers' `from_single_file` must load them back to the folder's exact
+weights (so the files are what that loader reads), and ours must load the same trees."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from flax.traverse_util import flatten_dict
+
+from finextract_jax.errors import CheckpointError
+from finextract_jax.models import single_file
+from finextract_jax.models.convert import flax_to_pytorch
+from finextract_jax.models.pipeline import detect_format, load_finetuned, load_pipeline
+from finextract_jax.models.weights import read_safetensors
+
+_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
+           "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+_UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _resnet(rest):
+    name, leaf = rest.split(".", 1)
+    return f"{_RESNET[name]}.{leaf}"
+
+
+def ldm_unet_key(key, layers, attention_blocks):
+    """diffusers UNet name -> original name (written here from the LDM layout, not from our loader)."""
+    for new, old in _UNET_TOP.items():
+        if key.startswith(new + "."):
+            return old + key[len(new):]
+    if m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions|downsamplers)\.(\d+)\.(.+)$", key):
+        b, kind, i, rest = int(m[1]), m[2], int(m[3]), m[4]
+        index = 1 + b * (layers + 1) + (layers if kind == "downsamplers" else i)
+        if kind == "resnets":
+            return f"input_blocks.{index}.0.{_resnet(rest)}"
+        if kind == "attentions":
+            return f"input_blocks.{index}.1.{rest}"
+        return f"input_blocks.{index}.0.op.{rest.split('.', 1)[1]}"
+    if m := re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)$", key):
+        return f"middle_block.{2 * int(m[2])}.{_resnet(m[3])}" if m[1] == "resnets" else f"middle_block.1.{m[3]}"
+    m = re.match(r"up_blocks\.(\d+)\.(resnets|attentions|upsamplers)\.(\d+)\.(.+)$", key)
+    b, kind, i, rest = int(m[1]), m[2], int(m[3]), m[4]
+    if kind == "upsamplers":
+        slot = 2 if b in attention_blocks else 1
+        return f"output_blocks.{b * (layers + 1) + layers}.{slot}.{rest}"
+    index = b * (layers + 1) + i
+    return f"output_blocks.{index}.0.{_resnet(rest)}" if kind == "resnets" else f"output_blocks.{index}.1.{rest}"
+
+
+def ldm_vae_key(key, levels):
+    key = key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+    key = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", key)
+    key = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", key)
+    key = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{levels - 1 - int(m[1])}.block.", key)
+    key = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+                 lambda m: f"decoder.up.{levels - 1 - int(m[1])}.upsample.", key)
+    key = re.sub(r"mid_block\.resnets\.(\d)\.", lambda m: f"mid.block_{int(m[1]) + 1}.", key)
+    for new, old in _VAE_ATTENTION.items():
+        key = key.replace(f"mid_block.attentions.0.{new}.", f"mid.attn_1.{old}.")
+    return key
+
+
+def open_clip_state(text, extra_layer_rng=None):
+    """transformers CLIP names -> OpenCLIP names (q, k, v fused), plus text_projection; with
+    `extra_layer_rng`, one more resblock (SD 2.x files hold 24, the model uses 23)."""
+    out = {"token_embedding.weight": text["text_model.embeddings.token_embedding.weight"],
+           "positional_embedding": text["text_model.embeddings.position_embedding.weight"],
+           "ln_final.weight": text["text_model.final_layer_norm.weight"],
+           "ln_final.bias": text["text_model.final_layer_norm.bias"]}
+    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+             "self_attn.out_proj": "attn.out_proj"}
+    layers = sorted({int(k.split(".")[3]) for k in text if k.startswith("text_model.encoder.layers.")})
+    for i in layers:
+        src = f"text_model.encoder.layers.{i}."
+        for leaf in ("weight", "bias"):
+            out[f"transformer.resblocks.{i}.attn.in_proj_{leaf}"] = np.concatenate(
+                [text[f"{src}self_attn.{p}_proj.{leaf}"] for p in "qkv"])
+            for new, old in names.items():
+                out[f"transformer.resblocks.{i}.{old}.{leaf}"] = text[f"{src}{new}.{leaf}"]
+    hidden = out["token_embedding.weight"].shape[1]
+    out["text_projection"] = np.eye(hidden, dtype=np.float32)
+    if extra_layer_rng is not None:
+        last = len(layers)
+        for key in [k for k in out if k.startswith(f"transformer.resblocks.{last - 1}.")]:
+            out[key.replace(f".{last - 1}.", f".{last}.")] = extra_layer_rng.standard_normal(
+                out[key].shape).astype(np.float32)
+    return {single_file.OPEN_CLIP_PREFIX + k: v for k, v in out.items()}
+
+
+def write_single_file(folder, path, open_clip=False, extra_layer=False, vae=True):
+    """The diffusers folder's weights as one original-layout .safetensors file, its tokenizer/
+    beside it (a single file holds none)."""
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    shutil.copytree(os.path.join(folder, "tokenizer"), os.path.join(os.path.dirname(path), "tokenizer"),
+                    dirs_exist_ok=True)
+
+    unet, _ = read_safetensors(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
+    config = json.load(open(os.path.join(folder, "unet", "config.json")))
+    attention_blocks = {i for i, t in enumerate(config["up_block_types"]) if t.startswith("CrossAttn")}
+    state = {single_file.UNET_PREFIX + ldm_unet_key(k, config["layers_per_block"], attention_blocks): v
+             for k, v in unet.items()}
+    if vae:
+        weights, _ = read_safetensors(os.path.join(folder, "vae", "diffusion_pytorch_model.safetensors"))
+        levels = len(json.load(open(os.path.join(folder, "vae", "config.json")))["block_out_channels"])
+        for k, v in weights.items():
+            new = ldm_vae_key(k, levels)
+            state[single_file.VAE_PREFIX + new] = v[:, :, None, None] if ".attn_1." in new and v.ndim == 2 else v
+    text, _ = read_safetensors(os.path.join(folder, "text_encoder", "model.safetensors"))
+    if open_clip:
+        state.update(open_clip_state(text, np.random.default_rng(0) if extra_layer else None))
+    else:
+        state.update({single_file.CLIP_PREFIX + k: v for k, v in text.items()})
+    assert len(state) == len(set(state))
+    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tiny_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("single")
+    (root / "sd1").mkdir(), (root / "sd2").mkdir()
+    return {"sd1": write_single_file(tiny_dir["sd1"], str(root / "sd1" / "sd1.safetensors")),
+            "sd2": write_single_file(tiny_dir["sd2"], str(root / "sd2" / "sd2.safetensors"), open_clip=True,
+                                     extra_layer=True)}
+
+
+def _torch_state(module):
+    return {k: v.detach().numpy() for k, v in module.state_dict().items()}
+
+
+def _flat_pytorch(component, vae=False):
+    return flax_to_pytorch(flatten_dict(component.params), vae=vae)
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd2"])
+def test_diffusers_from_single_file_reads_our_files_back_to_the_folder(files, tiny_dir, torch_pipe, name):
+    """The inverse map above is right: diffusers' own single-file loader recovers every weight."""
+    from diffusers import StableDiffusionPipeline
+
+    loaded = StableDiffusionPipeline.from_single_file(files[name], config=tiny_dir[name], local_files_only=True,
+                                                      safety_checker=None)
+    original = torch_pipe(name)
+    for part in ("unet", "vae", "text_encoder"):
+        theirs, want = _torch_state(getattr(loaded, part)), _torch_state(getattr(original, part))
+        want = {k: v for k, v in want.items() if not k.endswith("position_ids")}
+        theirs = {k: v for k, v in theirs.items() if not k.endswith("position_ids")}
+        assert theirs.keys() == want.keys(), part
+        for key in want:
+            np.testing.assert_array_equal(theirs[key], want[key], err_msg=f"{part} {key}")
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd2"])
+def test_our_trees_equal_diffusers_single_file_weights(files, tiny_dir, tiny_pipe, torch_pipe, name):
+    """As the fine-tuned model (configs from the pretrained folder) and as the pretrained model
+    (configs read off the shapes): every weight equals what diffusers loads from the same file."""
+    finetuned = load_finetuned(tiny_pipe(name), files[name], cache_dir=None)
+    assert detect_format(files[name]) == "single_file"
+    reference = torch_pipe(name)  # == from_single_file's weights (previous test)
+    for part, vae in (("unet", False), ("text_encoder", False)):
+        want = {k: v for k, v in _torch_state(getattr(reference, part)).items() if not k.endswith("position_ids")}
+        ours = _flat_pytorch(getattr(finetuned, part), vae)
+        assert ours.keys() == want.keys()
+        for key in want:
+            np.testing.assert_array_equal(ours[key], want[key], err_msg=f"{part} {key}")
+    pretrained = load_pipeline(files[name], cache_dir=None)
+    for part, vae in (("unet", False), ("text_encoder", False), ("vae", True)):
+        want = {k: v for k, v in _torch_state(getattr(reference, part)).items() if not k.endswith("position_ids")}
+        ours = _flat_pytorch(getattr(pretrained, part), vae)
+        assert ours.keys() == want.keys(), part
+        for key in want:
+            np.testing.assert_array_equal(ours[key], want[key], err_msg=f"{part} {key}")
+    folder = tiny_pipe(name)
+    for field in ("block_out_channels", "layers_per_block", "down_block_types", "up_block_types",
+                  "cross_attention_dim", "in_channels", "out_channels"):
+        assert pretrained.unet.config[field] == folder.unet.config[field], field
+    assert pretrained.unet.config["use_linear_projection"] == (name == "sd2")
+    assert pretrained.prediction_type == ("v_prediction" if name == "sd2" else "epsilon")
+    assert pretrained.latent_scale == folder.latent_scale
+
+
+def test_sd2_penultimate_layer_and_sidecar(tiny_dir, tiny_pipe, tmp_path):
+    """An SD 2.x file holds one OpenCLIP resblock more than the model uses; an LDM config beside
+    the file sets the prediction type."""
+    path = write_single_file(tiny_dir["sd2"], str(tmp_path / "m.safetensors"), open_clip=True, extra_layer=True)
+    pretrained = load_pipeline(path, cache_dir=None)
+    assert pretrained.text_encoder.config["num_hidden_layers"] == tiny_pipe("sd2").text_encoder.config[
+        "num_hidden_layers"]
+    want = _flat_pytorch(tiny_pipe("sd2").text_encoder)
+    ours = _flat_pytorch(pretrained.text_encoder)
+    assert ours.keys() == want.keys() and all(np.array_equal(ours[k], want[k]) for k in want)
+    (tmp_path / "m.yaml").write_text("model:\n  params:\n    parameterization: eps\n")
+    assert load_pipeline(path, cache_dir=None).prediction_type == "epsilon"
+    (tmp_path / "m.yaml").write_text("model:\n  params:\n    parameterization: \"v\"\n")
+    assert load_pipeline(path, cache_dir=None).prediction_type == "v_prediction"
+
+
+def test_refusals(files, tiny_dir, tiny_pipe, tmp_path):
+    from safetensors.numpy import save_file
+
+    # A fine-tune of another architecture: its weights do not fit the pretrained configs.
+    with pytest.raises(CheckpointError, match="not a fine-tune of the pretrained model"):
+        load_finetuned(tiny_pipe("sd1"), files["sd2"], cache_dir=None)
+    # SDXL's layout is named, not mis-read.
+    xl = str(tmp_path / "xl.safetensors")
+    save_file({"model.diffusion_model.x": np.zeros(1, np.float32),
+               "conditioner.embedders.0.transformer.x": np.zeros(1, np.float32)}, xl)
+    with pytest.raises(CheckpointError, match="SDXL"):
+        load_pipeline(xl, cache_dir=None)
+    # A pickled checkpoint only with allow_pickle, and then weights-only.
+    import torch
+
+    state, _ = read_safetensors(files["sd1"])
+    ckpt = str(tmp_path / "model.ckpt")
+    torch.save({"state_dict": {k: torch.from_numpy(np.array(v)) for k, v in state.items()}, "global_step": 1}, ckpt)
+    with pytest.raises(CheckpointError, match="--allow_pickle"):
+        load_finetuned(tiny_pipe("sd1"), ckpt, cache_dir=None)
+    tuned = load_finetuned(tiny_pipe("sd1"), ckpt, allow_pickle=True, cache_dir=None)
+    np.testing.assert_array_equal(
+        np.asarray(tuned.unet.params["conv_in"]["kernel"]),
+        np.asarray(load_finetuned(tiny_pipe("sd1"), files["sd1"], cache_dir=None).unet.params["conv_in"]["kernel"]))
+
+
+def test_extract_cli_with_single_file_finetuned(files, tiny_dir, tmp_path):
+    """extract through the binary: a folder --pretrained and an original-layout --finetuned."""
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "experiments.extract", f"--pretrained={tiny_dir['sd1']}",
+           f"--finetuned={files['sd1']}", f"--workdir={workdir}", "--num_images=2", "--batch_size=2", "--steps=2",
+           "--prompt=a photo"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(workdir / "images")) == ["00000.png", "00001.png"]
+    assert json.loads((workdir / "run.json").read_text())["status"] == "complete"
