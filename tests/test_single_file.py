@@ -86,16 +86,32 @@ def open_clip_state(text, extra_layer_rng=None):
             for new, old in names.items():
                 out[f"transformer.resblocks.{i}.{old}.{leaf}"] = text[f"{src}{new}.{leaf}"]
     hidden = out["token_embedding.weight"].shape[1]
-    out["text_projection"] = np.eye(hidden, dtype=np.float32)
+    out["text_projection"] = np.eye(hidden, dtype=out["token_embedding.weight"].dtype)
     if extra_layer_rng is not None:
         last = len(layers)
         for key in [k for k in out if k.startswith(f"transformer.resblocks.{last - 1}.")]:
             out[key.replace(f".{last - 1}.", f".{last}.")] = extra_layer_rng.standard_normal(
-                out[key].shape).astype(np.float32)
+                out[key].shape).astype(out[key].dtype)
     return {single_file.OPEN_CLIP_PREFIX + k: v for k, v in out.items()}
 
 
-def write_single_file(folder, path, open_clip=False, extra_layer=False, vae=True):
+def to_ldm(unet, unet_config, vae, vae_config, text, open_clip=False, extra_layer_rng=None):
+    """diffusers/transformers-named state dicts -> one original-layout state dict."""
+    attention_blocks = {i for i, t in enumerate(unet_config["up_block_types"]) if t.startswith("CrossAttn")}
+    state = {single_file.UNET_PREFIX + ldm_unet_key(k, unet_config["layers_per_block"], attention_blocks): v
+             for k, v in unet.items()}
+    levels = len(vae_config["block_out_channels"])
+    for k, v in vae.items():
+        new = ldm_vae_key(k, levels)
+        state[single_file.VAE_PREFIX + new] = v[:, :, None, None] if ".attn_1." in new and v.ndim == 2 else v
+    if open_clip:
+        state.update(open_clip_state(text, extra_layer_rng))
+    else:
+        state.update({single_file.CLIP_PREFIX + k: v for k, v in text.items()})
+    return state
+
+
+def write_single_file(folder, path, open_clip=False, extra_layer=False):
     """The diffusers folder's weights as one original-layout .safetensors file, its tokenizer/
     beside it (a single file holds none)."""
     import shutil
@@ -104,24 +120,12 @@ def write_single_file(folder, path, open_clip=False, extra_layer=False, vae=True
 
     shutil.copytree(os.path.join(folder, "tokenizer"), os.path.join(os.path.dirname(path), "tokenizer"),
                     dirs_exist_ok=True)
-
-    unet, _ = read_safetensors(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
-    config = json.load(open(os.path.join(folder, "unet", "config.json")))
-    attention_blocks = {i for i, t in enumerate(config["up_block_types"]) if t.startswith("CrossAttn")}
-    state = {single_file.UNET_PREFIX + ldm_unet_key(k, config["layers_per_block"], attention_blocks): v
-             for k, v in unet.items()}
-    if vae:
-        weights, _ = read_safetensors(os.path.join(folder, "vae", "diffusion_pytorch_model.safetensors"))
-        levels = len(json.load(open(os.path.join(folder, "vae", "config.json")))["block_out_channels"])
-        for k, v in weights.items():
-            new = ldm_vae_key(k, levels)
-            state[single_file.VAE_PREFIX + new] = v[:, :, None, None] if ".attn_1." in new and v.ndim == 2 else v
-    text, _ = read_safetensors(os.path.join(folder, "text_encoder", "model.safetensors"))
-    if open_clip:
-        state.update(open_clip_state(text, np.random.default_rng(0) if extra_layer else None))
-    else:
-        state.update({single_file.CLIP_PREFIX + k: v for k, v in text.items()})
-    assert len(state) == len(set(state))
+    read = lambda part, name: read_safetensors(os.path.join(folder, part, name))[0]
+    config = lambda part: json.load(open(os.path.join(folder, part, "config.json")))
+    state = to_ldm(read("unet", "diffusion_pytorch_model.safetensors"), config("unet"),
+                   read("vae", "diffusion_pytorch_model.safetensors"), config("vae"),
+                   read("text_encoder", "model.safetensors"), open_clip,
+                   np.random.default_rng(0) if extra_layer else None)
     save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, path)
     return path
 
@@ -241,3 +245,33 @@ def test_extract_cli_with_single_file_finetuned(files, tiny_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     assert sorted(os.listdir(workdir / "images")) == ["00000.png", "00001.png"]
     assert json.loads((workdir / "run.json").read_text())["status"] == "complete"
+
+
+@pytest.mark.parametrize("family,unet,vae,text", [
+    ("sd1", "sd15_unet.json", "sd14_vae.json", "sd14_text_encoder.json"),
+    ("sd2", "sd21_unet.json", "sd21_vae.json", "sd21_text_encoder.json")])
+def test_configs_inferred_from_real_shapes(family, unet, vae, text):
+    """A full-size SD 1.5 / 2.1 single file (shapes from the published configs, diffusers' models on
+    torch's meta device, no memory): the configs read off it are the published architectures."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from finextract_jax.models import configs
+
+    data = os.path.join(os.path.dirname(__file__), "data", "configs")
+    load = lambda name: json.load(open(os.path.join(data, name)))
+    shapes = lambda model: {k: np.broadcast_to(np.float16(0), tuple(v.shape)) for k, v in model.state_dict().items()}
+    with torch.device("meta"):
+        state = to_ldm(shapes(UNet2DConditionModel.from_config(load(unet))), load(unet),
+                       shapes(AutoencoderKL.from_config(load(vae))), load(vae),
+                       shapes(CLIPTextModel(CLIPTextConfig.from_dict(load(text)))), open_clip=family == "sd2",
+                       extra_layer_rng=np.random.default_rng(0) if family == "sd2" else None)
+    inferred = single_file.infer_configs("model.safetensors", state)
+    assert configs.differences("unet", load(unet), inferred["unet"]) == []
+    assert configs.differences("text_encoder", load(text), inferred["text_encoder"]) == []
+    assert inferred["unet"]["sample_size"] == load(unet)["sample_size"]
+    for key in ("block_out_channels", "layers_per_block", "latent_channels", "in_channels", "out_channels",
+                "sample_size", "down_block_types", "up_block_types"):
+        assert inferred["vae"][key] == load(vae)[key], key
+    assert inferred["scheduler"]["prediction_type"] == ("v_prediction" if family == "sd2" else "epsilon")

@@ -269,7 +269,7 @@ def _text_encoder_config(text: dict, sd2: bool) -> dict:
         "intermediate_size": int(text["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0]),
         "num_hidden_layers": _count(keys, r"text_model\.encoder\.layers\.(\d+)\."),
         "num_attention_heads": max(1, hidden // 64), "hidden_act": "gelu" if sd2 else "quick_gelu",
-        "layer_norm_eps": 1e-5, "projection_dim": 512 if sd2 else 768,
+        "layer_norm_eps": 1e-5, "projection_dim": 512,  # unused by CLIPTextModel; transformers' default
     }
 
 
