@@ -115,7 +115,7 @@ def large_run(n, num_train, groups, copy_fraction, zipf, dim, schedule, extra=()
     scores = copy_group_scores(res["cliques"], res["representatives"], labels)
     print(f"ours  N={n} N0={num_train} schedule={schedule}: {wall:.1f} s wall (similarity "
           f"{res['timing']['similarity_s']:.1f} s, cliques {res['timing']['cliques_s']:.1f} s), "
-          f"peak RSS {usage.ru_maxrss / 2**20:.2f} GiB, load average {load0:.1f} -> {load1:.1f};"
+          f"CPU {usage.ru_utime + usage.ru_stime:.1f} s, peak RSS {usage.ru_maxrss / 2**20:.2f} GiB, load average {load0:.1f} -> {load1:.1f};"
           f" threshold {res['threshold']:.2f}, {len(res['cliques'])} cliques (largest "
           f"{[len(c) for c in res['cliques'][:5]]}); thresholds searched {searched}, skipped: "
           f"{over_edges} over the edge budget, {over_work} over the work budget; "
