@@ -22,6 +22,16 @@ reference's: the 25th percentile of 1000 seeded entries, floored to 0.01):
 
 Both rules skip a threshold that is over a budget (edges, work: ``cliques.py``), as the
 reference skips one after its 30 s timeout.
+
+Time, by design (counts, no clock): the similarity is one pass, N^2 D / 2 multiply-adds. Each
+threshold is visited at most once (peels are memoised), and a visit costs O(E_k) array passes
+over its graph (E_k <= ``edge_budget`` edges: filter, core) plus at most ``threshold_budget``
+work units of search (one unit per vertex coloured and per search node). The visited
+thresholds are at most final - start + STABLE_STEPS <= 203 grid levels, so
+T <= T_similarity + 203 x (a * edge_budget + b * threshold_budget), with a ~ 40 ns and
+b ~ 1 us on a 2-core CI machine. This bound is loose (with the defaults, hours); in practice a
+dense threshold fails at its first hard subproblem (``subproblem_budget`` units) and the chance
+schedule's window check skips most dense thresholds outright (benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
