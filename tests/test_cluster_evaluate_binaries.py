@@ -71,9 +71,11 @@ def test_cluster_and_evaluate_on_images(generated, tmp_path):
     assert Image.open(ev / "pairs.png").size[0] > 100
     # Reference schedule on the same images, and a rerun of the same command is identical.
     r1 = run("experiments.cluster", f"--workdir={tmp_path / 's1'}",
-             f"--images={generated / 'images'}", "--num_train=3", "--features=pixel")
+             f"--images={generated / 'images'}", "--num_train=3", "--features=pixel",
+             "--schedule=reference")
     r2 = run("experiments.cluster", f"--workdir={tmp_path / 's2'}",
-             f"--images={generated / 'images'}", "--num_train=3", "--features=pixel")
+             f"--images={generated / 'images'}", "--num_train=3", "--features=pixel",
+             "--schedule=reference")
     assert r1.returncode == 0 and r2.returncode == 0, r1.stderr + r2.stderr
     a = json.loads((tmp_path / "s1" / "clusters.json").read_text())
     b = json.loads((tmp_path / "s2" / "clusters.json").read_text())

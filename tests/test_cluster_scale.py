@@ -70,8 +70,12 @@ def test_chance_schedule_equals_a_plain_scan():
         graph = sg.graph.at_least(res.level)
         assert res.chance_size == C.chance_clique_size(sg.n, graph.num_edges)
         assert all(len(c) > res.chance_size for c in res.cliques)
-        topk = C.cluster_graph(sg, 2, schedule="chance", select="topk")
-        assert topk.cliques == res.cliques[:2]
+        # topk: N0 guesses, the significant cliques first, then the next largest of the peel.
+        num = len(res.cliques) + 1
+        topk = C.cluster_graph(sg, num, schedule="chance", select="topk")
+        assert topk.level == res.level and topk.cliques[:-1] == res.cliques
+        assert topk.cliques == C.peel_cliques(graph).cliques[:num]
+        assert C.cluster_graph(sg, 1, schedule="chance", select="topk").cliques == res.cliques[:1]
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,9 @@ reference's: the 25th percentile of 1000 seeded entries, floored to 0.01):
   significant clique where their number is the same at k, k + 1 and k + 2: copy groups
   persist over grid steps, while chance cliques (topic clusters, coincidences) appear and
   vanish as the density changes. Keep the significant cliques of k (``select="topk"``: the
-  first N0). If no threshold qualifies, the reference rule decides (logged).
+  N0 largest cliques of k, which are the significant ones and, if there are fewer than N0 of
+  those, the next largest of its peel). If no threshold qualifies, the reference rule decides
+  (logged).
 
 Both rules skip a threshold that is over a budget (edges, work: ``cliques.py``), as the
 reference skips one after its 30 s timeout.
@@ -151,7 +153,7 @@ class _Thresholds:
         return self.graphs[k]
 
     def peel(self, k: int, *, min_size: int = 1, **extra):
-        key = (k, min_size)
+        key = (k, min_size, tuple(sorted(extra.items())))
         if key in self.peels:
             return self.peels[key]
         thr = float(tau(k))
@@ -264,6 +266,10 @@ def cluster_graph(sg: SimilarityGraph, num_train: int, *, select: str = "referen
         found = _chance_schedule(thresholds, start) if schedule == "chance" else None
         if found is not None:
             final_k, res, size, skipped = found
+            if select == "topk" and len(res.cliques) < num_train:
+                # topk's contract is N0 guesses: the N0 largest cliques of the threshold,
+                # larger than chance or not (the first N0 of its full peel).
+                res = thresholds.peel(final_k, max_cliques=num_train)
         else:
             if schedule == "chance":
                 logging.warning("no threshold has cliques larger than chance that persist over "
