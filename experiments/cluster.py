@@ -88,13 +88,13 @@ def main(argv):
                    threshold_budget=FLAGS.threshold_budget, edge_budget=FLAGS.edge_budget,
                    schedule=FLAGS.schedule)
     if FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None:
+        if FLAGS.images:
+            raise InputError("a multi-process cluster run takes --features_file or "
+                             "--similarity (compute the features once, then share them)")
         from finextract_jax.sampling.run import initialize_distributed
         initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         import jax
         if jax.process_index() != 0:  # computes its share of the tiles; process 0 writes
-            if FLAGS.images:
-                raise InputError("a multi-process cluster run takes --features_file or "
-                                 "--similarity (compute the features once, then share them)")
             array = _load_npy(FLAGS.features_file or FLAGS.similarity,
                               "features_file" if FLAGS.features_file else "similarity")
             key = "features" if FLAGS.features_file else "similarity"
