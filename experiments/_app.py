@@ -66,6 +66,12 @@ def quiet_orbax():
     absl_logging.get_absl_handler().addFilter(Filter())
 
 
+def define_allow_pickle():
+    """--allow_pickle, for the binaries that load checkpoints (README, "Checkpoints we read")."""
+    flags.DEFINE_boolean("allow_pickle", False, "Read pickled checkpoints (.ckpt, .pt, .pth), weights-only "
+                         "(torch.load(weights_only=True), no code runs); refused without it. Needs torch.")
+
+
 def _parse_flags(argv):
     try:
         return flags.FLAGS(argv)

@@ -35,7 +35,8 @@ flags.DEFINE_integer("batch_size", 512, "UNet evaluations per jitted call.")
 flags.DEFINE_integer("seed", 0, "Seed of the noise (and of the sampled images).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter/activation dtype.")
 flags.DEFINE_float("lora_scale", 1.0, "Multiplier on a LoRA's alpha/rank scale.")
-flags.DEFINE_enum("finetuned_format", "auto", ["auto", "full", "lora"], "How to read --finetuned.")
+flags.DEFINE_enum("finetuned_format", "auto", ["auto", "full", "single_file", "lora"], "How to read --finetuned.")
+_app.define_allow_pickle()
 FLAGS = flags.FLAGS
 
 
@@ -59,9 +60,9 @@ def main(_):
     fileio.check_output_dir(FLAGS.workdir, "--workdir")
     fileio.check_not_inside(FLAGS.workdir, "--workdir", {"--pretrained": FLAGS.pretrained, "--finetuned": FLAGS.finetuned,
                                                          "--images": FLAGS.images}, both_ways=True)
-    pretrained = load_pipeline(FLAGS.pretrained, dtype=FLAGS.dtype)
+    pretrained = load_pipeline(FLAGS.pretrained, dtype=FLAGS.dtype, allow_pickle=FLAGS.allow_pickle)
     finetuned = load_finetuned(pretrained, FLAGS.finetuned, FLAGS.finetuned_format, "unmerged", FLAGS.lora_scale,
-                               dtype=FLAGS.dtype)
+                               dtype=FLAGS.dtype, allow_pickle=FLAGS.allow_pickle)
     images = caption.load_image_folder(FLAGS.images, pretrained) if FLAGS.images else None
     result = caption.recover_caption(pretrained, finetuned, images=images, config=config, progress=True)
     path = os.path.join(fileio.claim_dir(FLAGS.workdir, "--workdir"), caption.CAPTION_FILE)

@@ -39,10 +39,13 @@ flags.DEFINE_string("checkpoint_dir", None, "Checkpoint folder (default <out>.ch
                     "run's; after the export only what finetune wrote there is deleted.")
 flags.DEFINE_boolean("keep_checkpoints", False, "Keep the checkpoints after a successful export.")
 flags.DEFINE_integer("log_every", 10, "Log the training loss every N steps.")
+_app.define_allow_pickle()
 FLAGS = flags.FLAGS
 
 
 def main(_):
+    import os
+
     from finextract_jax.finetune import FinetuneConfig, finetune
     from finextract_jax.finetune.train import check_outputs, default_checkpoint_dir
 
@@ -55,9 +58,12 @@ def main(_):
                             augment=FLAGS.augment, seed=FLAGS.seed, dtype=FLAGS.dtype)
     if FLAGS.checkpoint_every < 0:
         _app.fail(f"--checkpoint_every must be >= 0, got {FLAGS.checkpoint_every}")
+    if FLAGS.method == "dreambooth" and os.path.isfile(FLAGS.pretrained):
+        _app.fail(f"--pretrained={FLAGS.pretrained}: DreamBooth writes a diffusers folder completed from the pretrained "
+                  "folder; pass the model as a diffusers folder (a single file works with --method=lora)")
     checkpoint_dir = FLAGS.checkpoint_dir or default_checkpoint_dir(FLAGS.out)
     check_outputs(FLAGS.out, FLAGS.method, checkpoint_dir, FLAGS.train_dir, FLAGS.pretrained)
-    pipe = load_pipeline(FLAGS.pretrained)
+    pipe = load_pipeline(FLAGS.pretrained, allow_pickle=FLAGS.allow_pickle)
     out = finetune(pipe, FLAGS.train_dir, FLAGS.out, config, caption=FLAGS.caption, resolution=FLAGS.resolution,
                    checkpoint_dir=checkpoint_dir, checkpoint_every=FLAGS.checkpoint_every,
                    keep_checkpoints=FLAGS.keep_checkpoints, log_every=FLAGS.log_every)

@@ -70,6 +70,7 @@ flags.DEFINE_integer("checkpoint_every", 100, "Fine-tuning checkpoint interval i
 flags.DEFINE_integer("seed", 0, "Seed of fine-tuning, start noise and the clustering threshold sample.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Fine-tuning and sampling compute dtype.")
 flags.DEFINE_integer("devices", 0, "Use the first N devices (0: all).")
+_app.define_allow_pickle()
 FLAGS = flags.FLAGS
 
 

@@ -68,6 +68,7 @@ class Settings:
     seed: int = 0
     dtype: str = "float32"
     devices: int = 0
+    allow_pickle: bool = False
 
 
 # ---- inputs -----------------------------------------------------------------------------------
@@ -306,7 +307,8 @@ def run_stage(s: Settings, stage: Stage, tools: dict) -> None:
     elif stage.name == "extract":
         from finextract_jax.sampling.run import extract
 
-        extract(extract_config(s, ds, stage.finetune, stage.method), folder, devices=tools["devices"])
+        extract(extract_config(s, ds, stage.finetune, stage.method), folder, devices=tools["devices"],
+                allow_pickle=s.allow_pickle)
     elif stage.name == "cluster":
         stages_lib.cluster_images(folder, os.path.join(folder, "images"), stage.num_train, tools["extractor"](),
                                   select=s.select, seed=s.seed)
@@ -330,7 +332,7 @@ def reproduce(s: Settings, devices=None) -> list:
     check_settings(s, devices)
     stages = plan(s)
     todo = [st for st in stages if st.record is None]
-    tools = {"devices": devices, "pipeline": _lazy(lambda: load_pipeline(s.pretrained)),
+    tools = {"devices": devices, "pipeline": _lazy(lambda: load_pipeline(s.pretrained, allow_pickle=s.allow_pickle)),
              "extractor": _lazy(lambda: feats_lib.get_extractor(s.features, s.feature_weights))}
     # Load what will be needed now, so that bad weights fail before anything is written.
     if any(st.name == "finetune" for st in todo):

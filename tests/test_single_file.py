@@ -235,16 +235,30 @@ def test_refusals(files, tiny_dir, tiny_pipe, tmp_path):
         np.asarray(load_finetuned(tiny_pipe("sd1"), files["sd1"], cache_dir=None).unet.params["conv_in"]["kernel"]))
 
 
+def _extract(tiny_dir, finetuned, workdir, *extra):
+    cmd = [sys.executable, "-m", "experiments.extract", f"--pretrained={tiny_dir['sd1']}", f"--finetuned={finetuned}",
+           f"--workdir={workdir}", "--num_images=2", "--batch_size=2", "--steps=2", "--prompt=a photo", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
 def test_extract_cli_with_single_file_finetuned(files, tiny_dir, tmp_path):
-    """extract through the binary: a folder --pretrained and an original-layout --finetuned."""
-    workdir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "experiments.extract", f"--pretrained={tiny_dir['sd1']}",
-           f"--finetuned={files['sd1']}", f"--workdir={workdir}", "--num_images=2", "--batch_size=2", "--steps=2",
-           "--prompt=a photo"]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    """extract through the binary: a folder --pretrained and an original-layout --finetuned; a
+    .ckpt of the same weights only with --allow_pickle, and then the same images."""
+    import torch
+
+    result = _extract(tiny_dir, files["sd1"], tmp_path / "run")
     assert result.returncode == 0, result.stderr
-    assert sorted(os.listdir(workdir / "images")) == ["00000.png", "00001.png"]
-    assert json.loads((workdir / "run.json").read_text())["status"] == "complete"
+    assert sorted(os.listdir(tmp_path / "run" / "images")) == ["00000.png", "00001.png"]
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "complete"
+    state, _ = read_safetensors(files["sd1"])
+    ckpt = str(tmp_path / "model.ckpt")
+    torch.save({"state_dict": {k: torch.from_numpy(np.array(v)) for k, v in state.items()}}, ckpt)
+    refused = _extract(tiny_dir, ckpt, tmp_path / "refused")
+    assert refused.returncode == 2 and len(refused.stderr.splitlines()) == 1 and "--allow_pickle" in refused.stderr
+    allowed = _extract(tiny_dir, ckpt, tmp_path / "pickle", "--allow_pickle")
+    assert allowed.returncode == 0, allowed.stderr
+    for name in ("00000.png", "00001.png"):
+        assert (tmp_path / "pickle" / "images" / name).read_bytes() == (tmp_path / "run" / "images" / name).read_bytes()
 
 
 @pytest.mark.parametrize("family,unet,vae,text", [

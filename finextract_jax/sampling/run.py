@@ -204,7 +204,7 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
 
 
 def extract(config: ExtractConfig, workdir: str, progress: bool = True, devices=None,
-            recover_caption=None) -> dict:
+            recover_caption=None, allow_pickle: bool = False) -> dict:
     """Generate `config.num_images` images into workdir/images, skipping those already there.
 
     `config.prompt == "auto"` needs `recover_caption(pretrained, finetuned) -> str`, called once
@@ -245,10 +245,10 @@ def extract(config: ExtractConfig, workdir: str, progress: bool = True, devices=
             atomic_write_json(os.path.join(workdir, "run.json"), record)
         return record
 
-    pretrained = load_pipeline(config.pretrained, dtype=config.dtype)
+    pretrained = load_pipeline(config.pretrained, dtype=config.dtype, allow_pickle=allow_pickle)
     lora_mode = "merged" if config.fusion == "vmap" else "unmerged"
     finetuned = load_finetuned(pretrained, config.finetuned, config.finetuned_format, lora_mode,
-                               config.lora_scale, dtype=config.dtype)
+                               config.lora_scale, dtype=config.dtype, allow_pickle=allow_pickle)
     pinned = hub.pinned_revisions(pretrained=pretrained.path, finetuned=finetuned.path)
     if previous.get("hub", pinned) != pinned:  # a hub branch moved on since the images already here were made
         raise InputError(f"hub revisions {pinned} differ from this workdir's {previous['hub']}; pin them with "
