@@ -7,6 +7,7 @@ import pytest
 import torch
 from flax.traverse_util import flatten_dict
 
+from finextract_jax.errors import InputError
 from finextract_jax.models import components
 from finextract_jax.models.convert import flax_to_pytorch
 from finextract_jax.models.tiny import SDXL_UNET
@@ -129,7 +130,7 @@ def test_sdxl_unet_matches_pytorch_and_converts_both_ways(sdxl_pair):
     # The micro-conditioning matters: other time ids give another output.
     moved = np.asarray(apply(pipe.unet.params, {"text_embeds": text_embeds, "time_ids": time_ids[::-1]}))
     assert np.abs(moved - ours).max() > 1e-3
-    with pytest.raises(ValueError, match="added_cond_kwargs"):
+    with pytest.raises(InputError, match="added_cond_kwargs"):
         jax.eval_shape(lambda p: module.apply({"params": p}, x, t, context), pipe.unet.params)
 
 
