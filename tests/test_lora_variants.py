@@ -120,6 +120,43 @@ def test_kohya_locon_matches_diffusers(tiny_dir, tiny_pipe, inputs, eps_fn, tmp_
     _compare(ours, base, torch_context, torch_eps, inputs, eps_fn)
 
 
+def test_sdxl_te1_te2_lora_matches_diffusers(tmp_path_factory):
+    """lora_te1_ / lora_te2_ on SDXL's two text encoders (the UNet untouched): our prompt encoding
+    (both penultimate hidden states, text_encoder_2's projected pooled output) against
+    StableDiffusionXLPipeline.encode_prompt with the file loaded."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from finextract_jax.models import sdxl
+    from finextract_jax.models.pipeline import load_pipeline
+    from finextract_jax.models.tiny import make_tiny
+
+    folder = make_tiny(str(tmp_path_factory.mktemp("sdxl") / "base"), kind="sdxl")
+    tp = StableDiffusionXLPipeline.from_pretrained(folder)
+    rng = np.random.default_rng(5)
+    tensors = {}
+    for prefix, model in (("lora_te1_", tp.text_encoder), ("lora_te2_", tp.text_encoder_2)):
+        for name, layer in model.named_modules():
+            if isinstance(layer, torch.nn.Linear) and "text_model.encoder" in name:
+                key = _kohya_name(prefix, name)
+                tensors[key + ".lora_down.weight"] = rng.standard_normal((2, layer.in_features), np.float32) * .3
+                tensors[key + ".lora_up.weight"] = rng.standard_normal((layer.out_features, 2), np.float32) * .3
+                tensors[key + ".alpha"] = np.array(4.0, np.float32)
+    file = str(tmp_path_factory.mktemp("sdxl_lora") / "te.safetensors")
+    save_file(tensors, file)
+    tp.load_lora_weights(file)
+    with torch.no_grad():
+        ref_context, _, ref_pooled, _ = tp.encode_prompt(PROMPTS, do_classifier_free_guidance=False)
+    base = load_pipeline(folder, cache_dir=None)
+    context, pooled = sdxl.encode_prompts(load_finetuned(base, file, cache_dir=None), PROMPTS)
+    base_context, base_pooled = sdxl.encode_prompts(base, PROMPTS)
+    width_1 = base.text_encoder.config["hidden_size"]
+    for ours, original, ref in ((context[..., :width_1], base_context[..., :width_1], ref_context[..., :width_1]),
+                                (context[..., width_1:], base_context[..., width_1:], ref_context[..., width_1:]),
+                                (pooled, base_pooled, ref_pooled)):
+        assert np.abs(np.asarray(original) - ref.numpy()).max() > 1e-2  # each encoder's LoRA matters
+        assert np.abs(np.asarray(ours) - ref.numpy()).max() <= 1e-4
+
+
 # --- per-module alphas: PEFT's rank_pattern / alpha_pattern, and kohya .alpha -----------------------
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2", "time_emb_proj"]
@@ -228,14 +265,12 @@ def test_dora_matches_peft(tiny_dir, tiny_pipe, inputs, eps_fn, tmp_path):
 
 @pytest.mark.parametrize("fmt, unet_kwargs, text_kwargs", [
     ("loha", dict(r=4, alpha=8, use_effective_conv2d=False), dict(r=2, alpha=1)),
-    ("loha", dict(r=4, alpha=2, use_effective_conv2d=True), dict(r=2, alpha=4)),  # hada_t1/t2 on 3x3 convs
-    ("lokr", dict(r=2, alpha=8, decompose_both=True, use_effective_conv2d=True), dict(r=2, alpha=1)),  # lokr_t2
     ("lokr", dict(r=3, alpha=1, use_effective_conv2d=False), dict(r=2, alpha=4)),
-    ("lokr", dict(r=64, alpha=64), dict(r=64, alpha=64)),  # no factor decomposed: LyCORIS' scale 1 = PEFT's 64/64
 ])
 def test_lycoris_matches_peft(fmt, unet_kwargs, text_kwargs, tiny_dir, tiny_pipe, inputs, eps_fn, tmp_path):
-    """PEFT's LoHa/LoKr (its port of LyCORIS) written as LyCORIS writes them: kohya module names,
-    hada_*/lokr_* factors and one .alpha per module."""
+    """PEFT's LoHa/LoKr (its port of LyCORIS) in LyCORIS spelling: kohya module names, hada_*/lokr_*
+    factors, one .alpha per module; here 3x3 convolutions are flattened ([out, in*9] factors), the
+    layout LyCORIS' own files below do not use (Tucker cores, full 4-D factors)."""
     from peft import LoHaConfig, LoKrConfig
 
     tp = _fresh_torch_pipe(tiny_dir)
@@ -251,6 +286,54 @@ def test_lycoris_matches_peft(fmt, unet_kwargs, text_kwargs, tiny_dir, tiny_pipe
     base = tiny_pipe("sd1")
     _compare(load_finetuned(base, file, lora_mode="unmerged", cache_dir=None), base, torch_context, torch_eps,
              inputs, eps_fn)
+
+
+# --- LyCORIS itself: its kohya network trained on the diffusers modules, saved by its own save_weights ----
+
+# LyCORIS' "full" preset names time_embedding.linear_1 twice on a diffusers UNet (TimestepEmbedding
+# and the name list) and refuses to build; this is that preset without the duplicate.
+LYCORIS_PRESET = """
+enable_conv = true
+unet_target_module = ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"]
+unet_target_name = ["conv_in", "conv_out"]
+text_encoder_target_module = ["CLIPAttention", "CLIPMLP"]
+text_encoder_target_name = []
+"""
+
+
+@pytest.mark.parametrize("kwargs, holds", [
+    (dict(algo="lora"), lambda f: f["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"].shape[2:] == (3, 3)),
+    (dict(algo="loha", use_tucker="true"), lambda f: any(k.endswith(".hada_t1") for k in f)),
+    # At these widths most LoKr factors are full (no rank: scale 1 whatever .alpha says).
+    (dict(algo="lokr"), lambda f: any(k.endswith(".lokr_w2") for k in f)),
+    (dict(algo="lokr", network_dim=2, factor="8", decompose_both="true", use_tucker="true"),
+     lambda f: any(k.endswith(".lokr_t2") for k in f) and any(k.endswith(".lokr_w1_a") for k in f)),
+    (dict(algo="lora", dora_wd="true", wd_on_output="false"),  # dora_scale [1, in(, 1, 1)]
+     lambda f: all(v.shape[0] == 1 for k, v in f.items() if k.endswith(".dora_scale"))),
+    (dict(algo="loha", dora_wd="true", wd_on_output="true"),  # dora_scale [out, 1(, 1, 1)]
+     lambda f: all(v.shape[1] == 1 for k, v in f.items() if k.endswith(".dora_scale"))),
+], ids=["locon", "loha-tucker", "lokr-full", "lokr-decomposed-tucker", "dora-per-input", "loha-dora-per-output"])
+def test_lycoris_files_match_lycoris(kwargs, holds, tiny_dir, tiny_pipe, inputs, eps_fn, tmp_path):
+    from lycoris.kohya import create_network
+    from safetensors.numpy import load_file
+
+    tp = _fresh_torch_pipe(tiny_dir)
+    (tmp_path / "preset.toml").write_text(LYCORIS_PRESET)
+    kwargs = dict(kwargs)
+    net = create_network(1.0, kwargs.pop("network_dim", 4), 8, None, tp.text_encoder, tp.unet, conv_dim=4,
+                         conv_alpha=2, preset=str(tmp_path / "preset.toml"), **kwargs)
+    net.apply_to(tp.text_encoder, tp.unet, apply_text_encoder=True, apply_unet=True)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # LyCORIS starts each update at zero; DoRA scales start at the norms
+        for name, param in net.named_parameters():
+            noise = torch.rand(param.shape, generator=gen)
+            param.copy_(param * (0.5 + noise) if name.endswith("dora_scale") else (noise - 0.5) * 0.6)
+    torch_context, torch_eps = _torch_outputs(tp, inputs)
+    file = str(tmp_path / "lycoris.safetensors")
+    net.save_weights(file, None, {})
+    assert holds(load_file(file))
+    base = tiny_pipe("sd1")
+    _compare(load_finetuned(base, file, cache_dir=None), base, torch_context, torch_eps, inputs, eps_fn)
 
 
 # --- refusals ----------------------------------------------------------------------------------------
