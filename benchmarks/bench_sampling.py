@@ -9,9 +9,10 @@
 --variants: fusion strategies (two_applies, vmap, lora_batch, lora_merged), each optionally with an
 attention implementation after a colon (`two_applies:plain`, `two_applies:cudnn`; default: the library's
 per-backend choice, `auto`).
---flag_sets: named XLA flag sets (FLAG_SETS; `default` = none), each timed in its own process (XLA reads
-its flags once) on the first variant, between two timings of the PyTorch loop. XLA_FLAGS from the
-environment applies to every row.
+--flag_sets: named XLA flag sets (FLAG_SETS; `default` = none), each compiled in its own process (XLA reads
+its flags once) for the first variant. XLA_FLAGS from the environment applies to every row.
+Every row, the PyTorch loop's and the flag sets' included, is timed in --rounds round-robin passes (best
+of each), so a shared machine's changing load falls on all rows alike.
 --profile=DIR: a jax.profiler trace of the first variant's compiled sampler (and with --torch a PyTorch
 profile of the reference loop), reduced to op-category and top-op tables (benchmarks/profiling.py).
 Prints one Markdown row per (batch, variant): ms per guided step (two UNet evaluations), images/s for a
@@ -46,20 +47,20 @@ SIZES = {
 }
 PEAK_FLOPS = {"bfloat16": {"H100": 989e12, "H200": 989e12, "A100": 312e12},
               "float32": {"H100": 67e12, "H200": 67e12, "A100": 19.5e12}}
-# XLA flag sets worth a row (--flag_sets). Exactness: none of these changes the arithmetic asked for
-# (no fast-math); the library-fusion switches choose who runs a convolution or dot (XLA's own emitter,
-# YNNPACK, XNNPACK or oneDNN).
+# XLA flag sets worth a row (--flag_sets). None changes the arithmetic asked for (no fast-math). On CPU
+# XLA hands convolutions, dots and reductions to YNNPACK fusions by default (jaxlib 0.10); the sets choose
+# who else runs them: XLA's own emitters and Eigen, oneDNN, or XNNPACK's greedy graph fusion.
 FLAG_SETS = {
     "default": "",
-    "no_eigen_threads": "--xla_cpu_multi_thread_eigen=false",
-    "onednn": "--xla_cpu_use_onednn=true",
-    "no_xnnpack": "--xla_cpu_use_xnnpack=false",
-    "ynn_dot_conv": "--xla_cpu_experimental_ynn_fusion_type=+individual_dot,+individual_convolution",
-    "xnn_graph": "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
+    "no_ynn": "--xla_cpu_experimental_ynn_fusion_type=",
+    "ynn_no_reduce": "--xla_cpu_experimental_ynn_fusion_type=-reduce",
+    "onednn": "--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_use_onednn=true",
+    "xnn_graph": "--xla_cpu_experimental_ynn_fusion_type= "
+                 "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
+    "single_thread_eigen": "--xla_cpu_multi_thread_eigen=false",
     "gpu_autotune_0": "--xla_gpu_autotune_level=0",
     "gpu_autotune_4": "--xla_gpu_autotune_level=4",
     "gpu_no_triton_gemm": "--xla_gpu_enable_triton_gemm=false",
-    "gpu_cudnn_fmha": "--xla_gpu_enable_cudnn_fmha=true",
 }
 
 
@@ -103,21 +104,63 @@ def compile_flax(pre, ft, fusion, batch, steps):
     return run.lower(*args).compile(), args
 
 
-def best_seconds(run, repeats):
-    """Best of `repeats` timed calls after one warm-up call."""
-    run()
-    times = []
-    for _ in range(repeats):
+def interleaved_best(timers, rounds, report=None):
+    """Best seconds of each timer over `rounds` round-robin passes (one call of every timer per pass), so
+    every row sees the same changes in the machine's load; each timer is called once before, untimed.
+    `report(round, best)` after each pass: a run cut short by its time limit still leaves figures."""
+    for timer in timers:
+        timer()
+    best = [float("inf")] * len(timers)
+    for r in range(rounds):
+        for i, timer in enumerate(timers):
+            best[i] = min(best[i], timer())
+        if report:
+            report(r, best)
+    return best
+
+
+def timed(run):
+    def timer():
         start = time.perf_counter()
         run()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        return time.perf_counter() - start
+    return timer
 
 
-def time_compiled(compiled, args, steps):
+class FlagSetChild:
+    """Our first variant compiled under one named XLA flag set, in a child process (XLA reads its flags
+    once per process) that times one sampler call each time it is asked, so it joins the interleaved rounds."""
+
+    def __init__(self, args, models_root, name, batch):
+        if name not in FLAG_SETS:
+            raise SystemExit(f"unknown flag set {name}; choose from {', '.join(FLAG_SETS)}")
+        env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {FLAG_SETS[name]}".strip())
+        command = [sys.executable, os.path.abspath(__file__), f"--size={args.size}", f"--batch={batch}",
+                   f"--steps={args.steps}", f"--dtype={args.dtype}", f"--variants={args.variants.split(',')[0]}",
+                   f"--models_dir={models_root}", "--serve"]
+        self.process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.ready = self.process.stdout.readline().strip() == "ready"
+
+    def __call__(self):
+        self.process.stdin.write("t\n")
+        self.process.stdin.flush()
+        return float(self.process.stdout.readline())
+
+    def close(self):
+        self.process.stdin.close()
+        self.process.wait()
+
+
+def serve(compiled, args):
+    """--serve: answer each line on stdin with the seconds of one compiled call."""
     import jax
 
-    return best_seconds(lambda: jax.block_until_ready(compiled(*args)), 3) / steps
+    jax.block_until_ready(compiled(*args))
+    print("ready", flush=True)
+    for _ in sys.stdin:
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        print(time.perf_counter() - start, flush=True)
 
 
 def unet_forward_flops(pipe):
@@ -197,27 +240,6 @@ def flax_pair(variant, models, dtype, cache):
     raise SystemExit(f"unknown variant {variant}")
 
 
-def flag_set_rows(args, models_root, names):
-    """Time the first variant under each named XLA flag set, one child process per set."""
-    rows = []
-    for name in names:
-        if name not in FLAG_SETS:
-            raise SystemExit(f"unknown flag set {name}; choose from {', '.join(FLAG_SETS)}")
-        env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {FLAG_SETS[name]}".strip())
-        command = [sys.executable, os.path.abspath(__file__), f"--size={args.size}", f"--batch={args.batch}",
-                   f"--steps={args.steps}", f"--dtype={args.dtype}", f"--variants={args.variants.split(',')[0]}",
-                   f"--models_dir={models_root}", "--json_only"]
-        result = subprocess.run(command, env=env, capture_output=True, text=True)
-        lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
-        if result.returncode or not lines:
-            print(f"  flag set {name}: failed ({result.stderr.strip().splitlines()[-1:]})", flush=True)
-            continue
-        for batch, variant, step in json.loads(lines[-1])["rows"]:
-            rows.append((batch, f"{variant} [{name}]", step))
-            print(f"  [{name}] batch {batch} {variant}: {step * 1e3:.1f} ms/step", flush=True)
-    return rows
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", default="cpu", choices=sorted(SIZES))
@@ -229,71 +251,79 @@ def main():
     parser.add_argument("--variants", default="two_applies,vmap,lora_batch,lora_merged,two_applies:plain")
     parser.add_argument("--flag_sets", default="", help="named XLA flag sets (FLAG_SETS), each in a child process")
     parser.add_argument("--profile", default="", help="folder for a trace of the first variant (and torch)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing passes over all rows")
     parser.add_argument("--models_dir", default="", help=argparse.SUPPRESS)
-    parser.add_argument("--json_only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("FINEXTRACT_CACHE", "")
     batches = [int(b) for b in args.batch.split(",")]
-    say = (lambda *a, **k: None) if args.json_only else print
 
     import jax
 
-    device = jax.devices()[0]
-    say(f"device: {device.platform} {device.device_kind} x{len(jax.devices())}; size={args.size} "
-        f"batch={args.batch} steps={args.steps} dtype={args.dtype} XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
-        flush=True)
     models_root = args.models_dir or tempfile.mkdtemp(prefix="bench_sampling.")
     models = make_models(models_root, args.size)
-    loops = {b: torch_loop(models[0], models[1], b, args.steps, args.dtype) for b in batches} if args.torch else {}
-    torch_steps = {b: [best_seconds(loop, 2) / args.steps] for b, loop in loops.items()}
-    for b, (step,) in torch_steps.items():
-        say(f"  batch {b} pytorch: {step * 1e3:.1f} ms/step", flush=True)
-    rows, cache, profiled = [], {}, None
+    if args.serve:
+        pre, ft, fusion = flax_pair(args.variants, models, args.dtype, {})
+        return serve(*compile_flax(pre, ft, fusion, batches[0], args.steps))
+    device = jax.devices()[0]
+    print(f"device: {device.platform} {device.device_kind} x{len(jax.devices())}; size={args.size} "
+          f"batch={args.batch} steps={args.steps} dtype={args.dtype} XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
+          flush=True)
+    names, timers, cache, profiled, children = [], [], {}, None, []
     for batch in batches:
+        if args.torch:
+            loop = torch_loop(models[0], models[1], batch, args.steps, args.dtype)
+            names.append((batch, "pytorch eager loop (reference)"))
+            timers.append(timed(loop))
         for variant in args.variants.split(","):
             pre, ft, fusion = flax_pair(variant, models, args.dtype, cache)
             try:
                 compiled, call_args = compile_flax(pre, ft, fusion, batch, args.steps)
             except Exception as error:  # an implementation this backend lacks (cuDNN attention on CPU)
-                say(f"  batch {batch} {variant}: not available ({type(error).__name__}: {str(error)[:200]})")
+                print(f"  batch {batch} {variant}: not available ({type(error).__name__}: {str(error)[:200]})")
                 continue
-            step = time_compiled(compiled, call_args, args.steps)
-            rows.append((batch, variant, step))
-            say(f"  batch {batch} {variant}: {step * 1e3:.1f} ms/step", flush=True)
-            profiled = profiled or (batch, variant, compiled, call_args)
-    rows += flag_set_rows(args, models_root, [n for n in args.flag_sets.split(",") if n])
-    for b, loop in loops.items():  # again after ours: the machine's load may have changed meanwhile
-        torch_steps[b].append(best_seconds(loop, 2) / args.steps)
-        say(f"  batch {b} pytorch (again): {torch_steps[b][-1] * 1e3:.1f} ms/step", flush=True)
-    if args.json_only:
-        print(json.dumps({"rows": rows}))
-        return
+            names.append((batch, variant))
+            timers.append(timed(lambda c=compiled, a=call_args: jax.block_until_ready(c(*a))))
+            profiled = profiled or (batch, variant, compiled, call_args, args.torch and loop)
+        for name in [n for n in args.flag_sets.split(",") if n]:
+            child = FlagSetChild(args, models_root, name, batch)
+            if not child.ready:
+                print(f"  batch {batch} flag set {name}: failed to compile", flush=True)
+                continue
+            children.append(child)
+            names.append((batch, f"{args.variants.split(',')[0]} [{name}: {FLAG_SETS[name] or 'no flags'}]"))
+            timers.append(child)
+        print(f"  batch {batch}: {len(timers)} rows compiled", flush=True)
+    report = lambda r, best: print(f"  round {r + 1}: " + "; ".join(
+        f"{b} {n} {s / args.steps * 1e3:.1f} ms" for (b, n), s in zip(names, best)), flush=True)
+    best = [s / args.steps for s in interleaved_best(timers, args.rounds, report)]
+    for child in children:
+        child.close()
     if args.profile and profiled:
-        print_profiles(args, profiled, loops)
+        print_profiles(args, profiled)
 
     peak = next((v for k, v in PEAK_FLOPS[args.dtype].items() if k in device.device_kind), None) if args.mfu else None
     forward_flops = unet_forward_flops(cache[next(iter(cache))]) if peak else None
-    torch_best = {b: min(s) for b, s in torch_steps.items()}
-    print("\n| batch | variant | ms / guided step | images/s (50 steps) | vs PyTorch | MFU |")
+    reference = {b: s for (b, name), s in zip(names, best) if name.startswith("pytorch")}
+    print(f"\n| batch | variant | ms / guided step | images/s (50 steps) | vs PyTorch | MFU |")
     print("|---|---|---|---|---|---|")
-    table = [(b, "pytorch eager loop (reference; best of start and end)", s) for b, s in torch_best.items()] + rows
-    for batch, name, step in table:
-        ratio = f"{torch_best[batch] / step:.2f}x" if batch in torch_best else "-"
+    for (batch, name), step in zip(names, best):
+        ratio = f"{reference[batch] / step:.2f}x" if batch in reference else "-"
         mfu = f"{2 * batch * forward_flops / step / peak:.1%}" if forward_flops else "-"
         print(f"| {batch} | {name} | {step * 1e3:.1f} | {batch / (step * 50):.3f} | {ratio} | {mfu} |")
-    print(json.dumps({"rows": table, "torch_start_end": torch_steps, "unet_forward_flops": forward_flops}))
+    print(json.dumps({"rows": [(b, n, s) for (b, n), s in zip(names, best)], "unet_forward_flops": forward_flops}))
 
 
-def print_profiles(args, profiled, loops):
+def print_profiles(args, profiled):
     from benchmarks import profiling
 
-    batch, variant, compiled, call_args = profiled
+    batch, variant, compiled, call_args, loop = profiled
     seconds, parsed = profiling.profile_compiled(compiled, call_args, os.path.join(args.profile, "jax"))
     profiling.print_tables(f"ours ({variant}, batch {batch}), XLA trace", *profiling.jax_table(seconds, parsed),
                            steps=args.steps)
-    if batch in loops:
+    if loop:
         profiling.print_tables(f"PyTorch eager loop (batch {batch}), torch.profiler",
-                               *profiling.torch_table(loops[batch]), steps=args.steps)
+                               *profiling.torch_table(loop), steps=args.steps)
 
 
 if __name__ == "__main__":

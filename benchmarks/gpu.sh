@@ -2,25 +2,49 @@
 # One prepared accelerator run (the `device` tool's machine: Python 3.12 with its own jax/torch, no
 # network). Carry `.whl` (diffusers 0.39.0, transformers 4.57.6, huggingface_hub 0.36.0, tokenizers
 # 0.22.1 wheels: the image's transformers has no Flax classes). Logs land in $OUT.
-# Env: BATCH (8), VARIANTS (two_applies,lora_batch), SAMPLING_S, FINETUNE_S (per-benchmark time limits).
+# The whole run stays within TOTAL_S (450) seconds, compiles included (the tool's limit is 8 minutes with the
+# start): each stage runs under min(its budget, what is left); a budget of 0 skips it.
+# Env: BATCH (8,32), VARIANTS (two_applies,two_applies:cudnn), FLAG_SETS (XLA flag sets of
+#   bench_sampling.py, e.g. gpu_autotune_0,gpu_no_triton_gemm; none by default), STEPS (5), ROUNDS (3),
+#   PROFILE (1: XLA trace of the first variant and torch.profiler of the loop, as kernel tables),
+#   SAMPLING_S (300), FINETUNE_S (0), TESTBED_S (the rest). XLA_FLAGS passes through to every row.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 FINEXTRACT_CACHE= XLA_PYTHON_CLIENT_MEM_FRACTION=.9
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $OUT/gpu.txt
-python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee -a $OUT/gpu.txt
-timeout ${SAMPLING_S:-300} python3 benchmarks/bench_sampling.py --size=sd1 --dtype=bfloat16 --batch=8 --mfu --torch \
-    --variants=${VARIANTS:-two_applies,lora_batch} 2>&1 | grep -v Warning | tee $OUT/sampling.txt
-timeout ${FINETUNE_S:-200} python3 benchmarks/bench_finetune.py --size=sd1 --dtypes=bfloat16 --methods=lora,dreambooth \
-    --steps=10 2>&1 | grep -v Warning | tee $OUT/finetune.txt
+TOTAL_S=${TOTAL_S:-450}
+budget() { local left=$((TOTAL_S - SECONDS)); echo $(( $1 < left ? $1 : left )); }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $OUT/versions.txt
+python3 - <<'PY' 2>&1 | grep -v Warning | tee -a $OUT/versions.txt
+import jax, jaxlib, flax, torch, diffusers, transformers
+print("jax", jax.__version__, "jaxlib", jaxlib.__version__, "flax", flax.__version__, "torch", torch.__version__,
+      "cuda", torch.version.cuda, "cudnn (torch)", torch.backends.cudnn.version(), "diffusers", diffusers.__version__,
+      "transformers", transformers.__version__)
+print("devices", jax.devices(), "XLA_FLAGS", repr(__import__("os").environ.get("XLA_FLAGS", "")))
+PY
+S=$(budget ${SAMPLING_S:-300})
+if [ "$S" -gt 30 ]; then
+    timeout $S python3 benchmarks/bench_sampling.py --size=sd1 --dtype=bfloat16 --batch=${BATCH:-8,32} --mfu --torch \
+        --steps=${STEPS:-5} --rounds=${ROUNDS:-3} --variants=${VARIANTS:-two_applies,two_applies:cudnn} \
+        --flag_sets=${FLAG_SETS:-} $([ "${PROFILE:-1}" = 1 ] && echo --profile=/tmp/profile) \
+        2>&1 | grep -v -E "Warning|USDT" | tee $OUT/sampling.txt
+fi
+S=$(budget ${FINETUNE_S:-0})
+if [ "$S" -gt 30 ]; then
+    timeout $S python3 benchmarks/bench_finetune.py --size=sd1 --dtypes=bfloat16 --methods=lora,dreambooth \
+        --steps=10 2>&1 | grep -v Warning | tee $OUT/finetune.txt
+fi
 # The testbed base (finextract_jax/testbed/, README "The testbed"): trained from scratch, 20,000 steps of 32
-# images, in at most TESTBED_S (480) seconds. This machine has no npm: carry testbed_work/testbed_data.npz
+# images, in at most TESTBED_S seconds (default: what is left; run with SAMPLING_S=0 to give it the whole
+# budget). This machine has no npm: carry testbed_work/testbed_data.npz
 # (written by `python -m experiments.testbed_base --data=testbed_work/testbed_data.npz`). The last snapshot
 # and its probe grid come back in $OUT/testbed_base and $OUT/testbed_probe.png, also when the time runs out.
-if [ -f testbed_work/testbed_data.npz ]; then
-    timeout ${TESTBED_S:-480} python3 -m experiments.testbed_base --workdir=/tmp/testbed \
+S=$(budget ${TESTBED_S:-$TOTAL_S})
+if [ -f testbed_work/testbed_data.npz ] && [ "$S" -gt 120 ]; then
+    timeout $((S - 60)) python3 -m experiments.testbed_base --workdir=/tmp/testbed \
         --data=testbed_work/testbed_data.npz --out=$OUT/testbed_base --export_every=2500 --checkpoint_every=2500 \
         2>&1 | grep -v Warning | grep -v "^W" | tail -n 60 | tee $OUT/testbed.txt
     [ -d $OUT/testbed_base ] || cp -r /tmp/testbed/snapshot $OUT/testbed_base
-    python3 -m experiments.testbed_samples --model=$OUT/testbed_base --data=testbed_work/testbed_data.npz \
+    timeout 60 python3 -m experiments.testbed_samples --model=$OUT/testbed_base --data=testbed_work/testbed_data.npz \
         --out=$OUT/testbed_probe.png 2>&1 | tail -n 3
 fi
+echo "gpu.sh: ${SECONDS}s of TOTAL_S=${TOTAL_S}"

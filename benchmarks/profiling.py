@@ -63,16 +63,25 @@ def _category(opcodes, op_name: str) -> str:
 
 
 def _trace_events(trace_dir: str):
+    """The complete ('X') events of the newest trace under trace_dir, and the pids of device (GPU/TPU) lines."""
     paths = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True))
     if not paths:
         raise RuntimeError(f"no perfetto_trace.json.gz under {trace_dir}")
     with gzip.open(paths[-1]) as f:
         data = json.load(f)
-    return [e for e in (data["traceEvents"] if isinstance(data, dict) else data) if e.get("ph") == "X"]
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    devices = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+               and re.search(r"/device:(GPU|TPU)", str((e.get("args") or {}).get("name", "")))}
+    return [e for e in events if e.get("ph") == "X"], devices
 
 
 def profile_compiled(compiled, args, trace_dir: str, calls: int = 2):
-    """Trace `calls` runs of a compiled JAX function; return ({instruction: seconds per call}, instructions)."""
+    """Trace `calls` runs of a compiled JAX function; return ({op: seconds per call}, parsed HLO).
+
+    On CPU the events named after HLO instructions (the thunks) are counted; on an accelerator every
+    kernel on a device line, charged to its `hlo_op` (or the instruction its name spells), else kept
+    under its own kernel name.
+    """
     import jax
 
     jax.block_until_ready(compiled(*args))
@@ -80,10 +89,16 @@ def profile_compiled(compiled, args, trace_dir: str, calls: int = 2):
         for _ in range(calls):
             jax.block_until_ready(compiled(*args))
     instructions, computations = _parse_hlo(compiled.as_text())
+    spelled = {name.replace(".", "_").replace("-", "_"): name for name in instructions}
+    events, devices = _trace_events(trace_dir)
     seconds = collections.Counter()
-    for event in _trace_events(trace_dir):
+    for event in events:
         name = (event.get("args") or {}).get("hlo_op") or event["name"]
-        if name in instructions and instructions[name][0] not in ("while", "call", "conditional"):
+        name = name if name in instructions else spelled.get(name, name)
+        on_device = event.get("pid") in devices
+        if (devices and not on_device) or (name not in instructions and not on_device):
+            continue
+        if instructions.get(name, ("",))[0] not in ("while", "call", "conditional"):
             seconds[name] += event.get("dur", 0) * 1e-6 / calls
     return seconds, (instructions, computations)
 
@@ -93,19 +108,24 @@ def jax_table(seconds, parsed):
     instructions, computations = parsed
     by_category, rows = collections.Counter(), []
     for name, s in seconds.items():
-        opcode, op_name, shape, called = instructions[name]
+        opcode, op_name, shape, called = instructions.get(name, ("kernel", "", "", None))
         opcodes = computations.get(called, []) if opcode == "fusion" or called else [opcode]
-        category = _category(opcodes + [opcode], op_name)
+        category = _category(opcodes + [opcode], op_name) if name in instructions else _category_by_name(name)
         by_category[category] += s
         scope = "/".join(p for p in op_name.split("/") if not p.startswith(("jit(", "while", "body", "closed_call")))
         rows.append((s, name, category, shape.split("{")[0][:40], scope[-70:]))
     return by_category, sorted(rows, reverse=True)
 
 
-_TORCH_RULES = (("conv", CATEGORIES[0]), ("scaled_dot_product", CATEGORIES[1]), ("flash", CATEGORIES[1]),
-                ("softmax", CATEGORIES[1]), ("baddbmm", CATEGORIES[1]), ("bmm", CATEGORIES[1]),
-                ("group_norm", CATEGORIES[3]), ("layer_norm", CATEGORIES[3]), ("addmm", CATEGORIES[2]),
-                ("aten::mm", CATEGORIES[2]), ("linear", CATEGORIES[2]), ("matmul", CATEGORIES[2]))
+# Categories by op or kernel name (PyTorch's aten ops and CUDA kernels, and our kernels that name no HLO
+# instruction). Order matters: cuDNN's convolution kernels are "implicit_gemm" / "fprop" GEMMs.
+_NAME_RULES = (("conv", 0), ("fprop", 0), ("implicit_gemm", 0), ("scaled_dot_product", 1), ("fmha", 1),
+               ("flash", 1), ("softmax", 1), ("bmm", 1), ("group_norm", 3), ("layer_norm", 3), ("norm", 3),
+               ("addmm", 2), ("aten::mm", 2), ("linear", 2), ("matmul", 2), ("gemm", 2), ("xmma", 2))
+
+
+def _category_by_name(name: str) -> str:
+    return CATEGORIES[next((c for key, c in _NAME_RULES if key in name.lower()), 4)]
 
 
 def torch_table(loop, calls: int = 1):
@@ -125,7 +145,7 @@ def torch_table(loop, calls: int = 1):
         s = (item.self_device_time_total if cuda else item.self_cpu_time_total) * 1e-6 / calls
         if s <= 0 or (cuda and getattr(item, "device_type", None) is not None and "CUDA" not in str(item.device_type)):
             continue
-        category = next((c for key, c in _TORCH_RULES if key in item.key.lower()), CATEGORIES[4])
+        category = _category_by_name(item.key)
         if item.key.startswith(("aten::", "mkldnn", "void", "sm", "cudnn", "ampere", "cutlass", "flash")) or cuda:
             by_category[category] += s
             rows.append((s, item.key[:60], category, str(item.count), ""))

@@ -63,17 +63,23 @@ def attention_implementation(implementation: str, dtype, head_dim: int) -> str:
     """The concrete implementation behind `implementation` for this backend, dtype and head size.
 
     "auto": the measured choice per backend (benchmarks/RESULTS.md). "cudnn" (cuDNN flash attention,
-    GPU only) takes 16-bit inputs with head_dim a multiple of 8 up to 128; other shapes fall back to
-    the fused XLA formulation, so an SD 1.x UNet (head sizes 40, 80, 160) mixes the two.
+    GPU only) takes 16-bit inputs with head_dim a multiple of 8, up to 256 on Hopper and later, 128
+    before (JAX's own check); other shapes fall back to the fused XLA formulation.
     """
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {implementation!r} "
                          f"(use one of {', '.join(ATTENTION_IMPLEMENTATIONS)})")
     if implementation == "auto":
         implementation = "fused"
-    if implementation == "cudnn" and not (jnp.dtype(dtype).itemsize == 2 and head_dim % 8 == 0 and head_dim <= 128):
+    if implementation == "cudnn" and not (jnp.dtype(dtype).itemsize == 2 and head_dim % 8 == 0
+                                          and head_dim <= _cudnn_max_head_dim()):
         return "fused"
     return implementation
+
+
+def _cudnn_max_head_dim() -> int:
+    capability = getattr(jax.devices()[0], "compute_capability", "0")
+    return 256 if float(capability) >= 9.0 else 128
 
 
 def attend(query, key, value, implementation: str):
