@@ -1,13 +1,16 @@
 """Hub ids as checkpoints, offline, against a Hugging Face cache laid out as huggingface_hub writes it
 (models--org--name/blobs/<hash>, snapshots/<commit>/<files as links to the blobs>, refs/main) in a
 temporary HF_HOME: resolution, pinned revisions, local paths winning, errors, and the extract
-binary on a tiny pair given only as hub ids."""
+binary on a tiny pair given only as hub ids. Online, huggingface_hub itself downloads from a
+local stand-in for the hub's API (HF_ENDPOINT), which records what was fetched."""
 import hashlib
+import http.server
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -147,3 +150,77 @@ def test_extract_binary_takes_hub_ids_offline(hf_home, tmp_path):
     lines = neither.stderr.strip().splitlines()
     assert neither.returncode == 2 and len(lines) == 1
     assert "no_such_model: not found: no such local file or folder, and not a Hugging Face hub id" in lines[0]
+
+
+REMOTE = "c" * 40
+
+
+class _FakeHub(http.server.BaseHTTPRequestHandler):
+    """The two routes huggingface_hub 0.36 uses to download a snapshot: the model info at a revision,
+    and each file's resolve URL (HEAD for metadata, then GET)."""
+
+    files: dict = {}
+    fetched: list = []
+
+    def _reply(self, status, body=b"", headers=()):
+        self.send_response(status)
+        for key, value in headers:
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command == "GET":
+            self.wfile.write(body)
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        path = self.path.split("?")[0]
+        info = "/api/models/org/remote-sd/revision/"
+        resolve = f"/org/remote-sd/resolve/{REMOTE}/"
+        if path in (info + "main", info + REMOTE):
+            siblings = [{"rfilename": name} for name in sorted(self.files)]
+            self._reply(200, json.dumps({"id": "org/remote-sd", "sha": REMOTE, "siblings": siblings}).encode(),
+                        [("Content-Type", "application/json")])
+        elif path.startswith(resolve) and path[len(resolve):] in self.files:
+            name = path[len(resolve):]
+            data = self.files[name]
+            if self.command == "GET":
+                self.fetched.append(name)
+            self._reply(200, data, [("X-Repo-Commit", REMOTE), ("ETag", f'"{hashlib.sha256(data).hexdigest()}"')])
+        else:
+            self._reply(404, b"{}", [("X-Error-Code", "RepoNotFound")])
+
+    do_HEAD = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+def test_online_download_fetches_only_what_the_loaders_read(tiny_dir, tmp_path):
+    """Through huggingface_hub against the stand-in: the selected files only (no .bin, single-file
+    checkpoint or safety checker), at the commit main pointed to; an unknown repository is named."""
+    decoys = {"unet/diffusion_pytorch_model.bin": b"pickle", "v1-5-pruned.safetensors": b"single file",
+              "safety_checker/config.json": b"{}", "safety_checker/model.safetensors": b"checker"}
+    _FakeHub.files = {**{name: open(path, "rb").read() for name, path in _tree(tiny_dir["sd1"]).items()}, **decoys}
+    _FakeHub.fetched = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}",
+               HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1")
+    for name in ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "HF_TOKEN"):
+        env.pop(name, None)
+    script = ("import sys\nfrom finextract_jax.models import hub\nfrom finextract_jax.errors import CheckpointError\n"
+              "print(hub.resolve('org/remote-sd', 'pretrained'))\n"
+              "try:\n    hub.resolve('org/unknown', 'pretrained')\nexcept CheckpointError as err:\n    print(err)\n")
+    try:
+        result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                                timeout=300)
+    finally:
+        server.shutdown()
+    assert result.returncode == 0, result.stderr[-2000:]
+    folder, refused = result.stdout.strip().splitlines()[-2:]
+    assert folder == os.path.join(str(tmp_path / "hf"), "hub", "models--org--remote-sd", "snapshots", REMOTE)
+    expected = hub.select_files(list(_FakeHub.files), "pretrained", "org/remote-sd").files
+    assert sorted(_FakeHub.fetched) == sorted(expected) == sorted(_tree(tiny_dir["sd1"]))
+    assert refused == "org/unknown@main: no local path by that name, and the Hugging Face hub refuses it " \
+                      "(RepositoryNotFoundError)"
+    assert hub.pinned_revision(folder) == {"repo_id": "org/remote-sd", "revision": REMOTE}
+    assert open(os.path.join(folder, "unet", "config.json"), "rb").read() == _FakeHub.files["unet/config.json"]
