@@ -144,3 +144,26 @@ def test_sdxl_needs_its_second_text_encoder(sdxl_dir, tmp_path):
     shutil.rmtree(broken / "text_encoder_2")
     with pytest.raises(CheckpointError, match="text_encoder_2"):
         load_pipeline(str(broken), cache_dir=None)
+
+
+def test_sdxl_guidance_conditioning_layout(sdxl_pair):
+    """Each method's evaluations get SDXL's conditioning: zeros for the empty prompt, the caption
+    encoded, the same time ids; a caption "" is encoded (it is not the unconditional slot)."""
+    from finextract_jax.models import sdxl
+    from finextract_jax.sampling import engine
+
+    pipe, _ = sdxl_pair
+    context, pooled = sdxl.encode_prompts(pipe, ["a photo of sks dog", ""])
+    ids = sdxl.micro_conditioning(pipe).time_ids()
+    cfg = engine.prepare(pipe, pipe, "cfg", "a photo of sks dog", "two_applies")
+    assert cfg.evaluations == (("finetuned", None), ("finetuned", "a photo of sks dog"))
+    assert not np.asarray(cfg.contexts["context"][0]).any() and not np.asarray(cfg.contexts["text_embeds"][0]).any()
+    # (encoded alone vs in a batch of two: equal up to float rounding)
+    assert np.allclose(cfg.contexts["context"][1], context[0], atol=1e-5)
+    assert np.allclose(cfg.contexts["text_embeds"][1], pooled[0], atol=1e-5)
+    assert all(np.array_equal(np.asarray(row), ids) for row in cfg.contexts["time_ids"])
+    unconditional = engine.prepare(pipe, pipe, "finextract", "", "two_applies")
+    assert unconditional.evaluations == (("pretrained", None), ("finetuned", ""))
+    assert np.allclose(unconditional.contexts["context"][1], context[1], atol=1e-5)
+    text2img = engine.prepare(pipe, pipe, "text2img", "a photo of sks dog")
+    assert text2img.contexts["context"].shape == (1, 77, 80) and text2img.sdxl["unconditional"] == "zeros"
