@@ -13,3 +13,42 @@ def test_atomic_write_gives_umask_mode_and_leaves_no_temp(tmp_path):
         assert os.listdir(tmp_path) == ["a.json"]
     finally:
         os.umask(old)
+
+
+def test_atomic_dir_and_file_get_umask_modes(tmp_path):
+    from finextract_jax.fileio import atomic_dir, atomic_file
+
+    old = os.umask(0o027)
+    try:
+        with atomic_dir(str(tmp_path / "out"), "--out") as staging:
+            with atomic_file(os.path.join(staging, "w.bin")) as tmp:
+                with open(tmp, "wb") as f:
+                    f.write(b"x")
+        assert (os.stat(tmp_path / "out").st_mode & 0o777) == 0o750
+        assert (os.stat(tmp_path / "out" / "w.bin").st_mode & 0o777) == 0o640
+        assert sorted(os.listdir(tmp_path)) == ["out"]
+    finally:
+        os.umask(old)
+
+
+def test_ownership_rules(tmp_path):
+    import pytest
+
+    from finextract_jax.errors import InputError
+    from finextract_jax.fileio import MARKER, check_not_inside, check_output_dir, claim_dir, claimed
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    with pytest.raises(InputError, match="not written by finextract"):
+        check_output_dir(str(tmp_path / "mine"), "--workdir")
+    (tmp_path / "empty").mkdir()
+    claim_dir(str(tmp_path / "empty"), "--workdir")  # an empty folder is adopted
+    assert os.listdir(tmp_path / "empty") == [MARKER]
+    with pytest.raises(InputError, match="overlap"):
+        check_not_inside(str(tmp_path / "mine" / "out"), "--out", {"--train_dir": str(tmp_path / "mine")})
+    with pytest.raises(InputError, match="overlap"):
+        check_not_inside(str(tmp_path), "--out", {"--train_dir": str(tmp_path / "mine")}, both_ways=True)
+    with pytest.raises(RuntimeError):
+        with claimed(str(tmp_path / "new" / "deeper"), "--workdir"):
+            raise RuntimeError("the job failed before writing anything")
+    assert not (tmp_path / "new").exists()  # nothing left of a failed run

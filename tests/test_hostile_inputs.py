@@ -16,6 +16,7 @@ import functools
 import json
 import os
 import pickle
+import selectors
 import shutil
 import signal
 import subprocess
@@ -531,9 +532,18 @@ def test_ctrl_c_is_one_line_and_status_130(assets, tmp_path):
         procs[binary] = (str(d), _snapshot(str(d)), subprocess.Popen(
             [sys.executable, "-m", f"experiments.{binary}", *_fill(args, str(d), {**assets, "many": str(many)})],
             cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    for binary, (d, before, proc) in procs.items():
-        assert proc.stdout.read(1), binary  # main has started (nothing reaches stdout before it)
-        proc.send_signal(signal.SIGINT)
+    waiting = selectors.DefaultSelector()
+    for binary, (_, _, proc) in procs.items():
+        waiting.register(proc.stdout, selectors.EVENT_READ, binary)
+    deadline = time.monotonic() + 240
+    while waiting.get_map() and time.monotonic() < deadline:
+        for key, _ in waiting.select(timeout=5):
+            proc = procs[key.data][2]
+            got = os.read(key.fileobj.fileno(), 1)  # main has started: nothing reaches stdout before it
+            assert got, (key.data, proc.wait(), proc.stderr.read().decode()[-2000:])
+            proc.send_signal(signal.SIGINT)
+            waiting.unregister(key.fileobj)
+    assert not waiting.get_map(), f"no output from {[k.data for k in waiting.get_map().values()]}"
     for binary, (d, before, proc) in procs.items():
         _, err = proc.communicate(timeout=180)
         err = err.decode()
