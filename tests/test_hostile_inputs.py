@@ -513,7 +513,8 @@ SIGINT_ARGS = {
     "evaluate": ("--extracted={many}", "--train_dir={train}", "--workdir={d}/w", "--features=pixel",
                  "--batch_size=4"),
     "caption": (*CAPTION, "--workdir={d}/w", "--num_images=4"),
-    "reproduce": (*TINY, "--workdir={d}/w", "--datasets={train}:x", "--finetune_steps=50", "--num_images=4"),
+    "reproduce": (*TINY, "--workdir={d}/w", "--datasets={train}:x", "--finetune_steps=50", "--num_images=4",
+                  "--features=pixel"),
     "demo": ("--workdir={d}/w", "--quick"),
 }
 
