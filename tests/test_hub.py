@@ -134,7 +134,8 @@ def test_local_path_wins_and_errors_name_both(offline, tiny_dir, tmp_path, monke
 def test_extract_binary_takes_hub_ids_offline(hf_home, tmp_path):
     workdir = str(tmp_path / "run")
     cmd = [sys.executable, "-m", "experiments.extract", "--pretrained=org/tiny-sd", f"--finetuned=org/tiny-lora@{OLD}",
-           f"--workdir={workdir}", "--prompt=a photo of sks dog", "--num_images=2", "--batch_size=2", "--steps=2"]
+           f"--workdir={workdir}", "--prompt=a photo of sks dog", "--num_images=2", "--batch_size=2",
+           "--steps=3"]  # test_extract_binary's batch and steps: the compiled loop is cached across tests
     env = dict(os.environ, FINEXTRACT_CACHE="", HF_HOME=hf_home, HF_HUB_OFFLINE="1")
     env.pop("HF_HUB_CACHE", None)
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)

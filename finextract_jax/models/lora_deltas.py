@@ -3,8 +3,8 @@
 Every function here works on one module's factors in the layout the file stores them
 ([out, in] for linear layers, [out, in, kh, kw] for convolutions) and returns the update as
 [out, in*kh*kw] (before alpha/rank scaling); lora.py maps names, checks and reshapes it to the
-base weight and converts to our Flax layout. The formulas are
-PEFT's (which follows LyCORIS, the tool that writes LoCon/LoHa/LoKr files):
+base weight and converts to our Flax layout. The formulas are LyCORIS' (the tool that writes
+LoCon/LoHa/LoKr files) and PEFT's, and tests/test_lora_variants.py checks them against both:
 
 - LoRA / LoCon: up @ down, with down a kxk conv and up a 1x1 conv for convolutions;
 - LoHa: (w1_a @ w1_b) * (w2_a @ w2_b) (Hadamard product), or with CP/Tucker cores t1, t2;
@@ -28,7 +28,7 @@ def lora_delta(f: dict) -> np.ndarray:
 
 
 def _tucker(core: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """A conv factor [out, in, kh, kw] from a CP/Tucker core [r, r, kh, kw] and its mode factors a [r, out], b [r, in]."""
+    """A conv factor [out, in, kh, kw] from a CP/Tucker core [r, r, kh, kw] and mode factors a [r, out], b [r, in]."""
     return np.einsum("ijkl,jr,ip->prkl", core, b, a)
 
 
