@@ -113,7 +113,7 @@ class ClusterResult:
     exact: bool
     similarity_s: float = 0.0
     cliques_s: float = 0.0
-    schedule: str = DEFAULT_SCHEDULE
+    schedule: Optional[str] = None  # the rule that chose the threshold (None: a fixed one)
     chance_size: Optional[int] = None  # s_k of the final threshold (chance schedule)
 
 
@@ -284,7 +284,8 @@ def cluster_graph(sg: SimilarityGraph, num_train: int, *, select: str = "referen
                          representatives=reps,
                          skipped_thresholds=[round(float(tau(k)), 2) for k in skipped],
                          exact=res.exact, cliques_s=cliques_s,
-                         schedule="reference" if size is None and threshold is None else schedule,
+                         schedule=None if threshold is not None else (
+                             "chance" if size is not None else "reference"),
                          chance_size=size)
 
 
