@@ -7,6 +7,8 @@ Factors are random and nonzero, alphas differ from ranks, DoRA magnitudes are pe
 the weight norms (PEFT initialises them equal, which would make DoRA plain LoRA): a wrong scale,
 axis or layout cannot pass.
 """
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -118,6 +120,19 @@ def test_kohya_locon_matches_diffusers(tiny_dir, tiny_pipe, inputs, eps_fn, tmp_
     ours = load_finetuned(base, file, lora_mode="unmerged", cache_dir=None)
     assert ours.unet_lora is None  # convolutions cannot run unmerged: merged instead
     _compare(ours, base, torch_context, torch_eps, inputs, eps_fn)
+
+
+def test_locon_extracts_with_default_fusion(tiny_dir, tmp_path):
+    """The extract entry point with its defaults (fusion auto, which loads LoRA unmerged) on a LoCon
+    file: merged instead, sampled with two UNet applies."""
+    from finextract_jax.sampling.run import ExtractConfig, extract
+
+    file, _ = _locon_file(_fresh_torch_pipe(tiny_dir), tmp_path / "locon.safetensors")
+    record = extract(ExtractConfig(pretrained=tiny_dir["sd1"], finetuned=file, prompt="a photo of sks dog",
+                                   guidance_scale=5.0, correction=0.0, num_images=2, batch_size=2, steps=3),
+                     str(tmp_path / "run"), progress=False)
+    assert record["status"] == "complete" and record["fusion"] == "two_applies"
+    assert sorted(os.listdir(tmp_path / "run" / "images")) == ["00000.png", "00001.png"]
 
 
 def test_sdxl_te1_te2_lora_matches_diffusers(tmp_path_factory):
