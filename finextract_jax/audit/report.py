@@ -81,9 +81,11 @@ def _summary(settings, run, clusters, metrics, caption) -> str:
              f"{_esc(settings['sampler'])} steps), prompt <b>{_esc(repr(prompt))}</b>"
              + (" (recovered)" if caption else "") + "."]
     if clusters:
-        parts.append(f"Clustering ({_esc(settings['features'])} features, select {_esc(settings['select'])}) found "
-                     f"{len(clusters['cliques'])} cliques at similarity threshold {clusters['threshold']:.3f}; "
-                     f"the {min(settings['num_train'], len(clusters['cliques']))} largest are shown below.")
+        count = len(clusters["cliques"])
+        schedule = f", {_esc(clusters['schedule'])} schedule" if clusters.get("schedule") else ""
+        parts.append(f"Clustering ({_esc(settings['features'])} features, select {_esc(settings['select'])}{schedule}) "
+                     f"kept {count} clique{'s' * (count != 1)} at similarity threshold {clusters['threshold']:.3f}; "
+                     f"the {min(settings['num_train'], count)} largest are shown below.")
     if metrics:
         hits = sum(m["similarity"] > metrics["success_threshold"] for m in metrics["per_image"])
         parts.append(f"Against the {len(metrics['per_image'])} training images: <b>AS {metrics['AS']:.3f}</b>, "
@@ -152,13 +154,19 @@ def _caption(settings, caption) -> str:
             " (unconditional extraction)" if not given else "") + ".</p>"
     if not caption:
         return "<p class='muted'>Not recovered yet.</p>"
-    rows = [[_esc(step.get("word")), f"{step.get('score', float('nan')):.5f}",
-             f"{step.get('heldout_gain', float('nan')):.5f}"] for step in caption.get("steps", [])]
+    rows = [[_esc(step.get("caption", step.get("word"))), f"{step.get('score', float('nan')):.5f}",
+             f"{step.get('heldout_gain', float('nan')):.5f}", _step_verdict(step)] for step in caption.get("steps", [])]
     return (f"<p>Recovered caption: <b>{_esc(repr(caption['caption']))}</b> "
-            f"({caption.get('num_candidates')} candidate words, {caption.get('seconds', 0):.1f} s). Each word was "
-            f"kept when it lowered the fine-tuned model's denoising error on held-out noise by more than "
-            f"{caption.get('settings', {}).get('min_gain', 0):g} (relative); the last row is the best word "
-            f"rejected.</p>" + _table(rows, ["word", "score", "held-out gain"]))
+            f"({caption.get('num_candidates')} candidate words, {caption.get('seconds', 0):.1f} s). The caption grows "
+            f"one word at a time; a word is kept when it lowers the fine-tuned model's denoising error on held-out "
+            f"noise by more than {caption.get('settings', {}).get('min_gain', 0):g} (relative).</p>"
+            + _table(rows, ["caption tried", "score", "held-out gain", ""]))
+
+
+def _step_verdict(step: dict) -> str:
+    if step.get("refine"):
+        return f"refined: replaced {_esc(repr(step.get('replaces')))}"
+    return "kept" if step.get("accepted", True) else "rejected (stop)"
 
 
 def _provenance(workdir, provenance, run) -> str:
