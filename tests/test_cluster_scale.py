@@ -44,6 +44,23 @@ def test_peel_down_to_a_size_is_the_prefix_of_the_full_peel():
             assert got.cliques == [c for c in full if len(c) >= min_size], (trial, min_size)
 
 
+def test_core_and_masked_later_degrees_match_networkx():
+    import networkx as nx
+
+    rng = np.random.default_rng(3)
+    for trial in range(20):
+        n = int(rng.integers(1, 60))
+        edges = [(i, j) for i in range(n) for j in range(i + 1, n) if rng.random() < 0.2]
+        graph = C.Graph.from_edges(n, edges)
+        reference = nx.Graph(edges)
+        reference.add_nodes_from(range(n))
+        for k in range(6):
+            assert set(np.flatnonzero(graph.core(k))) == set(nx.k_core(reference, k)), (trial, k)
+        mask = rng.random(n) < 0.6
+        want = [sum(u > v and mask[u] for u in reference[v]) if mask[v] else 0 for v in range(n)]
+        assert graph.later_degrees(mask).tolist() == want
+
+
 def _plain_chance_scan(sg):
     """The chance rule by a plain upward scan, every threshold peeled: the first k with at
     least one clique larger than chance whose count is the same at k, k + 1, k + 2."""

@@ -99,7 +99,7 @@ class Graph:
         mask, when given)."""
         if nodes is None:
             return self.indptr[1:] - self.upper
-        rows = np.repeat(np.arange(self.n), self.indptr[1:] - self.upper)
+        rows = np.repeat(np.arange(self.n, dtype=np.int32), self.indptr[1:] - self.upper)
         cols = self.indices[_upper_positions(self)]
         return np.bincount(rows[nodes[cols]], minlength=self.n) * nodes
 
@@ -107,7 +107,7 @@ class Graph:
         """Bool mask of the ``min_degree``-core: the largest sub-graph in which every node has
         at least ``min_degree`` neighbours (nodes of fewer are removed until none is left).
         Every clique of more than ``min_degree`` nodes lies inside it."""
-        rows = np.repeat(np.arange(self.n), np.diff(self.indptr))
+        rows = np.repeat(np.arange(self.n, dtype=np.int32), np.diff(self.indptr))
         alive = np.diff(self.indptr) >= min_degree
         while True:
             keep = alive[self.indices] & alive[rows]
