@@ -140,50 +140,48 @@ def files(tiny_dir, tmp_path_factory):
 
 
 def _torch_state(module):
-    return {k: v.detach().numpy() for k, v in module.state_dict().items()}
+    return {k: v.detach().numpy() for k, v in module.state_dict().items() if not k.endswith("position_ids")}
 
 
 def _flat_pytorch(component, vae=False):
     return flax_to_pytorch(flatten_dict(component.params), vae=vae)
 
 
-@pytest.mark.parametrize("name", ["sd1", "sd2"])
-def test_diffusers_from_single_file_reads_our_files_back_to_the_folder(files, tiny_dir, torch_pipe, name):
-    """The inverse map above is right: diffusers' own single-file loader recovers every weight."""
+def _assert_same_weights(ours: dict, want: dict, what: str):
+    assert ours.keys() == want.keys(), what
+    for key in want:
+        np.testing.assert_array_equal(ours[key], want[key], err_msg=f"{what} {key}")
+
+
+@pytest.fixture(scope="module")
+def diffusers_loaded(files, tiny_dir):
+    """{name: StableDiffusionPipeline.from_single_file of files[name]} (configs from the folder)."""
     from diffusers import StableDiffusionPipeline
 
-    loaded = StableDiffusionPipeline.from_single_file(files[name], config=tiny_dir[name], local_files_only=True,
-                                                      safety_checker=None)
-    original = torch_pipe(name)
-    for part in ("unet", "vae", "text_encoder"):
-        theirs, want = _torch_state(getattr(loaded, part)), _torch_state(getattr(original, part))
-        want = {k: v for k, v in want.items() if not k.endswith("position_ids")}
-        theirs = {k: v for k, v in theirs.items() if not k.endswith("position_ids")}
-        assert theirs.keys() == want.keys(), part
-        for key in want:
-            np.testing.assert_array_equal(theirs[key], want[key], err_msg=f"{part} {key}")
+    return {name: StableDiffusionPipeline.from_single_file(files[name], config=tiny_dir[name], local_files_only=True,
+                                                           safety_checker=None) for name in files}
 
 
 @pytest.mark.parametrize("name", ["sd1", "sd2"])
-def test_our_trees_equal_diffusers_single_file_weights(files, tiny_dir, tiny_pipe, torch_pipe, name):
+def test_diffusers_from_single_file_reads_our_files_back_to_the_folder(diffusers_loaded, torch_pipe, name):
+    """The inverse map above is right: diffusers' own single-file loader recovers every weight."""
+    for part in ("unet", "vae", "text_encoder"):
+        _assert_same_weights(_torch_state(getattr(diffusers_loaded[name], part)),
+                             _torch_state(getattr(torch_pipe(name), part)), part)
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd2"])
+def test_our_trees_equal_diffusers_single_file_weights(files, tiny_pipe, diffusers_loaded, name):
     """As the fine-tuned model (configs from the pretrained folder) and as the pretrained model
     (configs read off the shapes): every weight equals what diffusers loads from the same file."""
     finetuned = load_finetuned(tiny_pipe(name), files[name], cache_dir=None)
     assert detect_format(files[name]) == "single_file"
-    reference = torch_pipe(name)  # == from_single_file's weights (previous test)
-    for part, vae in (("unet", False), ("text_encoder", False)):
-        want = {k: v for k, v in _torch_state(getattr(reference, part)).items() if not k.endswith("position_ids")}
-        ours = _flat_pytorch(getattr(finetuned, part), vae)
-        assert ours.keys() == want.keys()
-        for key in want:
-            np.testing.assert_array_equal(ours[key], want[key], err_msg=f"{part} {key}")
+    reference = diffusers_loaded[name]
     pretrained = load_pipeline(files[name], cache_dir=None)
-    for part, vae in (("unet", False), ("text_encoder", False), ("vae", True)):
-        want = {k: v for k, v in _torch_state(getattr(reference, part)).items() if not k.endswith("position_ids")}
-        ours = _flat_pytorch(getattr(pretrained, part), vae)
-        assert ours.keys() == want.keys(), part
-        for key in want:
-            np.testing.assert_array_equal(ours[key], want[key], err_msg=f"{part} {key}")
+    for model, parts in ((finetuned, ("unet", "text_encoder")), (pretrained, ("unet", "text_encoder", "vae"))):
+        for part in parts:
+            _assert_same_weights(_flat_pytorch(getattr(model, part), vae=part == "vae"),
+                                 _torch_state(getattr(reference, part)), part)
     folder = tiny_pipe(name)
     for field in ("block_out_channels", "layers_per_block", "down_block_types", "up_block_types",
                   "cross_attention_dim", "in_channels", "out_channels"):
@@ -193,16 +191,9 @@ def test_our_trees_equal_diffusers_single_file_weights(files, tiny_dir, tiny_pip
     assert pretrained.latent_scale == folder.latent_scale
 
 
-def test_sd2_penultimate_layer_and_sidecar(tiny_dir, tiny_pipe, tmp_path):
-    """An SD 2.x file holds one OpenCLIP resblock more than the model uses; an LDM config beside
-    the file sets the prediction type."""
+def test_sd2_prediction_type_from_sidecar(tiny_dir, tmp_path):
+    """An LDM config beside the file sets the prediction type (without one, SD 2.x is v-prediction)."""
     path = write_single_file(tiny_dir["sd2"], str(tmp_path / "m.safetensors"), open_clip=True, extra_layer=True)
-    pretrained = load_pipeline(path, cache_dir=None)
-    assert pretrained.text_encoder.config["num_hidden_layers"] == tiny_pipe("sd2").text_encoder.config[
-        "num_hidden_layers"]
-    want = _flat_pytorch(tiny_pipe("sd2").text_encoder)
-    ours = _flat_pytorch(pretrained.text_encoder)
-    assert ours.keys() == want.keys() and all(np.array_equal(ours[k], want[k]) for k in want)
     (tmp_path / "m.yaml").write_text("model:\n  params:\n    parameterization: eps\n")
     assert load_pipeline(path, cache_dir=None).prediction_type == "epsilon"
     (tmp_path / "m.yaml").write_text("model:\n  params:\n    parameterization: \"v\"\n")

@@ -77,9 +77,8 @@ def unet_architecture(config: dict) -> dict:
     blocks = len(resolved["down_block_types"])
     arch = {k: (list(v) if isinstance(v, tuple) else v) for k, v in resolved.items()
             if not k.startswith("_") and k not in _UNET_NOT_ARCHITECTURE}
-    heads = arch.pop("num_attention_heads") or arch.pop("attention_head_dim")
-    arch.pop("attention_head_dim", None)
-    arch["attention_heads"] = _per_block(heads, blocks)
+    heads, head_dim = arch.pop("num_attention_heads"), arch.pop("attention_head_dim")
+    arch["attention_heads"] = _per_block(heads or head_dim, blocks)
     for key in ("only_cross_attention", "transformer_layers_per_block"):
         arch[key] = _per_block(arch[key], blocks)
     return arch

@@ -10,7 +10,7 @@ that module imports torch at the top, and the library reads safetensors without 
 checked key by key against `from_single_file` in tests/test_single_file.py.
 
 For a single file used as the *pretrained* model, `infer_configs` reads the configs off the
-shapes, with SD's conventions for what shapes do not say (docs/cli.md, "Checkpoints we read"):
+shapes, with SD's conventions for what shapes do not say (README, "Checkpoints we read"):
 head counts (SD 1.x: 8 heads; SD 2.x, linear projections: 64 channels per head), CLIP's 64-wide
 heads, and the prediction type: a sidecar `<file>.yaml` (the original LDM config, as A1111 and
 diffusers' `original_config` use it) saying `parameterization: "v"`, else SD 1.x epsilon and
