@@ -9,8 +9,9 @@ This module loads exactly the parameter tree diffusers' Flax UNet uses (same nam
 a test checks it), so Flax msgpack checkpoints and diffusers' PyTorch->Flax mapping apply, and
 adds:
 - exact GELU and the PyTorch epsilons (parity with diffusers PyTorch to ~1e-6 in float32);
-- attention through `jax.nn.dot_product_attention` (cuDNN flash attention on GPU) or the plain
-  einsum formulation (`attention="plain"`, kept for parity tests);
+- attention through `jax.nn.dot_product_attention` (XLA's formulation; `attention="cudnn"` asks for
+  cuDNN flash attention on GPU where its shapes allow) or the plain einsum formulation
+  (`attention="plain"`, kept for parity tests); "auto" is the per-backend default;
 - unmerged LoRA: a `lora` variable collection holding factors for any Dense layer, applied only
   to the batch rows whose `lora_gate` is 1, so a (pretrained, LoRA fine-tuned) pair runs as one
   pass over a doubled batch with one copy of the base weights.
