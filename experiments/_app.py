@@ -12,11 +12,13 @@ The contract (README, "Command line"), the same for every binary:
 import logging
 import math
 import os
+import shlex
 import signal
 import sys
 import threading
 
 from absl import app, flags
+from absl import logging as absl_logging
 
 from finextract_jax.errors import FinextractError
 
@@ -53,10 +55,6 @@ def fail(message: str):
 
 def quiet_orbax():
     """orbax logs every array transfer at INFO; keep its warnings, drop the chatter."""
-    import os
-
-    from absl import logging as absl_logging
-
     marker = f"{os.sep}orbax{os.sep}"
 
     class Filter(logging.Filter):
@@ -94,8 +92,6 @@ def _os_error_message(err: OSError) -> str:
 
 def _chatter_to_stdout():
     """Logs, progress bars and warnings go to stdout, so that stderr holds only the error line."""
-    from absl import logging as absl_logging
-
     global _error_stream
     _error_stream = sys.stderr
     sys.stderr = sys.stdout
@@ -120,6 +116,7 @@ def run(main):
             if len(argv) > 1:
                 fail(f"unexpected positional arguments {argv[1:]}; use --flag=value")
             check_finite_flags()
+            absl_logging.info("command: %s", " ".join(shlex.quote(a) for a in sys.argv))  # in the log, to rerun it
             return main(argv)
         except FinextractError as err:
             fail(str(err))
