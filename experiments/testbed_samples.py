@@ -23,14 +23,16 @@ FLAGS = flags.FLAGS
 
 def main(_):
     from finextract_jax.fileio import atomic_write_png
+    from finextract_jax.models.pipeline import load_pipeline
     from finextract_jax.testbed import data, samples
 
     splits = data.load_splits(FLAGS.data)[0]
+    model = load_pipeline(FLAGS.model)
     for split in ("train", "held_out_concept"):
-        errors = samples.caption_dependence(FLAGS.model, splits[split])
+        errors = samples.caption_dependence(model, splits[split])
         logging.info("%s eps-MSE: own caption %.5f, another image's %.5f, empty %.5f (%d noisy pairs)", split,
                      errors["own"], errors["other"], errors["empty"], errors["pairs"])
-    grid = samples.probe_grid(FLAGS.model, splits, FLAGS.per_caption, FLAGS.scale, FLAGS.seed)
+    grid = samples.probe_grid(model, splits, FLAGS.per_caption, FLAGS.scale, FLAGS.seed)
     atomic_write_png(FLAGS.out, np.asarray(grid))
     logging.info("wrote %s", FLAGS.out)
 

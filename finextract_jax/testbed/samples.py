@@ -20,14 +20,20 @@ def probe_rows(split: tuple, count: int) -> list:
     return [(images[i], captions[i]) for i in np.linspace(0, len(captions) - 1, count).astype(int)]
 
 
-def sample_captions(model_dir: str, captions: list, per_caption: int = 6, steps: int = 25, scale: float = 3.0,
-                    seed: int = 0) -> np.ndarray:
-    """uint8 [len(captions), per_caption, H, W, 3]: DDIM samples of the model at `model_dir`."""
+def _pipeline(model):
+    """A Pipeline, or the model folder to load one from (one load serves every probe)."""
     from finextract_jax.models.pipeline import load_pipeline
+
+    return load_pipeline(model) if isinstance(model, str) else model
+
+
+def sample_captions(model, captions: list, per_caption: int = 6, steps: int = 25, scale: float = 3.0,
+                    seed: int = 0) -> np.ndarray:
+    """uint8 [len(captions), per_caption, H, W, 3]: DDIM samples of `model` (Pipeline or folder)."""
     from finextract_jax.sampling import engine
     from finextract_jax.sampling.noise import batch_start_noise
 
-    pipe = load_pipeline(model_dir)
+    pipe = _pipeline(model)
     mesh = engine.data_mesh()
     sampler = engine.build_sampler("ddim", pipe.scheduler_config, steps)
     decode = engine.make_decoder(pipe, mesh)
@@ -44,7 +50,7 @@ def sample_captions(model_dir: str, captions: list, per_caption: int = 6, steps:
     return np.stack(out)
 
 
-def probe_grid(model_dir: str, splits: dict, per_caption: int = 6, scale: float = 3.0, seed: int = 0):
+def probe_grid(model, splits: dict, per_caption: int = 6, scale: float = 3.0, seed: int = 0):
     """PIL grid: rows of (real image, samples) for 8 train and 3 held-out-concept captions, then ""."""
     from PIL import Image
 
@@ -52,7 +58,7 @@ def probe_grid(model_dir: str, splits: dict, per_caption: int = 6, scale: float 
 
     probes = probe_rows(splits["train"], 8) + probe_rows(splits["held_out_concept"], 3)
     captions = [c for _, c in probes] + [""]
-    samples = sample_captions(model_dir, captions, per_caption, scale=scale, seed=seed)
+    samples = sample_captions(model, captions, per_caption, scale=scale, seed=seed)
     rows = []
     for r, caption in enumerate(captions):
         real = Image.fromarray(probes[r][0]) if r < len(probes) else None
@@ -61,15 +67,15 @@ def probe_grid(model_dir: str, splits: dict, per_caption: int = 6, scale: float 
     return labelled_grid(rows, ["real"] + [f"sample {i}" for i in range(per_caption)], tile=48)
 
 
-def caption_dependence(model_dir: str, split: tuple, count: int = 16, timesteps=(300, 500, 700, 900),
+def caption_dependence(model, split: tuple, count: int = 16, timesteps=(300, 500, 700, 900),
                        draws: int = 2, seed: int = 0) -> dict:
     """Mean eps-MSE of `count` images of `split` under their own caption, the next probe image's
     caption, and "" (the same noise for all three)."""
     from finextract_jax.caption import PromptScorer, alphas_cumprod, images_to_model_space, make_pairs
-    from finextract_jax.models.pipeline import load_pipeline, tokenize
+    from finextract_jax.models.pipeline import tokenize
 
     rows = probe_rows(split, count)
-    pipe = load_pipeline(model_dir)
+    pipe = _pipeline(model)
     x0 = images_to_model_space(pipe, np.stack([image for image, _ in rows]))
     alphas = alphas_cumprod(pipe)
     per_image = [make_pairs(x0[i:i + 1], timesteps, draws, seed + i, alphas, pipe.prediction_type)
