@@ -24,6 +24,7 @@ import pytest
 
 from finextract_jax import caption as caption_lib
 from finextract_jax.audit import Settings, audit, job
+from finextract_jax.demo.data import write_private_set
 from finextract_jax.errors import InputError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,17 +33,6 @@ SMALL_CAPTION = caption_lib.CaptionConfig(max_words=1, refine_sweeps=0, timestep
                                           num_images=2, sample_steps=3, min_gain=-1.0)
 SECTIONS = ("Summary", "Training images and their best matches", "Candidate training images, by clique size",
             "Caption", "Settings", "Provenance")
-
-
-def _photos(folder, names=("astronaut", "coffee", "chelsea")):
-    import skimage.data
-    from PIL import Image
-
-    os.makedirs(folder, exist_ok=True)
-    for name in names:
-        Image.fromarray(getattr(skimage.data, name)()).convert("RGB").resize((32, 32)).save(
-            os.path.join(folder, f"{name}.png"))
-    return str(folder)
 
 
 def _snapshot(root):
@@ -116,7 +106,8 @@ def audited(tiny_dir, tiny_finetuned, tmp_path_factory):
                         num_images=4, batch_size=2, steps=3, features="pixel", num_train=2, caption=SMALL_CAPTION)
     first = audit(settings, progress=False)
     shutil.copy(first["report"], root / "first.html")
-    scored = dataclasses.replace(settings, train_dir=_photos(root / "photos"))
+    write_private_set(str(root / "photos"), 32, names=("astronaut", "coffee", "chelsea"))
+    scored = dataclasses.replace(settings, train_dir=str(root / "photos"))
     second = audit(scored, progress=False)
     return {"settings": settings, "scored": scored, "first": first, "second": second,
             "first_report": str(root / "first.html")}
