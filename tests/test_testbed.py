@@ -92,6 +92,9 @@ def test_caption_dropout_sampler(tiny_pipe):
     again = DropoutTrainer(tiny_pipe("pixel"), train_set, config, caption_dropout=0.3)
     assert np.array_equal(again.batch_indices(7), trainer.batch_indices(7))
     assert trainer.run_identity()["caption_dropout"] == 0.3
+    from finextract_jax.errors import InputError
+    with pytest.raises(InputError, match="caption_dropout"):
+        DropoutTrainer(tiny_pipe("pixel"), train_set, config, caption_dropout=1.0)
 
 
 def test_curve_points_and_plot():

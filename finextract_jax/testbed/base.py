@@ -17,6 +17,7 @@ import functools
 
 import numpy as np
 
+from finextract_jax.errors import InputError
 from finextract_jax.finetune.data import TrainSet
 from finextract_jax.finetune.train import Trainer
 
@@ -51,6 +52,9 @@ class DropoutTrainer(Trainer):
 
     def __init__(self, *args, caption_dropout: float = 0.1, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.config.steps < 1 or not 0.0 <= caption_dropout < 1.0:
+            raise InputError(f"--steps must be >= 1 and --caption_dropout in [0, 1), got {self.config.steps}, "
+                             f"{caption_dropout}")
         self.caption_dropout = caption_dropout
         self.num_images = len(self.train_set) // 2
         self.total_steps = self.config.steps

@@ -42,10 +42,10 @@ def sample_captions(model, captions: list, per_caption: int = 6, steps: int = 25
     out = []
     for caption in captions:
         method = "cfg" if caption else "text2img"
-        model = engine.prepare(pipe, pipe, method, caption)
+        guided = engine.prepare(pipe, pipe, method, caption)
         if method not in compiled:
-            compiled[method] = engine.make_batch_sampler(model, sampler, mesh)
-        x0, _ = compiled[method](model.variables, model.contexts, x_T, scale, 0.0)
+            compiled[method] = engine.make_batch_sampler(guided, sampler, mesh)
+        x0, _ = compiled[method](guided.variables, guided.contexts, x_T, scale, 0.0)
         out.append(np.asarray(decode({}, x0)))
     return np.stack(out)
 
