@@ -43,6 +43,17 @@ _app.define_allow_pickle()
 FLAGS = flags.FLAGS
 
 
+def _warn_long_captions(tokenizer):
+    from finextract_jax.finetune.data import read_metadata
+    from finextract_jax.sampling.run import warn_if_truncated
+
+    named = {"--caption": FLAGS.caption, **{f"the metadata.csv caption of {name}": text
+                                            for name, text in read_metadata(FLAGS.train_dir).items()}}
+    for what, text in named.items():
+        if text:
+            warn_if_truncated(tokenizer, text, what)
+
+
 def main(_):
     import os
 
@@ -64,6 +75,7 @@ def main(_):
     checkpoint_dir = FLAGS.checkpoint_dir or default_checkpoint_dir(FLAGS.out)
     check_outputs(FLAGS.out, FLAGS.method, checkpoint_dir, FLAGS.train_dir, FLAGS.pretrained)
     pipe = load_pipeline(FLAGS.pretrained, allow_pickle=FLAGS.allow_pickle)
+    _warn_long_captions(pipe.tokenizer)
     out = finetune(pipe, FLAGS.train_dir, FLAGS.out, config, caption=FLAGS.caption, resolution=FLAGS.resolution,
                    checkpoint_dir=checkpoint_dir, checkpoint_every=FLAGS.checkpoint_every,
                    keep_checkpoints=FLAGS.keep_checkpoints, log_every=FLAGS.log_every)
