@@ -58,8 +58,9 @@ def main(_):
         screen_pairs=FLAGS.screen_pairs, keep=FLAGS.keep, max_candidates=FLAGS.max_candidates,
         batch_size=FLAGS.batch_size, seed=FLAGS.seed, num_images=FLAGS.num_images, **extra)
     fileio.check_output_dir(FLAGS.workdir, "--workdir")
-    fileio.check_not_inside(FLAGS.workdir, "--workdir", {"--pretrained": FLAGS.pretrained, "--finetuned": FLAGS.finetuned,
-                                                         "--images": FLAGS.images}, both_ways=True)
+    fileio.check_not_inside(FLAGS.workdir, "--workdir", {"--pretrained": FLAGS.pretrained,
+                                                         "--finetuned": FLAGS.finetuned, "--images": FLAGS.images},
+                            both_ways=True)
     logging.info("recovering the caption of %s (base %s)", FLAGS.finetuned, FLAGS.pretrained)
     pretrained = load_pipeline(FLAGS.pretrained, dtype=FLAGS.dtype, allow_pickle=FLAGS.allow_pickle)
     finetuned = load_finetuned(pretrained, FLAGS.finetuned, FLAGS.finetuned_format, "unmerged", FLAGS.lora_scale,

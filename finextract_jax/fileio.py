@@ -200,8 +200,9 @@ def check_not_inside(out: str, out_flag: str, inputs: dict, both_ways: bool = Fa
 @contextlib.contextmanager
 def atomic_dir(path: str, flag: str, verified: bool = False, marker: bool = True):
     """Yield an empty staging folder beside `path` (umask's mode); on leaving the block it gets the
-    marker (unless the caller keeps its own record of what it wrote) and replaces `path`. An existing `path` must be ours (check_output_dir, unless the caller
-    `verified` that it holds only files it wrote); it is removed only after the new one is in place."""
+    marker (unless the caller keeps its own record of what it wrote) and replaces `path`. An
+    existing `path` must be ours (check_output_dir, unless the caller `verified` that it holds only
+    files it wrote); it is removed only after the new one is in place."""
     if not verified:
         check_output_dir(path, flag)
     parent = os.path.dirname(os.path.abspath(path))
