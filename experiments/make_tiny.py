@@ -6,6 +6,8 @@
 With --format=pt it loads in diffusers PyTorch (StableDiffusionPipeline.from_pretrained, or
 StableDiffusionXLPipeline for --kind=sdxl) as well as in finextract_jax; no torch is needed to write it.
 """
+import os
+
 from absl import flags, logging
 
 from experiments import _app
@@ -30,6 +32,7 @@ def main(_):
     logging.info("writing a tiny %s pipeline (%s weights) to %s", FLAGS.kind, FLAGS.format, FLAGS.out)
     out = make_tiny(FLAGS.out, kind=FLAGS.kind, fmt=FLAGS.format, seed=FLAGS.seed,
                     prediction_type=FLAGS.prediction_type)
+    os.chmod(out, fileio.dir_mode())  # built in a mkdtemp folder (0700): give it the umask's mode
     fileio.mark_own(out)
     print(out)
 
