@@ -67,6 +67,7 @@ def atomic_file(path: str):
         os.close(fd)
         fd = None
         yield tmp
+        os.chmod(tmp, file_mode())  # again: a writer may have replaced the file (safetensors makes it 0600)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

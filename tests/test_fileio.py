@@ -52,3 +52,31 @@ def test_ownership_rules(tmp_path):
         with claimed(str(tmp_path / "new" / "deeper"), "--workdir"):
             raise RuntimeError("the job failed before writing anything")
     assert not (tmp_path / "new").exists()  # nothing left of a failed run
+
+
+def test_exports_get_umask_modes_and_replace_only_their_own(tmp_path):
+    """The LoRA file was mkstemp's 0600 and the DreamBooth folder mkdtemp's 0700; an existing
+    file or folder finextract did not write is refused, one it wrote is replaced."""
+    import numpy as np
+    import pytest
+
+    from finextract_jax.errors import InputError
+    from finextract_jax.finetune.export import save_lora
+
+    factors = {"down_blocks_0": {"attentions_0": {"to_q": {"down": np.ones((4, 2), np.float32),
+                                                           "up": np.ones((2, 4), np.float32)}}}}
+    old = os.umask(0o022)
+    try:
+        path = save_lora(str(tmp_path / "a.safetensors"), factors, rank=2, alpha=2.0)
+        assert (os.stat(path).st_mode & 0o777) == 0o644
+        save_lora(path, factors, rank=2, alpha=2.0)  # its own file: replaced
+        folder = tmp_path / "lora_dir"
+        save_lora(str(folder), factors, rank=2, alpha=2.0)
+        assert (os.stat(folder).st_mode & 0o777) == 0o755
+        (tmp_path / "user.safetensors").write_bytes(b"the user's")
+        with pytest.raises(InputError, match="not written by finextract"):
+            save_lora(str(tmp_path / "user.safetensors"), factors, rank=2, alpha=2.0)
+        assert (tmp_path / "user.safetensors").read_bytes() == b"the user's"
+        assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+    finally:
+        os.umask(old)
