@@ -131,6 +131,19 @@ def test_local_path_wins_and_errors_name_both(offline, tiny_dir, tmp_path, monke
         hub.resolve("org/tiny-lora/nope.safetensors", "finetuned")
 
 
+def test_audit_reads_hub_ids_as_their_pinned_snapshots(offline, tmp_path):
+    """audit hashes and checks files, so it works on the snapshot folders hub ids stand for."""
+    from finextract_jax.audit import job
+
+    s = job.resolve_checkpoints(job.Settings(pretrained="org/tiny-sd", finetuned="org/tiny-lora",
+                                             workdir=str(tmp_path / "audit")))
+    assert s.pretrained == hub.resolve("org/tiny-sd", "pretrained") and os.path.isdir(s.pretrained)
+    assert job.finetune_kind(s.finetuned) == "lora"
+    record = job.provenance(s, "lora")
+    lora_bytes = open(s.finetuned, "rb").read()
+    assert record["finetuned"]["files"][0]["sha256"] == hashlib.sha256(lora_bytes).hexdigest()
+
+
 def test_extract_binary_takes_hub_ids_offline(hf_home, tmp_path):
     workdir = str(tmp_path / "run")
     cmd = [sys.executable, "-m", "experiments.extract", "--pretrained=org/tiny-sd", f"--finetuned=org/tiny-lora@{OLD}",

@@ -70,6 +70,16 @@ class Settings:
 # ---- resolved settings ------------------------------------------------------------------------
 
 
+def resolve_checkpoints(s: Settings) -> Settings:
+    """Hub ids replaced by the pinned snapshot folders they stand for (models/hub.py), so that the
+    checks, the hashes and the stages all see local files, and a branch that moved on since the
+    last run shows up as a changed --pretrained/--finetuned."""
+    from finextract_jax.models import hub
+
+    return dataclasses.replace(s, pretrained=hub.resolve(s.pretrained, "pretrained"),
+                               finetuned=hub.resolve(s.finetuned, "finetuned"))
+
+
 def finetune_kind(path: str) -> str:
     """'lora' or 'dreambooth' (any full fine-tune), as extract reads --finetuned."""
     from finextract_jax.models.pipeline import detect_format
@@ -262,6 +272,7 @@ def audit(s: Settings, devices=None, progress: bool = True) -> dict:
     from finextract_jax.audit.report import write_report
 
     devices = devices if devices is not None else jax.devices()
+    s = resolve_checkpoints(s)
     kind = check_inputs(s, len(devices))
     stages = plan(s, kind)
     path = os.path.join(s.workdir, PROVENANCE)
