@@ -64,7 +64,7 @@ def attention_implementation(implementation: str, dtype, head_dim: int) -> str:
     """The concrete implementation behind `implementation` for this backend, dtype and head size.
 
     "auto": the measured choice per backend (benchmarks/RESULTS.md). "cudnn" (cuDNN flash attention,
-    GPU only) takes 16-bit inputs with head_dim a multiple of 8, up to 256 on Hopper and later, 128
+    on a GPU; elsewhere the fused path) takes 16-bit inputs with head_dim a multiple of 8, up to 256 on Hopper and later, 128
     before (JAX's own check); other shapes fall back to the fused XLA formulation.
     """
     if implementation not in ATTENTION_IMPLEMENTATIONS:
@@ -72,8 +72,8 @@ def attention_implementation(implementation: str, dtype, head_dim: int) -> str:
                          f"(use one of {', '.join(ATTENTION_IMPLEMENTATIONS)})")
     if implementation == "auto":
         implementation = "fused"
-    if implementation == "cudnn" and not (jnp.dtype(dtype).itemsize == 2 and head_dim % 8 == 0
-                                          and head_dim <= _cudnn_max_head_dim()):
+    if implementation == "cudnn" and not (jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize == 2
+                                          and head_dim % 8 == 0 and head_dim <= _cudnn_max_head_dim()):
         return "fused"
     return implementation
 
