@@ -299,19 +299,19 @@ def main():
     best = [s / args.steps for s in interleaved_best(timers, args.rounds, report)]
     for child in children:
         child.close()
-    if args.profile and profiled:
-        print_profiles(args, profiled)
 
     peak = next((v for k, v in PEAK_FLOPS[args.dtype].items() if k in device.device_kind), None) if args.mfu else None
     forward_flops = unet_forward_flops(cache[next(iter(cache))]) if peak else None
     reference = {b: s for (b, name), s in zip(names, best) if name.startswith("pytorch")}
-    print(f"\n| batch | variant | ms / guided step | images/s (50 steps) | vs PyTorch | MFU |")
+    print("\n| batch | variant | ms / guided step | images/s (50 steps) | vs PyTorch | MFU |")
     print("|---|---|---|---|---|---|")
     for (batch, name), step in zip(names, best):
         ratio = f"{reference[batch] / step:.2f}x" if batch in reference else "-"
         mfu = f"{2 * batch * forward_flops / step / peak:.1%}" if forward_flops else "-"
         print(f"| {batch} | {name} | {step * 1e3:.1f} | {batch / (step * 50):.3f} | {ratio} | {mfu} |")
     print(json.dumps({"rows": [(b, n, s) for (b, n), s in zip(names, best)], "unet_forward_flops": forward_flops}))
+    if args.profile and profiled:  # last: a run cut short by its time limit has its table already
+        print_profiles(args, profiled)
 
 
 def print_profiles(args, profiled):

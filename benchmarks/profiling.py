@@ -159,6 +159,6 @@ def print_tables(title: str, by_category, rows, steps: int, top: int = 15):
     print("| category | ms / guided step | share |\n|---|---|---|")
     for category in CATEGORIES:
         print(f"| {category} | {by_category[category] / steps * 1e3:.1f} | {by_category[category] / total:.1%} |")
-    print(f"\n| top op | category | ms / guided step | share | shape or calls | scope |\n|---|---|---|---|---|---|")
+    print("\n| top op | category | ms / guided step | share | shape or calls | scope |\n|---|---|---|---|---|---|")
     for s, name, category, shape, scope in rows[:top]:
         print(f"| {name} | {category} | {s / steps * 1e3:.2f} | {s / total:.1%} | {shape} | {scope} |")
