@@ -4,7 +4,7 @@
         --datasets=TRAIN_DIR:CAPTION[,TRAIN_DIR:CAPTION...] [--datasets_file=FILE.csv]
         [--finetunes=dreambooth,lora] [--methods=finextract,cfg,text2img] [--num_images=500]
         [--guidance_scale --correction --cfg_scale=3.0] [--steps=50] [--batch_size=5] [--sampler=ddim]
-        [--features=sscd --feature_weights=PATH] [--select=reference] [--success_threshold=0.7]
+        [--features=sscd --feature_weights=PATH] [--select=reference] [--schedule=reference] [--success_threshold=0.7]
         [--finetune_steps=0] [--dreambooth_learning_rate --lora_learning_rate] [--rank=64] [--seed=0] [--dtype=float32] [--devices=0]
 
 For every dataset x fine-tuning method x extraction method it writes
@@ -57,6 +57,8 @@ flags.DEFINE_enum("sampler", "ddim", ["ddim", "reference_ddim", "dpm"], "Sampler
 flags.DEFINE_enum("features", "sscd", ["sscd", "sscd_onnx", "dino", "clip", "pixel"], "Image embedder for cluster and evaluate.")
 flags.DEFINE_string("feature_weights", None, "SSCD TorchScript file, or a local transformers folder for dino/clip.")
 flags.DEFINE_enum("select", "reference", ["reference", "topk"], "Cliques kept (see cluster --helpfull).")
+flags.DEFINE_enum("schedule", "reference", ["reference", "chance"], "Threshold stopping rule (see cluster "
+                  "--helpfull); reference: the paper's.")
 flags.DEFINE_float("success_threshold", 0.7, "Similarity above which a training image counts as extracted.")
 flags.DEFINE_integer("finetune_steps", 0, "Fine-tuning steps; 0 = 200 per training image (the reference).")
 flags.DEFINE_float("dreambooth_learning_rate", None, "DreamBooth learning rate (default: the reference's 2e-6).")

@@ -55,6 +55,9 @@ class Settings:
     features: str = "sscd"
     feature_weights: str | None = None
     select: str = "reference"
+    # The paper's stopping rule (docs/method.md §4), so that the table is the paper's; "chance"
+    # (the cluster binary's default) is the stricter rule.
+    schedule: str = "reference"
     success_threshold: float = 0.7
     finetune_steps: int = 0
     dreambooth_learning_rate: float | None = None  # None: the reference's 2e-6
@@ -194,7 +197,7 @@ def stage_settings(s: Settings, stage: str, ds: Dataset, finetune: str, method: 
         return out
     weights = os.path.abspath(s.feature_weights) if s.feature_weights else None
     if stage == "cluster":
-        return dict(features=s.features, feature_weights=weights, select=s.select, seed=s.seed)
+        return dict(features=s.features, feature_weights=weights, select=s.select, schedule=s.schedule, seed=s.seed)
     return dict(features=s.features, feature_weights=weights, success_threshold=s.success_threshold)
 
 
@@ -279,6 +282,10 @@ def check_settings(s: Settings, devices) -> None:
                              f"{ds.name}; clustering looks for that many")
     if s.checkpoint_every < 0:
         raise InputError(f"--checkpoint_every must be >= 0, got {s.checkpoint_every}")
+    from finextract_jax.cluster import SCHEDULES
+
+    if s.schedule not in SCHEDULES:
+        raise InputError(f"--schedule={s.schedule!r} is not one of {', '.join(SCHEDULES)}")
 
 
 def select_devices(count: int) -> list:
@@ -311,7 +318,7 @@ def run_stage(s: Settings, stage: Stage, tools: dict) -> None:
                 allow_pickle=s.allow_pickle)
     elif stage.name == "cluster":
         stages_lib.cluster_images(folder, os.path.join(folder, "images"), stage.num_train, tools["extractor"](),
-                                  select=s.select, seed=s.seed)
+                                  select=s.select, schedule=s.schedule, seed=s.seed)
     else:
         stages_lib.evaluate_to_workdir(os.path.join(folder, "extracted"), ds.train_dir, folder, tools["extractor"](),
                                        s.features, s.success_threshold)

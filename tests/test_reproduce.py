@@ -8,6 +8,7 @@ covered by test_finetune and test_extract_binary.
 """
 import csv
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -76,6 +77,8 @@ def test_every_stage_writes_its_outputs(finished):
                      "cluster.done.json", "evaluate.done.json"):
             assert os.path.isfile(os.path.join(folder, name)), (method, name)
         assert [n for n in os.listdir(os.path.join(folder, "extracted")) if n.endswith(".png")]
+        with open(os.path.join(folder, "clusters.json")) as f:
+            assert json.load(f)["schedule"] == "reference"  # the paper's rule, whatever cluster's default
     assert [(r["dataset"], r["finetune"], r["method"]) for r in rows] == [
         ("photos", "lora", m) for m in reproduce.METHODS]
     for row in rows:
