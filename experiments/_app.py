@@ -20,6 +20,7 @@ import threading
 from absl import app, flags
 from absl import logging as absl_logging
 
+from finextract_jax import logs
 from finextract_jax.errors import FinextractError
 
 EXIT_BAD_INPUT = 2
@@ -53,17 +54,6 @@ def fail(message: str):
     _error_line(message, EXIT_BAD_INPUT)
 
 
-def quiet_orbax():
-    """orbax logs every array transfer at INFO; keep its warnings, drop the chatter."""
-    marker = f"{os.sep}orbax{os.sep}"
-
-    class Filter(logging.Filter):
-        def filter(self, record):
-            return record.levelno >= logging.WARNING or marker not in record.pathname
-
-    absl_logging.get_absl_handler().addFilter(Filter())
-
-
 def define_allow_pickle():
     """--allow_pickle, for the binaries that load checkpoints (README, "Checkpoints we read")."""
     flags.DEFINE_boolean("allow_pickle", False, "Read pickled checkpoints (.ckpt, .pt, .pth), weights-only "
@@ -95,8 +85,9 @@ def _chatter_to_stdout():
     global _error_stream
     _error_stream = sys.stderr
     sys.stderr = sys.stdout
-    absl_logging.get_absl_handler().python_handler.stream = sys.stdout
+    absl_logging.get_absl_handler().python_handler.stream = logs.ThroughProgressBars()
     logging.captureWarnings(True)
+    logs.quiet_orbax()
 
 
 def _restore_stderr():

@@ -54,7 +54,6 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    _app.quiet_orbax()
     settings = Settings(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(Settings) if f.name != "caption"})
     result = audit(settings)
     print(result["report"])

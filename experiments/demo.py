@@ -34,7 +34,6 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    _app.quiet_orbax()
     from finextract_jax import fileio
     from finextract_jax.demo.run import DemoSettings, run_demo
 

@@ -60,7 +60,6 @@ def main(_):
     from finextract_jax.finetune import FinetuneConfig, finetune
     from finextract_jax.finetune.train import check_outputs, default_checkpoint_dir
 
-    _app.quiet_orbax()
     from finextract_jax.models.pipeline import load_pipeline
 
     config = FinetuneConfig(method=FLAGS.method, steps=FLAGS.steps, learning_rate=FLAGS.learning_rate,

@@ -91,7 +91,6 @@ def settings_from_flags() -> Settings:
 
 def main(argv):
     del argv
-    _app.quiet_orbax()
     settings = settings_from_flags()
     fileio.check_not_inside(settings.workdir, "--workdir", {
         "--pretrained": settings.pretrained, **{f"--datasets {ds.name}": ds.train_dir for ds in settings.datasets}},

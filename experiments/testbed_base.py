@@ -60,7 +60,6 @@ def train(workdir: str, data_file: str | None, out: str, steps: int, batch_size:
 
 
 def main(_):
-    _app.quiet_orbax()
     out = train(FLAGS.workdir, FLAGS.data, FLAGS.out or os.path.join(FLAGS.workdir, "base"), FLAGS.steps,
                 FLAGS.batch_size, FLAGS.learning_rate, FLAGS.caption_dropout, FLAGS.checkpoint_every,
                 FLAGS.export_every, FLAGS.seed)

@@ -7,7 +7,6 @@ source files' paths, sizes and mtimes, so a changed file is never served from a 
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -23,6 +22,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from finextract_jax.errors import CheckpointError, ConfigMismatchError
+from finextract_jax.logs import quiet_orbax
 from finextract_jax.models import components, configs, hub, lora, single_file
 from finextract_jax.models.convert import pytorch_to_flax
 from finextract_jax.models.weights import find_weights, read_json, read_msgpack, read_state_dict, to_float32
@@ -144,19 +144,6 @@ def _cache_key(weights_path: str, config: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-@contextlib.contextmanager
-def _quiet_orbax():
-    """orbax logs every save/restore step at INFO through absl; a cache hit is not news."""
-    from absl import logging as absl_logging
-
-    level = absl_logging.get_verbosity()
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    try:
-        yield
-    finally:
-        absl_logging.set_verbosity(level)
-
-
 def _cache_restore(cache_dir: str, key: str):
     path = os.path.join(cache_dir, key)
     if not os.path.isdir(path):
@@ -164,8 +151,8 @@ def _cache_restore(cache_dir: str, key: str):
     import orbax.checkpoint as ocp
 
     try:
-        with _quiet_orbax():
-            return ocp.PyTreeCheckpointer().restore(path)
+        quiet_orbax()
+        return ocp.PyTreeCheckpointer().restore(path)
     except Exception as err:  # an unreadable entry is rebuilt, never trusted
         log.warning("ignoring unreadable cache entry %s (%s)", path, err)
         shutil.rmtree(path, ignore_errors=True)
@@ -178,8 +165,8 @@ def _cache_save(cache_dir: str, key: str, tree: dict):
     os.makedirs(cache_dir, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{key}.", dir=cache_dir)
     try:
-        with _quiet_orbax():
-            ocp.PyTreeCheckpointer().save(os.path.join(staging, "tree"), tree)
+        quiet_orbax()
+        ocp.PyTreeCheckpointer().save(os.path.join(staging, "tree"), tree)
         os.replace(os.path.join(staging, "tree"), os.path.join(cache_dir, key))
     except OSError as err:
         log.warning("could not write cache entry %s (%s)", key, err)
