@@ -9,7 +9,7 @@ import skimage.data
 from PIL import Image
 
 from finextract_jax import features as F
-from finextract_jax import imageio
+from finextract_jax import fileio, imageio
 from finextract_jax.errors import CheckpointError, InputError
 from finextract_jax.features import sscd as S
 
@@ -203,6 +203,9 @@ def test_pixel_features_and_cache(tmp_path):
                            skimage.data.chelsea()])
     (tmp_path / "imgs" / "metadata.csv").write_text("file_name,caption\n")
     ext = F.get_extractor("pixel")
+    F.compute_features(folder, ext, batch_size=2)  # a user's folder: an input, nothing written into it
+    assert not os.path.exists(os.path.join(folder, F.CACHE_DIRNAME))
+    (tmp_path / "imgs" / fileio.MARKER).touch()  # a folder of ours (as extract's images/ under run.json)
     names, feats = F.compute_features(folder, ext, batch_size=2)
     assert names == ["00000.png", "00001.png", "00002.png"]
     assert feats.shape == (3, 32 * 32 * 3 + 1)
@@ -273,6 +276,7 @@ def test_vision_encoders_from_local_folders(tmp_path):
     np.testing.assert_allclose(got, ref.numpy(), atol=1e-4)
     folder = tmp_path / "images"  # through compute_features and its cache, as cluster/evaluate use it
     folder.mkdir()
+    (folder / fileio.MARKER).touch()
     img.resize((40, 40)).save(folder / "a.png")
     names, feats = F.compute_features(str(folder), clip, batch_size=1)
     assert names == ["a.png"] and feats.shape == (1, got.shape[1])

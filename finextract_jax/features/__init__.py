@@ -3,7 +3,8 @@
 Each extractor has ``name``, ``fingerprint`` (changes when its weights or preprocessing
 change), ``preprocess(PIL) -> [H, W, 3] float32`` and ``embed([B, H, W, 3]) -> [B, D]``
 (jitted). ``compute_features`` runs them in fixed-size batches (the last one padded, so one
-compilation serves a whole folder) and caches the result in ``FOLDER/.finextract_features/``,
+compilation serves a whole folder) and, in folders finextract wrote (extract's ``images/``),
+caches the result in ``FOLDER/.finextract_features/``,
 keyed per image by a hash of its bytes, so an edited or added image is recomputed alone and
 a different extractor gets its own cache file.
 """
@@ -11,14 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from typing import Callable, Optional
 
 import numpy as np
 from absl import logging
 
 from finextract_jax.errors import InputError
-from finextract_jax import imageio
+from finextract_jax import fileio, imageio
 
 CACHE_DIRNAME = ".finextract_features"
 
@@ -85,12 +85,9 @@ def _read_cache(path: str, fingerprint: str) -> dict:
 
 def _write_cache(path: str, fingerprint: str, digests, features) -> None:
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npz.tmp")
-        with os.fdopen(fd, "wb") as f:
+        with fileio.atomic_file(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, fingerprint=np.array(fingerprint), digests=np.array(digests),
                      features=np.asarray(features, np.float32))
-        os.replace(tmp, path)
     except OSError as err:
         logging.warning("feature cache not written (%s): %s", path, err)
 
@@ -120,6 +117,9 @@ def compute_features(folder: str, extractor, batch_size: int = 16, cache: bool =
     names = imageio.list_images(folder, what)
     paths = [os.path.join(folder, n) for n in names]
     digests = [_digest(p) for p in paths]
+    # Only in a folder of ours (extract's images/, whose workdir holds run.json): a user's own
+    # folder is an input, and nothing is written into inputs.
+    cache = cache and (fileio.is_owned(folder) or fileio.is_owned(os.path.dirname(os.path.abspath(folder))))
     cpath = _cache_path(folder, extractor)
     known = _read_cache(cpath, extractor.fingerprint) if cache else {}
     todo = [i for i, d in enumerate(digests) if d not in known]
