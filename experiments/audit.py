@@ -4,7 +4,8 @@
         [--prompt=auto|TEXT] [--train_dir=DIR] [--num_images=500] [--method=finextract|cfg|text2img]
         [--guidance_scale --correction] [--steps=50] [--batch_size=5] [--sampler=ddim]
         [--features=sscd_onnx] [--feature_weights=PATH] [--select=reference] [--num_train]
-        [--success_threshold=0.7] [--seed=0] [--dtype=float32]
+        [--success_threshold=0.7] [--seed=0] [--dtype=float32] [--lora_scale=1.0]
+        [--finetuned_format=auto|full|single_file|lora] [--allow_pickle]
 
 Recovers the fine-tuning caption (unless --prompt gives one), extracts --num_images samples with
 model guidance (w, k default to the reference's for the fine-tune's kind: DreamBooth or any full
@@ -49,6 +50,9 @@ flags.DEFINE_integer("num_train", None, "Candidates looked for and shown: defaul
 flags.DEFINE_float("success_threshold", 0.7, "Similarity above which a training image counts as extracted.")
 flags.DEFINE_integer("seed", 0, "Seed of the start noise, the caption search and the clustering.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Sampling compute dtype.")
+flags.DEFINE_float("lora_scale", 1.0, "Multiplier on a LoRA's alpha/rank scale.")
+flags.DEFINE_enum("finetuned_format", "auto", ["auto", "full", "single_file", "lora"], "How to read --finetuned.")
+_app.define_allow_pickle()
 FLAGS = flags.FLAGS
 
 

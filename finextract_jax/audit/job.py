@@ -64,6 +64,9 @@ class Settings:
     success_threshold: float = 0.7
     seed: int = 0
     dtype: str = "float32"
+    lora_scale: float = 1.0
+    finetuned_format: str = "auto"
+    allow_pickle: bool = False
     caption: object = None  # a caption.CaptionConfig, or None for caption_config(s, kind)
 
 
@@ -80,11 +83,12 @@ def resolve_checkpoints(s: Settings) -> Settings:
                                finetuned=hub.resolve(s.finetuned, "finetuned"))
 
 
-def finetune_kind(path: str) -> str:
+def finetune_kind(path: str, finetuned_format: str = "auto") -> str:
     """'lora' or 'dreambooth' (any full fine-tune), as extract reads --finetuned."""
     from finextract_jax.models.pipeline import detect_format
 
-    return "lora" if detect_format(path) == "lora" else "dreambooth"
+    fmt = detect_format(path) if finetuned_format == "auto" else finetuned_format
+    return "lora" if fmt == "lora" else "dreambooth"
 
 
 def guidance(s: Settings, kind: str) -> tuple:
@@ -110,7 +114,8 @@ def extract_config(s: Settings, kind: str):
     w, k = guidance(s, kind)
     return ExtractConfig(pretrained=s.pretrained, finetuned=s.finetuned, prompt=s.prompt, method=s.method,
                          guidance_scale=w, correction=k, num_images=s.num_images, batch_size=s.batch_size,
-                         steps=s.steps, sampler=s.sampler, seed=s.seed, dtype=s.dtype)
+                         steps=s.steps, sampler=s.sampler, seed=s.seed, dtype=s.dtype, lora_scale=s.lora_scale,
+                         finetuned_format=s.finetuned_format)
 
 
 def caption_config(s: Settings, kind: str):
@@ -135,7 +140,8 @@ def stage_settings(s: Settings, kind: str) -> dict:
     w, k = guidance(s, kind)
     out = {"extract": dict(pretrained=_absolute(s.pretrained), finetuned=_absolute(s.finetuned), prompt=s.prompt,
                            method=s.method, guidance_scale=w, correction=k, num_images=s.num_images,
-                           steps=s.steps, batch_size=s.batch_size, sampler=s.sampler, seed=s.seed, dtype=s.dtype),
+                           steps=s.steps, batch_size=s.batch_size, sampler=s.sampler, seed=s.seed, dtype=s.dtype,
+                           lora_scale=s.lora_scale, finetuned_format=s.finetuned_format),
            "cluster": dict(features=s.features, feature_weights=_absolute(s.feature_weights), select=s.select,
                            num_train=num_train(s), seed=s.seed)}
     if s.train_dir:
@@ -164,7 +170,7 @@ def check_inputs(s: Settings, num_devices: int) -> str:
             raise InputError(f"--{flag} is required")
     if not os.path.exists(s.pretrained):
         raise InputError(f"--pretrained {s.pretrained} does not exist; give the base model's folder")
-    kind = finetune_kind(s.finetuned)
+    kind = finetune_kind(s.finetuned, s.finetuned_format)
     _validate(extract_config(s, kind), num_devices)
     if s.train_dir:
         from finextract_jax.imageio import list_images
@@ -255,7 +261,8 @@ def _run_stage(s: Settings, kind: str, stage: str, tools: dict, progress: bool):
             from finextract_jax.caption import auto_prompt_resolver
 
             recover = auto_prompt_resolver(s.workdir, caption_config(s, kind), progress=progress)
-        extract(extract_config(s, kind), s.workdir, progress=progress, devices=tools["devices"], recover_caption=recover)
+        extract(extract_config(s, kind), s.workdir, progress=progress, devices=tools["devices"], recover_caption=recover,
+                allow_pickle=s.allow_pickle)
     elif stage == "cluster":
         stages_lib.cluster_images(s.workdir, os.path.join(s.workdir, "images"), num_train(s), tools["extractor"],
                                   select=s.select, seed=s.seed, progress=progress)
