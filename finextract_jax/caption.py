@@ -159,11 +159,11 @@ def token_rows(tokenizer, sequences: Sequence[Sequence[int]]) -> np.ndarray:
 
 def load_image_folder(folder: str, pipe) -> np.ndarray:
     """float32 [N, 3, R, R] in [-1, 1] from a folder of images, resized/cropped to the model's size."""
-    from finextract_jax.finetune.data import list_images, load_image
+    from finextract_jax import imageio
 
     resolution = pipe.sample_shape[-1] * pipe.vae_scale_factor
-    files = list_images(folder)
-    images = np.stack([load_image(os.path.join(folder, name), resolution) for name in files])
+    files = imageio.list_images(folder, "--images folder")
+    images = np.stack([imageio.load_square(os.path.join(folder, name), resolution) for name in files])
     return images.astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
 
 

@@ -99,3 +99,23 @@ def load_images(folder: str, names: Sequence[str]) -> list[Image.Image]:
 
 def to_uint8_array(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"), np.uint8)
+
+
+def resize_shorter(image: Image.Image, size: int) -> Image.Image:
+    """Shorter side to `size` (bilinear), aspect kept."""
+    w, h = image.size
+    new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    return image if new == (w, h) else image.resize(new, Image.BILINEAR)
+
+
+def center_crop(image: Image.Image, size: int) -> Image.Image:
+    """The centre `size` x `size` square."""
+    w, h = image.size
+    left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
+
+
+def load_square(path: str, resolution: int) -> np.ndarray:
+    """An image file under the intake rules, shorter side resized to `resolution` and centre-cropped:
+    uint8 [R, R, 3] (what fine-tuning trains on and caption recovery scores)."""
+    return np.asarray(center_crop(resize_shorter(load_rgb(path), resolution), resolution), dtype=np.uint8)

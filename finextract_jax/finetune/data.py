@@ -62,28 +62,6 @@ def read_metadata(train_dir: str) -> dict:
     return captions
 
 
-def resize_center_crop(image, resolution: int) -> np.ndarray:
-    """PIL image -> uint8 [R, R, 3]: shorter side to R (bilinear), then the centre R x R."""
-    from PIL import Image
-
-    width, height = image.size
-    if width <= height:
-        new_w, new_h = resolution, int(resolution * height / width)
-    else:
-        new_w, new_h = int(resolution * width / height), resolution
-    if (new_w, new_h) != (width, height):
-        image = image.resize((new_w, new_h), Image.BILINEAR)
-    top = int(round((new_h - resolution) / 2.0))
-    left = int(round((new_w - resolution) / 2.0))
-    image = image.crop((left, top, left + resolution, top + resolution))
-    return np.asarray(image, dtype=np.uint8)
-
-
-def load_image(path: str, resolution: int) -> np.ndarray:
-    """An image file under imageio's intake rules, resized and centre-cropped to `resolution`."""
-    return resize_center_crop(imageio.load_rgb(path), resolution)
-
-
 def load_train_set(train_dir: str, resolution: int, caption: str | None = None) -> TrainSet:
     """The images of `train_dir`, captions from metadata.csv where listed, else `caption`."""
     if resolution <= 0:
@@ -102,6 +80,6 @@ def load_train_set(train_dir: str, resolution: int, caption: str | None = None) 
             captions.append(caption)
         else:
             raise InputError(f"{name} has no caption: pass --caption or list it in {METADATA_FILE}")
-    images = np.stack([load_image(os.path.join(train_dir, name), resolution) for name in files])
+    images = np.stack([imageio.load_square(os.path.join(train_dir, name), resolution) for name in files])
     pixels = images.astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
     return TrainSet(pixels, captions, files)
