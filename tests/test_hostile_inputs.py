@@ -486,11 +486,12 @@ def test_weight_pickles_never_run_code(tmp_path, suffix, allow):
 
 def test_feature_cache_pickle_never_runs_code(tmp_path):
     """The feature cache (.npz) is read with allow_pickle=False: a planted pickle is recomputed over."""
-    from finextract_jax import features
+    from finextract_jax import features, fileio
 
     folder = tmp_path / "imgs"
     for i in range(2):
         _png(str(folder / f"{i:05d}.png"), (16, 16), seed=i)
+    fileio.mark_own(str(folder))  # caches live only in folders finextract wrote (extract's images/)
     extractor = features.get_extractor("pixel", None)
     features.compute_features(str(folder), extractor, 2, progress=False)
     caches = [os.path.join(dp, n) for dp, _, ns in os.walk(folder) for n in ns if n.endswith(".npz")]
