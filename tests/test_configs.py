@@ -21,7 +21,7 @@ def _config(name):
 
 
 UNETS = ["sd14_unet.json", "sd15_unet.json", "sd15_unet_resaved_diffusers_0.33.1.json",
-         "dreambooth_sd15_unet_diffusers_0.39.0.json", "sd21_unet.json"]
+         "dreambooth_sd15_unet_diffusers_0.39.0.json", "sd20base_unet.json", "sd21_unet.json"]
 SD1_UNETS = UNETS[:4]
 SD1_SCHEDULERS = ["sd14_scheduler.json", "sd15_scheduler_resaved_diffusers_0.21.4.json",
                   "dreambooth_sd15_scheduler_diffusers_0.39.0.json"]
@@ -87,15 +87,29 @@ def test_old_and_new_unet_configs_are_compatible(old, new):
     check_compatible(_config(new), _config(old), "ft")
 
 
-def test_sd21_unet_and_its_current_save_are_compatible(tmp_path):
+@pytest.mark.parametrize("name", ["sd20base_unet.json", "sd21_unet.json"])
+def test_sd2_unet_and_its_current_save_are_compatible(name, tmp_path):
     import torch
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
-        UNet2DConditionModel.from_config(_config("sd21_unet.json")).save_config(str(tmp_path))
+        UNet2DConditionModel.from_config(_config(name)).save_config(str(tmp_path))
     resaved = json.loads((tmp_path / "config.json").read_text())
-    assert "transformer_layers_per_block" in resaved and "transformer_layers_per_block" not in _config("sd21_unet.json")
-    check_compatible(_config("sd21_unet.json"), resaved, "ft")
+    assert "transformer_layers_per_block" in resaved and "transformer_layers_per_block" not in _config(name)
+    check_compatible(_config(name), resaved, "ft")
+    check_compatible(resaved, _config(name), "ft")
+
+
+def test_sd20_base_and_sd21_768_share_unet_and_text_encoder_not_prediction_type():
+    """2.0-base (512 px, epsilon) and 2.1 (768 px, v-prediction, upcast attention): one UNet and text
+    encoder architecture (sample size and fp16 upcasting are not architecture), different targets."""
+    check_compatible(_config("sd20base_unet.json"), _config("sd21_unet.json"), "ft")
+    check_compatible(_config("sd20base_text_encoder.json"), _config("sd21_text_encoder.json"), "ft", "text_encoder")
+    assert "prediction_type" not in _config("sd20base_scheduler.json")
+    with pytest.raises(ConfigMismatchError, match="prediction_type: pretrained 'epsilon' vs fine-tuned 'v_prediction'"):
+        check_compatible(_config("sd20base_scheduler.json"), _config("sd21_scheduler.json"), "ft", "scheduler")
+    with pytest.raises(ConfigMismatchError, match="cross_attention_dim: pretrained 768 vs fine-tuned 1024"):
+        check_compatible(_config("sd14_unet.json"), _config("sd20base_unet.json"), "ft")
 
 
 def test_different_unet_architecture_is_refused_naming_fields():
@@ -128,13 +142,13 @@ def test_scheduler_and_text_encoder_pairs():
 def test_text_encoder_resolution_is_transformers():
     from transformers import CLIPTextConfig
 
-    for name in SD1_TEXT_ENCODERS + ["sd21_text_encoder.json"]:
+    for name in SD1_TEXT_ENCODERS + ["sd20base_text_encoder.json", "sd21_text_encoder.json"]:
         resolved = CLIPTextConfig.from_dict(_config(name)).to_dict()
         arch = configs.text_encoder_architecture(_config(name))
         assert all(arch[k] == resolved[k] for k in arch if k != "architectures")
 
 
-@pytest.mark.parametrize("name", ["sd14_unet.json", "sd21_unet.json"])
+@pytest.mark.parametrize("name", ["sd14_unet.json", "sd20base_unet.json", "sd21_unet.json"])
 def test_old_config_builds_the_network_of_its_full_form(name):
     """A tiny variant of the published file (its keys, channels / 8) and of diffusers' full save of
     it build the same module with the same parameter tree as diffusers PyTorch's model."""
