@@ -34,11 +34,12 @@ Semantics (the reference's, made exact):
 The package, one module per concern: ``similarity`` (the 0.01 grid, input checks, JAX tiles
 of the upper triangle), ``graph`` (the sparse CSR threshold graph, the edge budget, the start
 threshold), ``cliques`` (exact maximum cliques, the peel, work budgets) and ``schedule`` (the
-threshold schedule, representatives, ``cluster``).
+threshold schedule, representatives, ``cluster``); ``config`` holds their settings (``ClusterConfig``).
 """
 from finextract_jax.cluster.cliques import (  # noqa: F401
     DEFAULT_SUBPROBLEM_BUDGET, DEFAULT_THRESHOLD_BUDGET, LOCAL_MAX, BudgetExceeded, PeelResult,
-    max_clique, pack_rows, peel_cliques)
+    max_clique, peel_cliques)
+from finextract_jax.cluster.config import SELECTS, ClusterConfig  # noqa: F401
 from finextract_jax.cluster.graph import (  # noqa: F401
     DEFAULT_EDGE_BUDGET, Graph, SimilarityGraph, _count_before, similarity_graph, start_level)
 from finextract_jax.cluster.schedule import (  # noqa: F401
