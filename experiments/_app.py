@@ -9,6 +9,7 @@ The contract (README, "Command line"), the same for every binary:
   interrupted (Ctrl-C / SIGINT); a rerun of the same command continues. Anything else is a bug
   and keeps its traceback (status 1).
 """
+import dataclasses
 import logging
 import math
 import os
@@ -16,13 +17,17 @@ import shlex
 import signal
 import sys
 import threading
+import types
+import typing
 
 from absl import app, flags
 from absl import logging as absl_logging
 
-from finextract_jax import logs
-from finextract_jax.errors import FinextractError
+from finextract_jax import logs, options
+from finextract_jax.errors import FinextractError, InputError
 
+FLAGS = flags.FLAGS
+flags.disclaim_key_flags()  # the flags declared below belong to the binary that calls define_* (its --helpshort)
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
@@ -54,10 +59,88 @@ def fail(message: str):
     _error_line(message, EXIT_BAD_INPUT)
 
 
+# ---- flags declared from the jobs' config dataclasses (finextract_jax/options.py) ------------------
+
+
+def _base_type(hint):
+    """`X | None` -> X."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return typing.get_origin(hint) or hint
+
+
+def _item_type(field) -> type:
+    default = field.default if field.default is not dataclasses.MISSING else ()
+    return type(default[0]) if default else str
+
+
+def define_flags(config_cls, only=(), skip=(), defaults=None, helps=None, flag_values=FLAGS):
+    """One flag per field of `config_cls` made with `options.option`: its type, default, help and
+    choices come from the field (`defaults`/`helps` override them for this binary). A field
+    without a default is a required flag. `only` limits the flags to those names."""
+    hints = typing.get_type_hints(config_cls)
+    for field in dataclasses.fields(config_cls):
+        if not options.is_flag(field) or field.name in skip or (only and field.name not in only):
+            continue
+        kind = _base_type(hints[field.name])
+        default = (defaults or {}).get(field.name, None if field.default is dataclasses.MISSING else field.default)
+        text = (helps or {}).get(field.name, options.help_of(field))
+        common = dict(flag_values=flag_values, required=field.default is dataclasses.MISSING and default is None)
+        choices = options.choices_of(field)
+        if kind is bool:
+            flags.DEFINE_boolean(field.name, default, text, **common)
+        elif kind is int:
+            flags.DEFINE_integer(field.name, default, text, **common)
+        elif kind is float:
+            flags.DEFINE_float(field.name, default, text, **common)
+        elif kind is tuple:
+            text += f" From: {', '.join(choices)}." if choices else ""
+            flags.DEFINE_list(field.name, None if default is None else [str(v) for v in default], text, **common)
+        elif choices is not None:
+            flags.DEFINE_enum(field.name, default, list(choices), text, **common)
+        else:
+            flags.DEFINE_string(field.name, default, text, **common)
+
+
+def values_from_flags(config_cls, flag_values=FLAGS) -> dict:
+    """The values of the flags `define_flags` declared for `config_cls` (lists as typed tuples)."""
+    values = {}
+    for field in dataclasses.fields(config_cls):
+        if not options.is_flag(field) or field.name not in flag_values:
+            continue
+        value = flag_values[field.name].value
+        if isinstance(value, list):
+            item = _item_type(field)
+            try:
+                value = tuple(item(v) for v in value)
+            except ValueError:
+                raise InputError(f"--{field.name} takes {item.__name__} values, got {','.join(value)}") from None
+        values[field.name] = value
+    return values
+
+
+def config_from_flags(config_cls, flag_values=FLAGS, **given):
+    """`config_cls` built from its flags; `given` sets the fields a binary computes itself."""
+    return config_cls(**{**values_from_flags(config_cls, flag_values), **given})
+
+
 def define_allow_pickle():
     """--allow_pickle, for the binaries that load checkpoints (README, "Checkpoints we read")."""
-    flags.DEFINE_boolean("allow_pickle", False, "Read pickled checkpoints (.ckpt, .pt, .pth), weights-only "
-                         "(torch.load(weights_only=True), no code runs); refused without it. Needs torch.")
+    from finextract_jax.models.weights import ALLOW_PICKLE_HELP
+
+    flags.DEFINE_boolean("allow_pickle", False, ALLOW_PICKLE_HELP)
+
+
+def define_distributed_flags(what: str):
+    """--coordinator_address/--num_processes/--process_id of a multi-process run; `what` says
+    how the processes share the work."""
+    flags.DEFINE_string("coordinator_address", None, f"HOST:PORT of process 0, for a multi-process run ({what}).")
+    flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
+    flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+
+
+def is_multi_process() -> bool:
+    return bool(FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None)
 
 
 def _parse_flags(argv):
@@ -73,6 +156,15 @@ def check_finite_flags(flag_values=flags.FLAGS):
         flag = flag_values[name]
         if isinstance(flag.value, float) and not math.isfinite(flag.value):
             fail(f"--{name} must be a finite number, got {flag.value}")
+
+
+def check_no_empty_paths(flag_values=flags.FLAGS):
+    """A flag that names a file or folder (a string flag without a default) may not be given empty:
+    `--workdir=` would otherwise mean the current folder, `--feature_weights=` "none"."""
+    for name in sorted(flag_values):
+        flag = flag_values[name]
+        if flag.present and flag.default is None and flag.value == "":
+            fail(f"--{name} is empty; give a value or leave the flag out")
 
 
 def _os_error_message(err: OSError) -> str:
@@ -107,6 +199,7 @@ def run(main):
             if len(argv) > 1:
                 fail(f"unexpected positional arguments {argv[1:]}; use --flag=value")
             check_finite_flags()
+            check_no_empty_paths()
             absl_logging.info("command: %s", " ".join(shlex.quote(a) for a in sys.argv))  # in the log, to rerun it
             return main(argv)
         except FinextractError as err:

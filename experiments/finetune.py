@@ -14,26 +14,19 @@ from absl import flags, logging
 
 from experiments import _app
 
-flags.DEFINE_string("pretrained", None, "Pretrained SD folder (diffusers layout).", required=True)
+from finextract_jax.finetune.config import FinetuneConfig  # noqa: E402 - its fields are flags
+
+flags.DEFINE_string("pretrained", None, "Pretrained SD model: a diffusers folder, or a single-file checkpoint "
+                    "(with --method=lora).", required=True)
 flags.DEFINE_string("train_dir", None, "Folder of training images, optionally with metadata.csv "
                     "(file_name,caption), whose captions win over --caption.", required=True)
 flags.DEFINE_string("caption", None, "Caption of every image not listed in metadata.csv.")
-flags.DEFINE_enum("method", "dreambooth", ["dreambooth", "lora"], "Full UNet fine-tuning or LoRA.")
 flags.DEFINE_string("out", None, "Output: SD folder (dreambooth) or LoRA folder / .safetensors file; "
                     "must be new, empty, or an earlier output of finetune (which it replaces).",
                     required=True)
-flags.DEFINE_integer("steps", 0, "Optimizer steps; 0 = 200 per training image (the reference).")
-flags.DEFINE_float("learning_rate", None, "Constant AdamW learning rate (default 2e-6 dreambooth, 1e-4 lora).")
-flags.DEFINE_integer("batch_size", 1, "Images per micro-batch, split over the devices.")
-flags.DEFINE_integer("grad_accum", 1, "Micro-batches accumulated per optimizer step.")
+_app.define_flags(FinetuneConfig)
 flags.DEFINE_integer("resolution", None, "Training resolution in pixels (default: the UNet's sample size times "
                      "the VAE factor); images are resized and centre-cropped to it.")
-flags.DEFINE_integer("rank", 64, "LoRA rank.")
-flags.DEFINE_float("lora_alpha", None, "LoRA alpha (default: = rank).")
-flags.DEFINE_boolean("train_text_encoder", False, "Also fine-tune the text encoder (fully, or with LoRA).")
-flags.DEFINE_enum("augment", "none", ["none", "cutout", "randaugment"], "Defence applied to training images.")
-flags.DEFINE_integer("seed", 0, "Seed of LoRA init, data order, noise, timesteps and augmentations.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (weights stay float32).")
 flags.DEFINE_integer("checkpoint_every", 100, "Save a resumable checkpoint every K steps (0: only at the end).")
 flags.DEFINE_string("checkpoint_dir", None, "Checkpoint folder (default <out>.checkpoints): new, empty, or this "
                     "run's; after the export only what finetune wrote there is deleted.")
@@ -57,15 +50,12 @@ def _warn_long_captions(tokenizer):
 def main(_):
     import os
 
-    from finextract_jax.finetune import FinetuneConfig, finetune
+    from finextract_jax.finetune import finetune
     from finextract_jax.finetune.train import check_outputs, default_checkpoint_dir
 
     from finextract_jax.models.pipeline import load_pipeline
 
-    config = FinetuneConfig(method=FLAGS.method, steps=FLAGS.steps, learning_rate=FLAGS.learning_rate,
-                            batch_size=FLAGS.batch_size, grad_accum=FLAGS.grad_accum, rank=FLAGS.rank,
-                            lora_alpha=FLAGS.lora_alpha, train_text_encoder=FLAGS.train_text_encoder,
-                            augment=FLAGS.augment, seed=FLAGS.seed, dtype=FLAGS.dtype)
+    config = _app.config_from_flags(FinetuneConfig)
     if FLAGS.checkpoint_every < 0:
         _app.fail(f"--checkpoint_every must be >= 0, got {FLAGS.checkpoint_every}")
     if FLAGS.method == "dreambooth" and os.path.isfile(FLAGS.pretrained):

@@ -28,51 +28,19 @@ whose captions win) and the caption it is fine-tuned with, which is also the ext
 """
 from __future__ import annotations
 
-import dataclasses
-
 from absl import flags
 
 from experiments import _app
 from finextract_jax import fileio
-from finextract_jax.errors import InputError
-from finextract_jax.reproduce import (FINETUNES, METHODS, REFERENCE_CFG_SCALE, Settings, parse_choices, parse_dataset,
-                                      read_datasets_file, reproduce, table_markdown)
+from finextract_jax.reproduce import (FINETUNES, METHODS, Settings, parse_choices, parse_dataset, read_datasets_file,
+                                      reproduce, table_markdown)
 
-flags.DEFINE_string("pretrained", None, "Base SD folder (diffusers layout) that every dataset is fine-tuned from.")
-flags.DEFINE_string("workdir", None, "Output folder (see the layout above).")
 flags.DEFINE_list("datasets", [], "Comma-separated TRAIN_DIR:CAPTION entries (CSV quoting for a caption with "
                   "a comma: '\"dir:a rocket, at night\"'); the folder's name names the dataset. "
                   "TRAIN_DIR alone: captions from its metadata.csv.")
 flags.DEFINE_string("datasets_file", None, "CSV with columns train_dir,caption[,name] (paths relative to the "
                     "file's folder); adds to --datasets.")
-flags.DEFINE_list("finetunes", list(FINETUNES), f"Fine-tuning methods, from {', '.join(FINETUNES)}.")
-flags.DEFINE_list("methods", list(METHODS), f"Extraction methods, from {', '.join(METHODS)}.")
-flags.DEFINE_integer("num_images", 500, "N: images generated per (fine-tune, method).")
-flags.DEFINE_float("guidance_scale", None, "w of finextract (default: the reference's, 3.0 DreamBooth, 5.0 LoRA).")
-flags.DEFINE_float("correction", None, "k of finextract (default: the reference's, -0.02 DreamBooth, 0.0 LoRA).")
-flags.DEFINE_float("cfg_scale", REFERENCE_CFG_SCALE, "s of the cfg baseline.")
-flags.DEFINE_integer("steps", 50, "Denoising steps.")
-flags.DEFINE_integer("batch_size", 5, "Images per sampling batch (a multiple of the device count).")
-flags.DEFINE_enum("sampler", "ddim", ["ddim", "reference_ddim", "dpm"], "Sampler (see extract --helpfull).")
-flags.DEFINE_enum("features", "sscd", ["sscd", "sscd_onnx", "dino", "clip", "pixel"], "Image embedder for cluster and evaluate.")
-flags.DEFINE_string("feature_weights", None, "SSCD TorchScript file, or a local transformers folder for dino/clip.")
-flags.DEFINE_enum("select", "reference", ["reference", "topk"], "Cliques kept (see cluster --helpfull).")
-flags.DEFINE_enum("schedule", "reference", ["reference", "chance"], "Threshold stopping rule (see cluster "
-                  "--helpfull); reference: the paper's.")
-flags.DEFINE_float("success_threshold", 0.7, "Similarity above which a training image counts as extracted.")
-flags.DEFINE_integer("finetune_steps", 0, "Fine-tuning steps; 0 = 200 per training image (the reference).")
-flags.DEFINE_float("dreambooth_learning_rate", None, "DreamBooth learning rate (default: the reference's 2e-6).")
-flags.DEFINE_float("lora_learning_rate", None, "LoRA learning rate (default: the reference's 1e-4).")
-flags.DEFINE_integer("rank", 64, "LoRA rank.")
-flags.DEFINE_float("lora_alpha", None, "LoRA alpha (default: = rank).")
-flags.DEFINE_integer("finetune_batch_size", 1, "Fine-tuning images per step.")
-flags.DEFINE_integer("resolution", None, "Fine-tuning resolution (default: the model's).")
-flags.DEFINE_enum("augment", "none", ["none", "cutout", "randaugment"], "Defence applied to the training images.")
-flags.DEFINE_integer("checkpoint_every", 100, "Fine-tuning checkpoint interval in steps (0: none).")
-flags.DEFINE_integer("seed", 0, "Seed of fine-tuning, start noise and the clustering threshold sample.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Fine-tuning and sampling compute dtype.")
-flags.DEFINE_integer("devices", 0, "Use the first N devices (0: all).")
-_app.define_allow_pickle()
+_app.define_flags(Settings)
 FLAGS = flags.FLAGS
 
 
@@ -80,13 +48,10 @@ def settings_from_flags() -> Settings:
     datasets = [parse_dataset(entry) for entry in FLAGS.datasets]
     if FLAGS.datasets_file:
         datasets += read_datasets_file(FLAGS.datasets_file)
-    values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(Settings)
-              if f.name not in ("datasets", "finetunes", "methods")}
-    for name in ("pretrained", "workdir"):
-        if not values[name]:
-            raise InputError(f"--{name} is required")
-    return Settings(datasets=tuple(datasets), finetunes=parse_choices(FLAGS.finetunes, FINETUNES, "finetunes"),
-                    methods=parse_choices(FLAGS.methods, METHODS, "methods"), **values)
+    values = _app.values_from_flags(Settings)
+    return Settings(datasets=tuple(datasets),
+                    finetunes=parse_choices(values.pop("finetunes"), FINETUNES, "finetunes"),
+                    methods=parse_choices(values.pop("methods"), METHODS, "methods"), **values)
 
 
 def main(argv):

@@ -16,6 +16,7 @@ import os
 from absl import flags, logging
 
 from experiments import _app
+from finextract_jax.features import FeatureConfig
 
 flags.DEFINE_string("pretrained", None, "The testbed base (SD layout).", required=True)
 flags.DEFINE_string("workdir", None, "Output folder (one reproduce run per point inside).", required=True)
@@ -24,7 +25,7 @@ flags.DEFINE_string("points", "dreambooth:5e-4:50,200,800;lora:2e-3:50,200,800",
                     "FINETUNE:LR:STEPS[,STEPS...] groups separated by ';'.")
 flags.DEFINE_integer("num_images", 64, "Images extracted per method and point.")
 flags.DEFINE_integer("steps", 25, "DDIM steps.")
-flags.DEFINE_enum("features", "pixel", ["pixel", "sscd_onnx", "sscd", "dino", "clip"], "Scoring features.")
+_app.define_flags(FeatureConfig, only=("features",), defaults={"features": "pixel"}, helps={"features": "Scoring features."})
 flags.DEFINE_integer("rank", 16, "LoRA rank.")
 flags.DEFINE_integer("seed", 0, "Seed of fine-tuning and start noise.")
 FLAGS = flags.FLAGS

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from finextract_jax.errors import InputError
+from finextract_jax.options import check_choices, option
 from finextract_jax.noise_schedule import add_noise, alphas_cumprod_from_config, training_target
 
 log = logging.getLogger(__name__)
@@ -56,31 +57,33 @@ _SHORT_WORDS = ("a", "i")
 
 @dataclasses.dataclass(frozen=True)
 class CaptionConfig:
-    """Settings of a caption search (all recorded in caption.json)."""
+    """Settings of a caption search (all recorded in caption.json); the caption binary's flags."""
 
-    max_words: int = 8
-    beam: int = 1
-    refine_sweeps: int = 2  # after growing: passes that retry each position with every candidate (or none)
-    score: str = "gain"  # see the module docstring and benchmarks/RESULTS.md for why not "advantage"
-    timesteps: tuple = (300, 500, 700, 900)
-    noise_draws: int = 1  # noise samples per (image, timestep)
-    min_gain: float = 0.002  # relative error reduction a new word must bring on held-out pairs
-    screen_pairs: int = 0  # 0: no screening; else score all candidates on this many pairs first ...
-    keep: int = 64  # ... and keep this many for the full set
-    max_candidates: int = 0  # 0: every whole word of the vocabulary; else the most frequent ones
-    extra_words: tuple = RARE_IDENTIFIERS
-    batch_size: int = 512  # UNet evaluations per jitted call
-    seed: int = 0
+    max_words: int = option(8, "Longest caption searched.")
+    beam: int = option(1, "Beam width (1: greedy).")
+    refine_sweeps: int = option(2, "Passes retrying each position with every candidate or none.")
+    # See the module docstring and benchmarks/RESULTS.md for why not "advantage".
+    score: str = option("gain", "gain: fine-tuned error only; advantage: fine-tuned vs pretrained error "
+                        "(docs/method.md §6).", choices=SCORES)
+    timesteps: tuple = option((300, 500, 700, 900), "Noise levels the errors are measured at.")
+    noise_draws: int = option(1, "Noise samples per (image, timestep).")
+    min_gain: float = option(0.002, "Relative error reduction a word must bring on held-out noise.")
+    screen_pairs: int = option(0, "Score all candidates on this many pairs first (0: off) ...")
+    keep: int = option(64, "... and keep this many for the full set of pairs.")
+    max_candidates: int = option(0, "Keep the N most frequent vocabulary words (0: all).")
+    words: tuple = option(RARE_IDENTIFIERS, "Candidate words beside the vocabulary's (by default common DreamBooth "
+                          "identifiers, rare in CLIP's vocabulary).")
+    batch_size: int = option(512, "UNet evaluations per jitted call.")
+    seed: int = option(0, "Seed of the noise (and of the sampled images).")
     # Images generated when none are given: the fine-tuned model's own samples (empty prompt).
-    num_images: int = 8
-    sample_method: str = "finextract"
-    sample_steps: int = 50
-    guidance_scale: float = 3.0
-    correction: float = -0.02
+    num_images: int = option(8, "Images sampled when --images is not given.")
+    sample_method: str = option("finextract", flag=False)
+    sample_steps: int = option(50, flag=False)
+    guidance_scale: float = option(3.0, flag=False)
+    correction: float = option(-0.02, flag=False)
 
     def __post_init__(self):
-        if self.score not in SCORES:
-            raise InputError(f"caption score {self.score!r} is not one of {', '.join(SCORES)}")
+        check_choices(self)
         if self.max_words < 1 or self.beam < 1 or self.noise_draws < 1 or self.num_images < 1:
             raise InputError("caption search needs max_words, beam, noise_draws and num_images >= 1")
         if not self.timesteps or any(not 0 <= int(t) < 1000 for t in self.timesteps):
@@ -90,7 +93,7 @@ class CaptionConfig:
 
     def record(self) -> dict:
         out = dataclasses.asdict(self)
-        out["timesteps"], out["extra_words"] = list(self.timesteps), list(self.extra_words)
+        out["timesteps"], out["words"] = list(self.timesteps), list(self.words)
         return out
 
 
@@ -316,7 +319,7 @@ def recover_caption(pretrained, finetuned, images=None, config: CaptionConfig | 
     need_pre = config.score == "advantage"
     select = PromptScorer(pretrained, finetuned, select_pairs, config.batch_size, need_pre)
     check = PromptScorer(pretrained, finetuned, check_pairs, config.batch_size, need_pre)
-    candidates = candidate_words(tokenizer, config.max_candidates, config.extra_words)
+    candidates = candidate_words(tokenizer, config.max_candidates, config.words)
     num_pairs = len(select_pairs[1])
     screen = config.screen_pairs if 0 < config.screen_pairs < num_pairs else 0
     log.info("caption search: %d candidate words, %d pairs (%d images x %d timesteps x %d draws), score %s",

@@ -6,6 +6,7 @@ Ties in the best match go to the first extracted image in sorted order.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional, Sequence
 
@@ -14,8 +15,21 @@ from PIL import Image
 
 from finextract_jax.errors import InputError
 from finextract_jax.grids import labelled_grid
+from finextract_jax.options import option
 
 DEFAULT_SUCCESS_THRESHOLD = 0.7
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreConfig:
+    """How extracted images are scored (the evaluate flags beside the embedder's)."""
+
+    success_threshold: float = option(DEFAULT_SUCCESS_THRESHOLD, "Similarity above which a training image counts "
+                                      "as extracted (A-ESR).")
+
+    def __post_init__(self):
+        if not -1.0 <= self.success_threshold <= 1.0:
+            raise InputError(f"--success_threshold is a cosine similarity in [-1, 1], got {self.success_threshold}")
 
 
 def _unit(x, what: str) -> np.ndarray:

@@ -15,11 +15,20 @@ import time
 
 from absl import logging
 
+from finextract_jax.cluster import ClusterConfig
 from finextract_jax.errors import InputError
+from finextract_jax.features import FeatureConfig
 from finextract_jax.fileio import changed_settings, read_record
+from finextract_jax.finetune.config import DEFAULT_LEARNING_RATE, FinetuneConfig
+from finextract_jax.finetune.config import METHODS as FINETUNE_METHODS
+from finextract_jax.guidance import METHODS as GUIDANCE_METHODS
+from finextract_jax.metrics import ScoreConfig
+from finextract_jax.models.weights import ALLOW_PICKLE_HELP
+from finextract_jax.options import check_choices, option, same_as
+from finextract_jax.sampling.run import ExtractConfig
 
-FINETUNES = ("dreambooth", "lora")
-METHODS = ("finextract", "cfg", "text2img")
+FINETUNES = FINETUNE_METHODS
+METHODS = GUIDANCE_METHODS
 # docs/method.md §2: the reference's model-guidance (w, k) per fine-tuning method, and CFG's s.
 REFERENCE_GUIDANCE = {"dreambooth": (3.0, -0.02), "lora": (5.0, 0.0)}
 REFERENCE_CFG_SCALE = 3.0
@@ -38,40 +47,48 @@ class Dataset:
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Every flag of the run (field names are the flag names, so messages can name them)."""
+    """Every flag of the run (field names are the flag names, so messages can name them); the fields
+    shared with the stages' configs take their help and choices from there."""
 
-    pretrained: str
-    workdir: str
-    datasets: tuple
-    finetunes: tuple = FINETUNES
-    methods: tuple = METHODS
-    num_images: int = 500
-    guidance_scale: float | None = None
-    correction: float | None = None
-    cfg_scale: float = REFERENCE_CFG_SCALE
-    steps: int = 50
-    batch_size: int = 5
-    sampler: str = "ddim"
-    features: str = "sscd"
-    feature_weights: str | None = None
-    select: str = "reference"
+    pretrained: str = option(help="Base SD folder (diffusers layout) that every dataset is fine-tuned from.")
+    workdir: str = option(help="Output folder (see the layout above).")
+    datasets: tuple = option(flag=False)  # of Dataset; the binary's --datasets/--datasets_file
+    finetunes: tuple = option(FINETUNES, "Fine-tuning methods.", choices=FINETUNES)
+    methods: tuple = option(METHODS, "Extraction methods.", choices=METHODS)
+    num_images: int = same_as(ExtractConfig, "num_images", help="N: images generated per (fine-tune, method).")
+    guidance_scale: float | None = same_as(ExtractConfig, "guidance_scale", default=None, help="w of finextract "
+                                           "(default: the reference's, 3.0 DreamBooth, 5.0 LoRA).")
+    correction: float | None = same_as(ExtractConfig, "correction", default=None, help="k of finextract "
+                                       "(default: the reference's, -0.02 DreamBooth, 0.0 LoRA).")
+    cfg_scale: float = option(REFERENCE_CFG_SCALE, "s of the cfg baseline.")
+    steps: int = same_as(ExtractConfig, "steps")
+    batch_size: int = same_as(ExtractConfig, "batch_size")
+    sampler: str = same_as(ExtractConfig, "sampler")
+    features: str = same_as(FeatureConfig, "features", help="Image embedder for cluster and evaluate.")
+    feature_weights: str | None = same_as(FeatureConfig, "feature_weights")
+    select: str = same_as(ClusterConfig, "select")
     # The paper's stopping rule (docs/method.md §4), so that the table is the paper's; "chance"
     # (the cluster binary's default) is the stricter rule.
-    schedule: str = "reference"
-    success_threshold: float = 0.7
-    finetune_steps: int = 0
-    dreambooth_learning_rate: float | None = None  # None: the reference's 2e-6
-    lora_learning_rate: float | None = None  # None: the reference's 1e-4
-    rank: int = 64
-    lora_alpha: float | None = None
-    finetune_batch_size: int = 1
-    resolution: int | None = None
-    augment: str = "none"
-    checkpoint_every: int = 100
-    seed: int = 0
-    dtype: str = "float32"
-    devices: int = 0
-    allow_pickle: bool = False
+    schedule: str = same_as(ClusterConfig, "schedule", default="reference")
+    success_threshold: float = same_as(ScoreConfig, "success_threshold")
+    finetune_steps: int = same_as(FinetuneConfig, "steps")
+    dreambooth_learning_rate: float | None = option(None, "DreamBooth learning rate (default: the reference's "
+                                                    f"{DEFAULT_LEARNING_RATE['dreambooth']:g}).")
+    lora_learning_rate: float | None = option(None, "LoRA learning rate (default: the reference's "
+                                              f"{DEFAULT_LEARNING_RATE['lora']:g}).")
+    rank: int = same_as(FinetuneConfig, "rank")
+    lora_alpha: float | None = same_as(FinetuneConfig, "lora_alpha")
+    finetune_batch_size: int = same_as(FinetuneConfig, "batch_size", help="Fine-tuning images per step.")
+    resolution: int | None = option(None, "Fine-tuning resolution (default: the model's).")
+    augment: str = same_as(FinetuneConfig, "augment")
+    checkpoint_every: int = option(100, "Fine-tuning checkpoint interval in steps (0: none).")
+    seed: int = option(0, "Seed of fine-tuning, start noise and the clustering threshold sample.")
+    dtype: str = same_as(FinetuneConfig, "dtype", help="Fine-tuning and sampling compute dtype.")
+    devices: int = option(0, "Use the first N devices (0: all).")
+    allow_pickle: bool = option(False, ALLOW_PICKLE_HELP)
+
+    def __post_init__(self):
+        check_choices(self)
 
 
 # ---- inputs -----------------------------------------------------------------------------------
@@ -139,8 +156,6 @@ def check_datasets(datasets) -> None:
 
 
 def finetune_config(s: Settings, finetune: str):
-    from finextract_jax.finetune import FinetuneConfig
-
     return FinetuneConfig(method=finetune, steps=s.finetune_steps, learning_rate=getattr(s, f"{finetune}_learning_rate"),
                           batch_size=s.finetune_batch_size, rank=s.rank, lora_alpha=s.lora_alpha, augment=s.augment,
                           seed=s.seed, dtype=s.dtype)
@@ -158,8 +173,6 @@ def guidance(s: Settings, finetune: str, method: str) -> tuple:
 
 
 def extract_config(s: Settings, ds: Dataset, finetune: str, method: str):
-    from finextract_jax.sampling.run import ExtractConfig
-
     w, k = guidance(s, finetune, method)
     return ExtractConfig(pretrained=s.pretrained, finetuned=model_path(s, ds, finetune), prompt=ds.caption or "",
                          method=method, guidance_scale=w, correction=k, num_images=s.num_images,
@@ -282,10 +295,6 @@ def check_settings(s: Settings, devices) -> None:
                              f"{ds.name}; clustering looks for that many")
     if s.checkpoint_every < 0:
         raise InputError(f"--checkpoint_every must be >= 0, got {s.checkpoint_every}")
-    from finextract_jax.cluster import SCHEDULES
-
-    if s.schedule not in SCHEDULES:
-        raise InputError(f"--schedule={s.schedule!r} is not one of {', '.join(SCHEDULES)}")
 
 
 def select_devices(count: int) -> list:

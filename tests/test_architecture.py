@@ -10,6 +10,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "finextract_jax"
 # docs/architecture.md's table: a module may import its own layer or lower ones.
 LAYERS = {
     "errors": 0, "fileio": 0, "imageio": 0, "grids": 0, "logs": 0, "noise_schedule": 0, "guidance": 0,
+    "options": 0,
     "models": 1,
     "sampling": 2, "features": 2, "cluster": 2, "metrics": 2, "finetune": 2,
     "caption": 3, "stages": 3,

@@ -24,9 +24,14 @@ import time
 from absl import logging
 
 from finextract_jax import fileio
+from finextract_jax.cluster import ClusterConfig
 from finextract_jax.errors import InputError
+from finextract_jax.features import FeatureConfig
+from finextract_jax.metrics import ScoreConfig
+from finextract_jax.models.weights import ALLOW_PICKLE_HELP
+from finextract_jax.options import check_choices, option, same_as
 from finextract_jax.reproduce import REFERENCE_CFG_SCALE, REFERENCE_GUIDANCE, finished, mark_done
-from finextract_jax.sampling.run import AUTO_PROMPT
+from finextract_jax.sampling.run import AUTO_PROMPT, ExtractConfig
 
 # Candidates shown without --train_dir: above the 3-6 photos of a typical DreamBooth subject, so
 # that each has a chance to appear; extra ones are only further down the ranking.
@@ -43,31 +48,40 @@ class Settings:
     None means "the reference's choice": guidance_scale/correction per fine-tune kind (DreamBooth
     w=3, k=-0.02; LoRA w=5, k=0; cfg s=3), num_train = the number of --train_dir images, else
     DEFAULT_NUM_TRAIN. `caption` (no flag) replaces the caption search's settings (`caption_config`).
+    The fields shared with the stages' configs take their help and choices from there.
     """
 
-    pretrained: str
-    finetuned: str
-    workdir: str
-    prompt: str = AUTO_PROMPT
-    train_dir: str | None = None
-    num_images: int = 500
-    method: str = "finextract"
-    guidance_scale: float | None = None
-    correction: float | None = None
-    steps: int = 50
-    batch_size: int = 5
-    sampler: str = "ddim"
-    features: str = "sscd_onnx"
-    feature_weights: str | None = None
-    select: str = "reference"
-    num_train: int | None = None
-    success_threshold: float = 0.7
-    seed: int = 0
-    dtype: str = "float32"
-    lora_scale: float = 1.0
-    finetuned_format: str = "auto"
-    allow_pickle: bool = False
-    caption: object = None  # a caption.CaptionConfig, or None for caption_config(s, kind)
+    pretrained: str = same_as(ExtractConfig, "pretrained")
+    finetuned: str = same_as(ExtractConfig, "finetuned")
+    workdir: str = option(help="Output folder (report.html and the stages' files).")
+    prompt: str = same_as(ExtractConfig, "prompt", default=AUTO_PROMPT)
+    train_dir: str | None = option(None, "Folder of the suspected training images: scores the candidates "
+                                   "(AS, A-ESR).")
+    num_images: int = same_as(ExtractConfig, "num_images")
+    method: str = same_as(ExtractConfig, "method")
+    guidance_scale: float | None = same_as(ExtractConfig, "guidance_scale", default=None,
+                                           help="w (s for cfg); default: the reference's for the fine-tune's kind.")
+    correction: float | None = same_as(ExtractConfig, "correction", default=None,
+                                       help="k of finextract; default: the reference's for the fine-tune's kind.")
+    steps: int = same_as(ExtractConfig, "steps", help="Denoising steps (also of the caption search's samples).")
+    batch_size: int = same_as(ExtractConfig, "batch_size")
+    sampler: str = same_as(ExtractConfig, "sampler")
+    features: str = same_as(FeatureConfig, "features", default="sscd_onnx",
+                            help="Image embedder for clustering and scoring (sscd_onnx needs no weights file).")
+    feature_weights: str | None = same_as(FeatureConfig, "feature_weights")
+    select: str = same_as(ClusterConfig, "select")
+    num_train: int | None = option(None, "Candidates looked for and shown: default the number of --train_dir "
+                                   f"images, else {DEFAULT_NUM_TRAIN}.")
+    success_threshold: float = same_as(ScoreConfig, "success_threshold")
+    seed: int = option(0, "Seed of the start noise, the caption search and the clustering.")
+    dtype: str = same_as(ExtractConfig, "dtype")
+    lora_scale: float = same_as(ExtractConfig, "lora_scale")
+    finetuned_format: str = same_as(ExtractConfig, "finetuned_format")
+    allow_pickle: bool = option(False, ALLOW_PICKLE_HELP)
+    caption: object = option(None, flag=False)  # a caption.CaptionConfig, or None for caption_config(s, kind)
+
+    def __post_init__(self):
+        check_choices(self)
 
 
 # ---- resolved settings ------------------------------------------------------------------------

@@ -10,6 +10,7 @@ a different extractor gets its own cache file.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from typing import Callable, Optional
@@ -17,8 +18,10 @@ from typing import Callable, Optional
 import numpy as np
 from absl import logging
 
-from finextract_jax.errors import InputError
 from finextract_jax import fileio, imageio
+from finextract_jax.errors import InputError
+from finextract_jax.features.sscd import SSCD_PREPROCESSINGS
+from finextract_jax.options import check_choices, option
 
 CACHE_DIRNAME = ".finextract_features"
 
@@ -58,6 +61,27 @@ def get_extractor(name: str, weights: Optional[str] = None, **options):
     if name not in EXTRACTORS:
         raise InputError(f"--features must be one of {', '.join(EXTRACTORS)}, got {name!r}")
     return EXTRACTORS[name](weights=weights, **options)
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureConfig:
+    """Which embedder the clustering and the scoring use (the cluster and evaluate flags)."""
+
+    features: str = option("sscd", "Image embedder.", choices=EXTRACTORS)
+    feature_weights: str | None = option(None, "SSCD TorchScript file, or a local transformers folder for "
+                                         "dino/clip (sscd_onnx and pixel need none).")
+    sscd_preprocessing: str = option("reference", "SSCD input transform: the reference's (Resize 256, "
+                                     "CenterCrop 224, mean/std 0.5) or SSCD's recommended one (320x320, "
+                                     "ImageNet mean/std).", choices=SSCD_PREPROCESSINGS)
+    batch_size: int = option(16, "Feature extraction batch size.")
+
+    def __post_init__(self):
+        check_choices(self)
+        if self.batch_size < 1:
+            raise InputError(f"--batch_size must be >= 1, got {self.batch_size}")
+
+    def extractor(self):
+        return get_extractor(self.features, self.feature_weights, sscd_preprocessing=self.sscd_preprocessing)
 
 
 def _digest(path: str) -> str:

@@ -42,6 +42,8 @@ from finextract_jax import imageio
 from finextract_jax.errors import CheckpointError, InputError
 
 BN_EPS = 1e-5
+# Input transforms: the reference's (Resize 256, CenterCrop 224, mean/std 0.5) or SSCD's own (320x320, ImageNet).
+SSCD_PREPROCESSINGS = ("reference", "sscd")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -334,8 +336,8 @@ class SSCDFeatures:
                  cache_dir: Optional[str] = None):
         import jax
 
-        if preprocessing not in ("reference", "sscd"):
-            raise InputError(f"SSCD preprocessing must be 'reference' or 'sscd', got "
+        if preprocessing not in SSCD_PREPROCESSINGS:
+            raise InputError(f"SSCD preprocessing must be one of {', '.join(SSCD_PREPROCESSINGS)}, got "
                              f"{preprocessing!r}")
         self.config, params, digest = load_sscd(weights, cache_dir)
         self.preprocessing = preprocessing

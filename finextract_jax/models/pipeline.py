@@ -23,6 +23,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from finextract_jax.errors import CheckpointError, ConfigMismatchError
 from finextract_jax.logs import quiet_orbax
+from finextract_jax.options import DTYPES
 from finextract_jax.models import components, configs, hub, lora, single_file
 from finextract_jax.models.convert import pytorch_to_flax
 from finextract_jax.models.weights import find_weights, read_json, read_msgpack, read_state_dict, to_float32
@@ -31,10 +32,11 @@ log = logging.getLogger(__name__)
 
 CACHE_VERSION = "1"
 LORA_FILE = "pytorch_lora_weights.safetensors"
+FINETUNED_FORMATS = ("auto", "full", "single_file", "lora")  # how --finetuned is read ("auto": detect_format)
 _FAMILY = {"unet": "diffusers", "vae": "diffusers", "text_encoder": "transformers"}
 _BUILDERS = {"unet": components.unet_from_config, "vae": components.vae_from_config,
              "text_encoder": components.text_encoder_from_config}
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+JNP_DTYPES = {name: getattr(jnp, name) for name in DTYPES}
 
 
 def default_cache_dir() -> str | None:
@@ -123,9 +125,9 @@ def vae_decode(vae_module, vae_params, latents, scale: float):
 
 def parse_dtype(dtype) -> Any:
     if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise CheckpointError(f"dtype {dtype!r} is not supported; use one of {sorted(_DTYPES)}")
-        return _DTYPES[dtype]
+        if dtype not in JNP_DTYPES:
+            raise CheckpointError(f"dtype {dtype!r} is not supported; use one of {', '.join(JNP_DTYPES)}")
+        return JNP_DTYPES[dtype]
     return dtype
 
 
@@ -395,7 +397,7 @@ def load_finetuned(pretrained: Pipeline, path: str, finetuned_format: str = "aut
     if fmt == "single_file":
         return _single_file_finetune(pretrained, path, dtype, attention, allow_pickle)
     if fmt != "lora":
-        raise CheckpointError(f"unknown finetuned_format {finetuned_format!r}; use auto, full, single_file or lora")
+        raise CheckpointError(f"unknown finetuned_format {finetuned_format!r}; use {', '.join(FINETUNED_FORMATS)}")
     if lora_mode not in ("merged", "unmerged"):
         raise CheckpointError(f"unknown lora_mode {lora_mode!r}; use merged or unmerged")
     file = os.path.join(path, LORA_FILE) if os.path.isdir(path) else path

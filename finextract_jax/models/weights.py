@@ -61,6 +61,10 @@ def read_safetensors(path: str) -> tuple[dict, dict]:
     return tensors, metadata
 
 
+ALLOW_PICKLE_HELP = ("Read pickled checkpoints (.ckpt, .pt, .pth), weights-only (torch.load(weights_only=True), no "
+                     "code runs); refused without it. Needs torch.")
+
+
 def read_pickle_weights(path: str, allow_pickle: bool) -> dict:
     """A PyTorch pickle loaded weights-only (no code runs); `.ckpt`/`.pt` need `allow_pickle`."""
     if not path.endswith(".bin") and not allow_pickle:

@@ -24,8 +24,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 from finextract_jax.errors import InputError
 from finextract_jax.fileio import (atomic_write_json, atomic_write_png, changed_settings, check_not_inside,
                                    check_output_dir, claim_dir, read_record)
+from finextract_jax.guidance import METHODS as GUIDANCE_METHODS
 from finextract_jax.guidance import get_guidance
+from finextract_jax.models.pipeline import FINETUNED_FORMATS
+from finextract_jax.options import DTYPES, check_choices, option
 from finextract_jax.sampling import engine
+from finextract_jax.sampling.schedulers import SAMPLERS
 from finextract_jax.sampling.noise import batch_start_noise, load_init_latents
 
 AUTO_PROMPT = "auto"  # --prompt=auto: the caller recovers the fine-tuning caption first
@@ -35,24 +39,32 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class ExtractConfig:
-    """Every setting that determines the images (all recorded in run.json)."""
+    """Every setting that determines the images (all recorded in run.json); the extract binary's flags."""
 
-    pretrained: str
-    finetuned: str
-    prompt: str = ""
-    method: str = "finextract"
-    guidance_scale: float = 3.0
-    correction: float = -0.02
-    num_images: int = 500
-    batch_size: int = 5
-    steps: int = 50
-    sampler: str = "ddim"
-    seed: int = 0
-    init_latents: str | None = None
-    dtype: str = "float32"
-    lora_scale: float = 1.0
-    finetuned_format: str = "auto"
-    fusion: str = "auto"
+    pretrained: str = option(help="Pretrained SD model: a diffusers folder, a single-file checkpoint, or a hub "
+                             "id org/name[@revision].")
+    finetuned: str = option(help="Fine-tuned model: SD folder, unet/ folder, single-file checkpoint, LoRA "
+                            "file/folder, or a hub id org/name[/FILE][@revision].")
+    prompt: str = option("", "Fine-tuning caption; empty for unconditional extraction; 'auto' recovers it from "
+                         "the two models first (kept in workdir/caption.json, as the caption binary writes).")
+    method: str = option("finextract", "Guidance method.", choices=GUIDANCE_METHODS)
+    guidance_scale: float = option(3.0, "w for finextract, s for cfg (unused by text2img).")
+    correction: float = option(-0.02, "k for finextract (the eps_pre correction term).")
+    num_images: int = option(500, "Number of images N.")
+    batch_size: int = option(5, "Images per batch (a multiple of the device count).")
+    steps: int = option(50, "Denoising steps.")
+    sampler: str = option("ddim", "ddim: clean DDIM to abar=1; reference_ddim: the reference implementation's "
+                          "schedule; dpm: DPM-Solver++(2M) for fewer steps.", choices=SAMPLERS)
+    seed: int = option(0, "Image i's start noise depends only on (seed, i).")
+    init_latents: str | None = option(None, "Optional .npy [num_images, C, H, W] of start noise.")
+    dtype: str = option("float32", "Parameter/activation dtype.", choices=DTYPES)
+    lora_scale: float = option(1.0, "Multiplier on a LoRA's alpha/rank scale.")
+    finetuned_format: str = option("auto", "How to read --finetuned.", choices=FINETUNED_FORMATS)
+    fusion: str = option("auto", "How the two UNet evaluations of a step are fused in the compiled loop.",
+                         choices=engine.FUSIONS)
+
+    def __post_init__(self):
+        check_choices(self)
 
     def normalized(self) -> "ExtractConfig":
         from finextract_jax.models.hub import as_recorded  # hub ids stay as given
@@ -130,8 +142,6 @@ def _validate(config: ExtractConfig, num_devices: int):
                          f"({num_devices})")
     if config.steps < 1:
         raise InputError(f"--steps must be >= 1, not {config.steps}")
-    if config.dtype not in ("float32", "bfloat16"):
-        raise InputError(f"--dtype must be float32 or bfloat16, not {config.dtype!r}")
     for name in ("guidance_scale", "correction", "lora_scale"):
         if not math.isfinite(getattr(config, name)):
             raise InputError(f"--{name} must be a finite number, not {getattr(config, name)}")

@@ -28,6 +28,7 @@ class Point:
 def parse_points(text: str) -> list:
     """'dreambooth:5e-4:50,200,800;lora:2e-3:50,200' -> [Point, ...]."""
     from finextract_jax.errors import InputError
+    from finextract_jax.finetune.config import METHODS as FINETUNE_METHODS
 
     points = []
     for group in filter(None, (g.strip() for g in text.split(";"))):
@@ -36,8 +37,8 @@ def parse_points(text: str) -> list:
             points += [Point(finetune, int(s), float(lr)) for s in steps.split(",")]
         except ValueError:
             raise InputError(f"--points: {group!r} is not FINETUNE:LR:STEPS[,STEPS...]") from None
-        if finetune not in ("dreambooth", "lora"):
-            raise InputError(f"--points: {finetune!r} is not dreambooth or lora")
+        if finetune not in FINETUNE_METHODS:
+            raise InputError(f"--points: {finetune!r} is not one of {', '.join(FINETUNE_METHODS)}")
     if not points:
         raise InputError("--points is empty")
     return points
