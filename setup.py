@@ -12,6 +12,8 @@ CORE = [
     "transformers==4.57.6",
     "numpy>=2.0,<3",
     "scipy>=1.13",
+    # The clique search's compiled kernels (finextract_jax/cluster/mcq.py).
+    "numba>=0.61,<0.70",
     "absl-py>=2.1",
     "safetensors>=0.4",
     # A single-file checkpoint's sidecar LDM config (<file>.yaml).

@@ -38,7 +38,7 @@ threshold schedule, representatives, ``cluster``); ``config`` holds their settin
 """
 from finextract_jax.cluster.cliques import (  # noqa: F401
     DEFAULT_SUBPROBLEM_BUDGET, DEFAULT_THRESHOLD_BUDGET, LOCAL_MAX, BudgetExceeded, PeelResult,
-    max_clique, pack_rows, peel_cliques)
+    max_clique, peel_cliques)
 from finextract_jax.cluster.config import SELECTS, ClusterConfig  # noqa: F401
 from finextract_jax.cluster.graph import (  # noqa: F401
     DEFAULT_EDGE_BUDGET, Graph, SimilarityGraph, _count_before, similarity_graph, start_level)

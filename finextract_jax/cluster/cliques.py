@@ -1,19 +1,18 @@
-"""Exact maximum cliques and the peel (branch and bound over Python-int bitsets).
+"""Exact maximum cliques and the peel (branch and bound, compiled kernels in ``mcq.py``).
 
-No timeout. Branch and bound over Python-int bitsets of small local
-graphs. ``max clique = max over v of (best clique whose smallest member is v)``; the
+No timeout. ``max clique = max over v of (best clique whose smallest member is v)``; the
 subproblem of v lives on v's later live neighbours N+(v), whose induced sub-graph is read
 out of the CSR graph. Comparing (size, then smaller v) across subproblems is exactly the
 lexicographic tie-break, because a clique with a smaller first member is lexicographically
-smaller. Each subproblem is solved in two steps:
+smaller. Each subproblem is solved in two steps (``mcq.solve``):
 1. its clique number, by Tomita's MCQ (greedy colouring bounds, branching on the highest
-   colours first, never on vertices whose colour cannot beat the incumbent), with the
-   candidates renumbered by decreasing degree when there are at most ``LOCAL_MAX`` of them
-   (in index order above: renumbering a large set costs more than it saves) -- this is the
-   expensive, proving part;
+   colours first, never on vertices whose colour cannot beat the incumbent), started from a
+   greedy clique, with the candidates renumbered by decreasing degree when there are at most
+   ``LOCAL_MAX`` of them (in index order above: renumbering a large set costs more than it
+   saves) -- this is the expensive, proving part;
 2. the lexicographically smallest clique of that size: take candidates in increasing index
    order whenever an MCQ decision ("is a clique of the remaining size still there?", a
-   tight target that prunes hard) says yes.
+   tight target that prunes hard) says yes, or the clique found so far says so.
 The subproblems sit in a lazy priority queue keyed by an upper bound (1 + |N+(v)| at first,
 then the bound a failed search proves) and are solved only on reaching the top, down to the
 size of the best clique still available (anything smaller cannot be the next clique).
@@ -25,8 +24,8 @@ construction; the queue and the budget stay global because which thresholds are 
 depends on the order in which the work is done.
 
 Work budget (deterministic, replaces the reference's 30 s timeout). Work is counted in
-"units": one unit per vertex coloured and per search node (about 0.3-1 microsecond each on
-a 2-core CI machine; the count, not the clock, decides). One subproblem may use at most
+"units": one unit per vertex coloured, per colouring and per candidate a greedy clique scans
+(about 10-30 ns each on a 2-core CI machine; the count, not the clock, decides). One subproblem may use at most
 ``subproblem_budget`` units and one threshold at most ``threshold_budget`` units; and the
 graph of one threshold may have at most ``edge_budget`` edges (building the graph is part
 of what the reference's timeout covers; networkx needs minutes for 50M edges). In the
@@ -44,10 +43,11 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
+from finextract_jax.cluster import mcq
 from finextract_jax.cluster.graph import Graph
 
 DEFAULT_SUBPROBLEM_BUDGET = 200_000
@@ -70,160 +70,6 @@ class _Work:
 
     def limit(self) -> int:
         return min(self.sub_start + self.subproblem_limit, self.threshold_limit)
-
-
-def _clique_number(P: int, adj: Sequence[int], r: int, lower: int, upper: int,
-                   work: _Work) -> int:
-    """max(lower - 1, r + clique number of P), stopping early once it reaches ``upper``.
-
-    Tomita's MCQ over bitsets: colour classes in index order, branch on the vertices of the
-    highest colours first, never branch on a vertex whose colour cannot lead past the
-    incumbent. Used to prove bounds (the expensive part); the lexicographically smallest
-    clique of the proven size is then found by ``_lex_clique``.
-    """
-    best = lower - 1
-    limit = work.limit()
-    frames = []
-
-    def colour(Q0: int, kmin: int):
-        us, cs = [], []
-        U = Q0
-        c = 0
-        n = 0
-        while U:
-            c += 1
-            Q = U
-            while Q:
-                low = Q & -Q
-                u = low.bit_length() - 1
-                U ^= low
-                Q ^= low
-                Q &= ~adj[u]
-                n += 1
-                if c >= kmin:
-                    us.append(u)
-                    cs.append(c)
-        return us, cs, c, n
-
-    if P == 0:
-        return max(best, r)
-    us, cs, ncol, m = colour(P, best - r + 1)
-    work.used += m + 1
-    if r + ncol <= best:
-        return best
-    if ncol == m:
-        return r + ncol
-    frames.append([us, cs, len(us) - 1, P, r])
-    while frames:
-        fr = frames[-1]
-        us, cs, i, Prem, depth = fr
-        if i < 0 or depth + cs[i] <= best:
-            frames.pop()
-            continue
-        u = us[i]
-        fr[2] = i - 1
-        fr[3] = Prem ^ (1 << u)
-        newP = Prem & adj[u]
-        if newP == 0:
-            if depth + 1 > best:
-                best = depth + 1
-                if best >= upper:
-                    return best
-            continue
-        nus, ncs, ncol, m = colour(newP, best - depth)
-        work.used += m + 1
-        if work.used > limit:
-            raise BudgetExceeded
-        if depth + 1 + ncol <= best:
-            continue
-        if ncol == m:
-            best = depth + 1 + ncol
-            if best >= upper:
-                return best
-            continue
-        frames.append([nus, ncs, len(nus) - 1, newP, depth + 1])
-    return best
-
-
-def _solve(v: int, idx: np.ndarray, sub: np.ndarray, lower: int, upper: int,
-           work: _Work) -> tuple[Optional[list[int]], int]:
-    """The lexicographically smallest maximum clique with smallest member v, if its size is
-    >= lower; else (None, an upper bound < lower).
-
-    ``idx`` = v's later live neighbours (ascending), ``sub`` their adjacency matrix (bool).
-    Up to LOCAL_MAX candidates the bound proof runs on them renumbered by decreasing degree
-    (better greedy colourings, as in MCQ); the clique itself is then picked in index order
-    (small ints make the bitset operations cheap)."""
-    m = len(idx)
-    full = (1 << m) - 1
-    if m <= LOCAL_MAX:
-        order = np.argsort(-sub.sum(axis=1), kind="stable")
-        size = _clique_number(full, pack_rows(sub[order][:, order]), 1, lower, upper, work)
-        local_adj = pack_rows(sub) if size >= lower else None
-    else:
-        local_adj = pack_rows(sub)
-        size = _clique_number(full, local_adj, 1, lower, upper, work)
-    if size < lower:
-        return None, size
-    return [v] + [int(idx[i]) for i in _lex_clique(full, local_adj, size - 1, work)], size
-
-
-def _lex_clique(P: int, adj: Sequence[int], size: int, work: _Work) -> list[int]:
-    """The lexicographically smallest clique of ``size`` (the clique number) in P: take each
-    candidate in increasing order if a clique of that size still fits with it (an MCQ
-    decision with a tight target), else drop it."""
-    R: list[int] = []
-    while len(R) < size:
-        need = size - len(R)  # vertices still to add, from P
-        cands = P
-        while True:
-            low = cands & -cands
-            u = low.bit_length() - 1
-            cands ^= low
-            newP = P & adj[u] & _above(u)
-            if newP.bit_count() >= need - 1 and (
-                    need == 1 or _clique_number(newP, adj, 1, need, need, work) >= need):
-                R.append(u)
-                P = newP
-                break
-            P ^= low
-    return R
-
-
-def _above(v: int) -> int:
-    return ~((2 << v) - 1)
-
-
-def pack_rows(mask2d: np.ndarray) -> list[int]:
-    """Rows of a boolean matrix -> Python ints (bit j of row i = mask2d[i, j])."""
-    if mask2d.shape[0] == 0:
-        return []
-    bits = np.packbits(mask2d, axis=1, bitorder="little")
-    width = bits.shape[1]
-    buf = bits.tobytes()
-    from_bytes = int.from_bytes
-    return [from_bytes(buf[i:i + width], "little") for i in range(0, len(buf), width)]
-
-
-def _greedy_clique(sub: np.ndarray) -> list[int]:
-    """Deterministic fallback (local indices): grow the clique by the candidate with most
-    candidate neighbours, the first one on ties."""
-    adj = pack_rows(sub)
-    P = (1 << len(adj)) - 1
-    R = []
-    while P:
-        best_u, best_d = -1, -1
-        Q = P
-        while Q:
-            low = Q & -Q
-            u = low.bit_length() - 1
-            Q ^= low
-            d = (adj[u] & P).bit_count()
-            if d > best_d:
-                best_u, best_d = u, d
-        R.append(best_u)
-        P &= adj[best_u]
-    return sorted(R)
 
 
 def max_clique(graph: Graph, budget: int = 10**12) -> list[int]:
@@ -270,6 +116,7 @@ def peel_cliques(graph: Graph, *, max_cliques: Optional[int] = None,
     heap = [(-(1 + int(later[v])), int(v), 0, None) for v in np.flatnonzero(has_edges)]
     heapq.heapify(heap)
     live = has_edges.copy()
+    pos = np.full(graph.n, -1, np.int32)  # scratch of mcq.induced
     num_live = len(heap)
     SOLVED = 1
     solved: list = []   # (-size, v, version, members): exact cliques, for the lower bound
@@ -303,23 +150,27 @@ def peel_cliques(graph: Graph, *, max_cliques: Optional[int] = None,
         while solved and not _valid(solved[0]):
             heapq.heappop(solved)
         lower = max(-solved[0][0] if solved else 1, min_size)
-        idx = graph.later_live(v, live)
-        m = idx.shape[0]
+        m = int(np.count_nonzero(live[graph.indices[graph.upper[v]:graph.indptr[v + 1]]]))
         if m + 1 < lower:  # cannot reach the incumbent: the degree is a good enough bound
             heapq.heappush(heap, (-(m + 1), v, 0, None))
             continue
         work.sub_start = work.used
-        sub = graph.induced(idx)
-        try:
-            found, bound = _solve(v, idx, sub, lower, upper, work)
-        except BudgetExceeded:
+        idx, sub = mcq.induced(graph.indptr, graph.upper, graph.indices, live, v, pos)
+        limit = work.limit()
+        size, members, used = mcq.solve(sub, lower, upper, work.used, limit, LOCAL_MAX)
+        if used >= 0:
+            work.used = used
+            found = [v] + idx[members].tolist() if size >= lower else None
+            bound = size
+        else:
+            work.used = limit + 1
             if on_budget != "greedy":
-                raise
+                raise BudgetExceeded
             exact = False
             if work.used > work.threshold_limit:
                 work.threshold_limit = 10**18  # from now on: greedy everywhere
                 work.subproblem_limit = 0
-            found = [v] + [int(idx[i]) for i in _greedy_clique(sub)]
+            found = [v] + idx[mcq.greedy_clique(sub)].tolist()
         if found is None:
             heapq.heappush(heap, (-bound, v, 0, None))
         else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Sequence
 
+import numba
 import numpy as np
 
 from finextract_jax.cluster.similarity import (
@@ -34,7 +35,6 @@ class Graph:
     upper: np.ndarray
     indices: np.ndarray
     levels: np.ndarray
-    _pos: Optional[np.ndarray] = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def n(self) -> int:
@@ -106,51 +106,35 @@ class Graph:
     def core(self, min_degree: int) -> np.ndarray:
         """Bool mask of the ``min_degree``-core: the largest sub-graph in which every node has
         at least ``min_degree`` neighbours (nodes of fewer are removed until none is left).
-        Every clique of more than ``min_degree`` nodes lies inside it."""
-        rows = np.repeat(np.arange(self.n, dtype=np.int32), np.diff(self.indptr))
-        alive = np.diff(self.indptr) >= min_degree
-        while True:
-            keep = alive[self.indices] & alive[rows]
-            deg = np.bincount(rows[keep], minlength=self.n)
-            still = alive & (deg >= min_degree)
-            if (still == alive).all():
-                return alive
-            alive = still
+        Every clique of more than ``min_degree`` nodes lies inside it. O(edges), compiled."""
+        return _core(self.indptr, self.indices, min_degree)
 
-    def later_live(self, v: int, live: np.ndarray) -> np.ndarray:
-        """N+(v) among the live nodes, ascending."""
-        row = self.indices[self.upper[v]:self.indptr[v + 1]]
-        return row[live[row]]
 
-    def induced(self, idx: np.ndarray, max_entries: int = 1 << 22) -> np.ndarray:
-        """Boolean adjacency matrix of the sub-graph induced by ``idx`` (ascending).
-
-        Gathers the later halves of the rows of ``idx`` (about ``max_entries`` at a time),
-        keeps the entries inside ``idx`` through a position map (a scratch array of the
-        graph, reset before returning) and sets both (i, j) and (j, i)."""
-        if self._pos is None:
-            self._pos = np.full(self.n, -1, np.int32)
-        m = idx.shape[0]
-        sub = np.zeros((m, m), bool)
-        starts = self.upper[idx]
-        lens = self.indptr[idx + 1] - starts
-        ends = np.cumsum(lens)
-        self._pos[idx] = np.arange(m, dtype=np.int32)
-        r0 = 0
-        while r0 < m:
-            base = ends[r0] - lens[r0]
-            r1 = max(r0 + 1, int(np.searchsorted(ends, base + max_entries, "right")))
-            n_r = lens[r0:r1]
-            flat = np.arange(ends[r1 - 1] - base) + np.repeat(starts[r0:r1] - ends[r0:r1] + n_r
-                                                              + base, n_r)
-            cols = self._pos[self.indices[flat]]
-            keep = cols >= 0
-            rows, cols = np.repeat(np.arange(r0, r1), n_r)[keep], cols[keep]
-            sub[rows, cols] = True
-            sub[cols, rows] = True
-            r0 = r1
-        self._pos[idx] = -1
-        return sub
+@numba.njit(cache=True, nogil=True)
+def _core(indptr, indices, min_degree):
+    n = indptr.shape[0] - 1
+    deg = np.empty(n, np.int64)
+    alive = np.ones(n, np.bool_)
+    stack = np.empty(n, np.int64)
+    top = 0
+    for v in range(n):
+        deg[v] = indptr[v + 1] - indptr[v]
+        if deg[v] < min_degree:
+            alive[v] = False
+            stack[top] = v
+            top += 1
+    while top > 0:
+        top -= 1
+        v = stack[top]
+        for p in range(indptr[v], indptr[v + 1]):
+            u = indices[p]
+            if alive[u]:
+                deg[u] -= 1
+                if deg[u] < min_degree:
+                    alive[u] = False
+                    stack[top] = u
+                    top += 1
+    return alive
 
 
 def _upper_positions(graph: "Graph") -> np.ndarray:
