@@ -16,8 +16,19 @@ def _torch_unet_out(tp, x, t, context):
         return tp.unet(torch.tensor(x), torch.tensor(t), torch.tensor(context)).sample.numpy()
 
 
+@pytest.fixture
+def small_attention_chunks(monkeypatch):
+    """Chunked attention in blocks of 22 queries (3 blocks, 2 padded rows) on the tiny models' 64 tokens,
+    so its loop, padding and reassembly run (the default budget would take them in one block)."""
+    from finextract_jax.models import unet
+
+    monkeypatch.setattr(unet, "CHUNK_SCORE_BYTES", 0)
+    monkeypatch.setattr(unet, "MIN_QUERY_CHUNK", 24)
+
+
+@pytest.mark.parametrize("attention", ["fused", "chunked"])
 @pytest.mark.parametrize("name", ["sd1", "sd2"])
-def test_unet_and_text_encoder_match_pytorch(name, tiny_pipe, torch_pipe):
+def test_unet_and_text_encoder_match_pytorch(name, attention, tiny_pipe, torch_pipe, small_attention_chunks):
     pipe, tp = tiny_pipe(name), torch_pipe(name)
     ids = tokenize(pipe.tokenizer, PROMPTS)
     with torch.no_grad():
@@ -28,20 +39,55 @@ def test_unet_and_text_encoder_match_pytorch(name, tiny_pipe, torch_pipe):
     x = np.random.RandomState(0).randn(2, *pipe.sample_shape).astype(np.float32)
     t = np.array([10, 700])
     ref = _torch_unet_out(tp, x, t, ref_text)
-    ours = np.asarray(pipe.unet.module.apply({"params": pipe.unet.params}, jnp.asarray(x), jnp.asarray(t),
-                                             jnp.asarray(ref_text)))
+    module = pipe.unet.module.clone(attention=attention)
+    ours = np.asarray(module.apply({"params": pipe.unet.params}, jnp.asarray(x), jnp.asarray(t), jnp.asarray(ref_text)))
     assert np.abs(ref).max() > 0.5  # a real signal, not a degenerate network
     assert np.abs(ours - ref).max() <= 1e-5
 
 
-def test_plain_and_fused_attention_agree(tiny_pipe):
+@pytest.mark.parametrize("attention", ["plain", "chunked"])
+def test_attention_implementations_agree(attention, tiny_pipe, small_attention_chunks):
     pipe = tiny_pipe("sd1")
     x = jax.random.normal(jax.random.PRNGKey(0), (2,) + pipe.sample_shape)
     context = jax.random.normal(jax.random.PRNGKey(1), (2, 77, 32))
-    plain = pipe.unet.module.clone(attention="plain")
-    a = pipe.unet.module.apply({"params": pipe.unet.params}, x, jnp.array([5, 900]), context)
-    b = plain.apply({"params": pipe.unet.params}, x, jnp.array([5, 900]), context)
+    a = pipe.unet.module.clone(attention="fused").apply({"params": pipe.unet.params}, x, jnp.array([5, 900]), context)
+    b = pipe.unet.module.clone(attention=attention).apply({"params": pipe.unet.params}, x, jnp.array([5, 900]), context)
     assert float(jnp.abs(a - b).max()) <= 1e-5
+
+
+def test_chunked_attention_matches_pytorch_sdpa_at_a_32x32_latent():
+    """The shapes the CPU benchmark's UNet attends over (1024 tokens, 8 heads of 8; 77 text tokens), in
+    blocks of the default size, against torch's scaled_dot_product_attention (what diffusers calls)."""
+    from finextract_jax.models.unet import attend, attention_implementation, query_chunk
+
+    rng = np.random.default_rng(0)
+    for keys in (1024, 77):
+        q = rng.standard_normal((2, 1024, 8, 8), dtype=np.float32)
+        k, v = (rng.standard_normal((2, keys, 8, 8), dtype=np.float32) for _ in range(2))
+        if keys == 1024:
+            assert query_chunk(2 * 8, 1024, keys) < 1024  # self-attention runs in several blocks
+        with torch.no_grad():
+            heads_major = lambda a: torch.tensor(a).transpose(1, 2)
+            ref = torch.nn.functional.scaled_dot_product_attention(*map(heads_major, (q, k, v))).transpose(1, 2)
+        ours = jax.jit(lambda *a: attend(*a, "chunked"))(q, k, v)
+        assert np.abs(np.asarray(ours) - ref.numpy()).max() <= 1e-5
+    assert attention_implementation("auto", jnp.float32, 8) == ("chunked" if jax.default_backend() == "cpu"
+                                                                 else "fused")
+
+
+def test_chunked_attention_in_bfloat16_tracks_float32(tiny_dir, small_attention_chunks):
+    """bf16 chunked attention is as close to the float32 UNet as bf16 XLA attention is."""
+    from finextract_jax.models.pipeline import load_pipeline
+
+    pipe32 = load_pipeline(tiny_dir["sd1"], cache_dir=None)
+    pipe16 = load_pipeline(tiny_dir["sd1"], dtype="bfloat16", cache_dir=None)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2,) + pipe32.sample_shape)
+    context = jax.random.normal(jax.random.PRNGKey(1), (2, 77, 32))
+    run = lambda pipe, attention: np.asarray(pipe.unet.module.clone(attention=attention).apply(
+        {"params": pipe.unet.params}, x, jnp.array([5, 900]), context).astype(jnp.float32))
+    ref = run(pipe32, "fused")
+    chunked, fused = np.abs(run(pipe16, "chunked") - ref).max(), np.abs(run(pipe16, "fused") - ref).max()
+    assert chunked <= 1.5 * fused + 1e-3
 
 
 def test_vae_decode_matches_pytorch(tiny_pipe, torch_pipe):

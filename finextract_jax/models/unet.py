@@ -57,21 +57,27 @@ class LoraDense(nn.Module):
         return y
 
 
-ATTENTION_IMPLEMENTATIONS = ("auto", "fused", "plain", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("auto", "fused", "plain", "cudnn", "chunked")
+# "chunked": score bytes per query block (all batch rows and heads together). Measured on a 2-vCPU AMD EPYC
+# (benchmarks/RESULTS.md, issue 18): blocks of a few MiB stay in cache; the whole 1024x1024 score matrix
+# of a 32x32 latent does not, and XLA:CPU then spends most of a sampling step streaming it through memory.
+CHUNK_SCORE_BYTES = 4 << 20
+MIN_QUERY_CHUNK = 16
 
 
 def attention_implementation(implementation: str, dtype, head_dim: int) -> str:
     """The concrete implementation behind `implementation` for this backend, dtype and head size.
 
-    "auto": the measured choice per backend (benchmarks/RESULTS.md). "cudnn" (cuDNN flash attention,
-    on a GPU; elsewhere the fused path) takes 16-bit inputs with head_dim a multiple of 8, up to 256 on Hopper and later, 128
-    before (JAX's own check); other shapes fall back to the fused XLA formulation.
+    "auto": the measured choice per backend (benchmarks/RESULTS.md): "chunked" on CPU, "fused" elsewhere.
+    "cudnn" (cuDNN flash attention, on a GPU; elsewhere the fused path) takes 16-bit inputs with head_dim a
+    multiple of 8, up to 256 on Hopper and later, 128 before (JAX's own check); other shapes fall back to
+    the fused XLA formulation.
     """
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {implementation!r} "
                          f"(use one of {', '.join(ATTENTION_IMPLEMENTATIONS)})")
     if implementation == "auto":
-        implementation = "fused"
+        implementation = "chunked" if jax.default_backend() == "cpu" else "fused"
     if implementation == "cudnn" and not (jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize == 2
                                           and head_dim % 8 == 0 and head_dim <= _cudnn_max_head_dim()):
         return "fused"
@@ -83,6 +89,40 @@ def _cudnn_max_head_dim() -> int:
     return 256 if float(capability) >= 9.0 else 128
 
 
+def query_chunk(batch_heads: int, queries: int, keys: int) -> int:
+    """Queries per block of chunked attention: as many as keep one block's float32 scores
+    ([batch x heads, chunk, keys]) within CHUNK_SCORE_BYTES, at least MIN_QUERY_CHUNK, at most all."""
+    return min(queries, max(MIN_QUERY_CHUNK, CHUNK_SCORE_BYTES // (4 * batch_heads * keys)))
+
+
+def chunked_attention(query, key, value, chunk: int):
+    """Attention computed `chunk` queries at a time, each block over all keys (an exact softmax per row).
+
+    Why: the same arithmetic as jax.nn.dot_product_attention's XLA formulation (logits in float32 at
+    least, softmax in float32, probabilities cast to the value dtype), but a loop over query blocks keeps
+    each block's scores in cache instead of materialising the whole [queries, keys] matrix, like
+    PyTorch's blocked CPU attention. Heads-major inside, so every block is a plain batched matmul.
+    """
+    batch, tokens, heads, head_dim = query.shape
+    logits_dtype = jnp.promote_types(query.dtype, jnp.float32)
+    scale = jnp.asarray(1.0 / math.sqrt(head_dim), logits_dtype)
+    heads_major = lambda t: t.transpose(0, 2, 1, 3)  # [batch, heads, tokens, head_dim]
+    k, v = heads_major(key), heads_major(value)
+    blocks = -(-tokens // chunk)
+    chunk = -(-tokens // blocks)  # the same number of blocks, least padding
+    q = jnp.pad(heads_major(query), ((0, 0), (0, 0), (0, blocks * chunk - tokens), (0, 0)))
+    q = q.reshape(batch, heads, blocks, chunk, head_dim).transpose(2, 0, 1, 3, 4)
+
+    def block(q_block):
+        logits = jnp.einsum("bhqd,bhkd->bhqk", q_block, k, preferred_element_type=logits_dtype) * scale
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(value.dtype)
+        return jnp.einsum("bhqk,bhkd->bhqd", probs, v)
+
+    out = jax.lax.map(block, q) if blocks > 1 else block(q[0])[None]
+    out = out.transpose(1, 0, 3, 2, 4).reshape(batch, blocks * chunk, heads, head_dim)
+    return out[:, :tokens]
+
+
 def attend(query, key, value, implementation: str):
     """Multi-head attention on [batch, tokens, heads, head_dim] arrays."""
     implementation = attention_implementation(implementation, query.dtype, query.shape[-1])
@@ -91,6 +131,9 @@ def attend(query, key, value, implementation: str):
         scores = jnp.einsum("bqhd,bkhd->bhqk", query, key) * scale
         probs = jax.nn.softmax(scores, axis=-1)
         return jnp.einsum("bhqk,bkhd->bqhd", probs, value)
+    if implementation == "chunked":
+        chunk = query_chunk(query.shape[0] * query.shape[2], query.shape[1], key.shape[1])
+        return chunked_attention(query, key, value, chunk)
     return jax.nn.dot_product_attention(query, key, value, implementation="cudnn" if implementation == "cudnn" else None)
 
 
