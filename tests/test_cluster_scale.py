@@ -63,18 +63,20 @@ def test_core_and_masked_later_degrees_match_networkx():
 
 def _plain_chance_scan(sg):
     """The chance rule by a plain upward scan, every threshold peeled: the first k with at
-    least one clique larger than chance whose count is the same at k, k + 1, k + 2."""
+    least one group of cliques larger than chance whose count is the same at k, k + 1, k + 2;
+    else the threshold with the most groups (the lower on ties)."""
     def count(k):
         graph = sg.graph.at_least(k)
         size = C.chance_clique_size(sg.n, graph.num_edges)
-        return len(C.peel_cliques(graph, min_size=size + 1).cliques)
+        return len(graph.dense_groups(C.peel_cliques(graph, min_size=size + 1).cliques))
 
-    k = C.start_level(sg.samples)
-    while True:
+    start = C.start_level(sg.samples)
+    for k in range(start, C._MAX_LEVEL + 1):
         counts = [count(k + i) for i in range(C.STABLE_STEPS)]
         if counts[0] and len(set(counts)) == 1:
             return k
-        k += 1
+    counts = {k: count(k) for k in range(start, C._MAX_LEVEL + 1)}
+    return max(counts, key=lambda k: (counts[k], -k))
 
 
 def test_chance_schedule_equals_a_plain_scan():
@@ -86,13 +88,37 @@ def test_chance_schedule_equals_a_plain_scan():
         assert res.schedule == "chance" and res.level == _plain_chance_scan(sg), trial
         graph = sg.graph.at_least(res.level)
         assert res.chance_size == C.chance_clique_size(sg.n, graph.num_edges)
-        assert all(len(c) > res.chance_size for c in res.cliques)
-        # topk: N0 guesses, the significant cliques first, then the next largest of the peel.
+        full = C.peel_cliques(graph).cliques
+        significant = [c for c in full if len(c) > res.chance_size]
+        groups = graph.dense_groups(significant)
+        assert res.cliques == [significant[i] for i in groups]
+        # topk: N0 guesses, one clique per group first, then the next largest of the peel.
         num = len(res.cliques) + 1
         topk = C.cluster_graph(sg, num, schedule="chance", select="topk")
-        assert topk.level == res.level and topk.cliques[:-1] == res.cliques
-        assert topk.cliques == C.peel_cliques(graph).cliques[:num]
+        assert topk.level == res.level and topk.cliques == res.cliques + full[len(significant):][:1]
         assert C.cluster_graph(sg, 1, schedule="chance", select="topk").cliques == res.cliques[:1]
+
+
+def test_dense_groups_match_a_brute_force_grouping():
+    import networkx as nx
+
+    rng = np.random.default_rng(5)
+    for trial in range(30):
+        n = int(rng.integers(2, 40))
+        edges = [(i, j) for i in range(n) for j in range(i + 1, n) if rng.random() < 0.3]
+        graph = C.Graph.from_edges(n, edges)
+        cliques = np.array_split(rng.permutation(n), int(rng.integers(1, n + 1)))
+        cliques = [sorted(c.tolist()) for c in cliques if len(c)]
+        adj = nx.Graph(edges)
+        joined = nx.Graph()
+        joined.add_nodes_from(range(len(cliques)))
+        for a in range(len(cliques)):
+            for b in range(a + 1, len(cliques)):
+                links = sum(adj.has_edge(u, v) for u in cliques[a] for v in cliques[b])
+                if links and links >= 0.5 * len(cliques[a]) * len(cliques[b]):
+                    joined.add_edge(a, b)
+        want = sorted(min(group) for group in nx.connected_components(joined))
+        assert graph.dense_groups(cliques) == want, trial
 
 
 @pytest.fixture(scope="module")

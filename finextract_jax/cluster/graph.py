@@ -109,6 +109,22 @@ class Graph:
         Every clique of more than ``min_degree`` nodes lies inside it. O(edges), compiled."""
         return _core(self.indptr, self.indices, min_degree)
 
+    def dense_groups(self, cliques, min_density: float = 0.5) -> list[int]:
+        """Group the cliques joined densely (transitively: cliques a and b are in one group
+        when at least ``min_density`` of the |a| |b| pairs between them are edges, or through
+        a chain of such cliques); the index of each group's first clique, ascending. O(edges).
+        """
+        count = len(cliques)
+        label = np.full(self.n, -1, np.int64)
+        sizes = np.zeros(count, np.int64)
+        for i, members in enumerate(cliques):
+            label[np.asarray(members, np.int64)] = i
+            sizes[i] = len(members)
+        pairs = _label_pairs(self.indptr, self.upper, self.indices, label)
+        keys, joins = np.unique(pairs, return_counts=True)
+        a, b = np.divmod(keys, max(count, 1))
+        dense = joins >= min_density * sizes[a] * sizes[b]
+        return _first_of_groups(a[dense], b[dense], count).tolist()
 
 @numba.njit(cache=True, nogil=True)
 def _core(indptr, indices, min_degree):
@@ -135,6 +151,54 @@ def _core(indptr, indices, min_degree):
                     stack[top] = u
                     top += 1
     return alive
+
+
+@numba.njit(cache=True, nogil=True)
+def _root(parent, a):
+    while parent[a] != a:
+        parent[a] = parent[parent[a]]
+        a = parent[a]
+    return a
+
+
+@numba.njit(cache=True, nogil=True)
+def _label_pairs(indptr, upper, indices, label):
+    """a * count + b for every edge (u < v) joining label a = label[u] to b = label[v] != a,
+    with a < b; count = label.max() + 1."""
+    count = label.max() + 1
+    total = 0
+    for u in range(indptr.shape[0] - 1):
+        if label[u] >= 0:
+            for p in range(upper[u], indptr[u + 1]):
+                lv = label[indices[p]]
+                if lv >= 0 and lv != label[u]:
+                    total += 1
+    out = np.empty(total, np.int64)
+    total = 0
+    for u in range(indptr.shape[0] - 1):
+        lu = label[u]
+        if lu >= 0:
+            for p in range(upper[u], indptr[u + 1]):
+                lv = label[indices[p]]
+                if lv >= 0 and lv != lu:
+                    out[total] = min(lu, lv) * count + max(lu, lv)
+                    total += 1
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _first_of_groups(a, b, count):
+    """Union-find over the joined pairs (a[i], b[i]); each group's root is its smallest
+    index; the roots, ascending."""
+    parent = np.arange(count)
+    for i in range(a.shape[0]):
+        ra, rb = _root(parent, a[i]), _root(parent, b[i])
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    keep = np.zeros(count, np.bool_)
+    for i in range(count):
+        keep[_root(parent, i)] = True
+    return np.flatnonzero(keep)
 
 
 def _upper_positions(graph: "Graph") -> np.ndarray:

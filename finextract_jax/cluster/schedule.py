@@ -196,8 +196,9 @@ def _reference_schedule(thresholds: _Thresholds, start: int, num_train: int, max
 
 
 def _chance_schedule(thresholds: _Thresholds, start: int):
-    """(k, significant peel, chance size, skipped) or None: the first threshold whose cliques
-    larger than chance number the same (at least one) over STABLE_STEPS grid steps."""
+    """(k, kept cliques, significant peel, chance size, skipped) or None: the first threshold
+    whose groups of cliques larger than chance number the same (at least one) over
+    STABLE_STEPS grid steps; failing that, the threshold with the most such groups."""
     n = thresholds.sg.n
     memo: dict = {}
 
@@ -207,16 +208,24 @@ def _chance_schedule(thresholds: _Thresholds, start: int):
             if k >= thresholds.sg.min_level:
                 size = chance_clique_size(n, int(thresholds.graph(k).num_edges))
             res = thresholds.peel(k, min_size=size + 1)
+            groups = None
             if res is not None:
+                groups = thresholds.graph(k).dense_groups(res.cliques)
                 logging.info("threshold %.2f (%d edges, %d work units): %d cliques larger "
-                             "than chance (%d)", tau(k), thresholds.graph(k).num_edges,
-                             res.work, len(res.cliques), size)
-            memo[k] = (res, size)
+                             "than chance (%d), in %d groups", tau(k),
+                             thresholds.graph(k).num_edges, res.work, len(res.cliques), size,
+                             len(groups))
+            memo[k] = (res, size, groups)
         return memo[k]
 
     def count(k):
-        res = significant(k)[0]
-        return None if res is None else len(res.cliques)
+        groups = significant(k)[2]
+        return None if groups is None else len(groups)
+
+    def result(k):
+        res, size, groups = memo[k]
+        skipped = sorted(i for i, (r, _, _) in memo.items() if r is None and i < k)
+        return k, [res.cliques[i] for i in groups], res, size, skipped
 
     # Each window [k, k + STABLE_STEPS) is checked from its top (the sparser, cheaper graphs)
     # down. Where it fails at j (no significant clique, or over budget), no window holding j
@@ -232,11 +241,18 @@ def _chance_schedule(thresholds: _Thresholds, start: int):
         while j > k and count(j - 1) == count(j):
             j -= 1
         if j == k:
-            res, size = memo[k]
-            skipped = sorted(i for i, (r, _) in memo.items() if r is None and i < k)
-            return k, res, size, skipped
+            return result(k)
         k = j
-    return None
+    # No window: the threshold with the most groups (the lower one on ties), over every
+    # threshold from the start up (those the window scan jumped over are searched now).
+    counts = {k: count(k) or 0 for k in range(start, _MAX_LEVEL + 1)}
+    best = max(counts, key=lambda k: (counts[k], -k))
+    if not counts[best]:
+        return None
+    logging.warning("no threshold's groups of cliques larger than chance persist over %d grid "
+                    "steps; taking the threshold with the most groups, %.2f (%d)",
+                    STABLE_STEPS, tau(best), counts[best])
+    return result(best)
 
 
 def cluster_graph(sg: SimilarityGraph, num_train: int, *, select: str = "reference",
@@ -265,11 +281,14 @@ def cluster_graph(sg: SimilarityGraph, num_train: int, *, select: str = "referen
         start = start_level(sg.samples)
         found = _chance_schedule(thresholds, start) if schedule == "chance" else None
         if found is not None:
-            final_k, res, size, skipped = found
-            if select == "topk" and len(res.cliques) < num_train:
-                # topk's contract is N0 guesses: the N0 largest cliques of the threshold,
-                # larger than chance or not (the first N0 of its full peel).
-                res = thresholds.peel(final_k, max_cliques=num_train)
+            final_k, kept, res, size, skipped = found
+            if select == "topk" and len(kept) < num_train:
+                # topk's contract is N0 guesses: the groups' cliques, then the next largest
+                # cliques of the threshold's peel (those no larger than chance).
+                full = thresholds.peel(final_k, max_cliques=num_train + len(res.cliques))
+                kept = kept + full.cliques[len(res.cliques):]
+                res = dataclasses.replace(full, exact=full.exact and res.exact)
+            res = dataclasses.replace(res, cliques=kept)
         else:
             if schedule == "chance":
                 logging.warning("no threshold has cliques larger than chance that persist over "
