@@ -89,6 +89,11 @@ def test_only_the_files_the_loaders_read_are_selected():
     lora = hub.select_files([".gitattributes", "README.md", "image_0.png", hub.LORA_FILE], "finetuned", "org/l")
     assert lora == hub.Selection([hub.LORA_FILE], hub.LORA_FILE)
     assert hub.select_files(["README.md", "sks.safetensors"], "finetuned", "org/l").path == "sks.safetensors"
+    # PEFT's save_pretrained: the adapter and the config with its scales, at the top or per model.
+    peft = ["README.md", "adapter_model.safetensors", "adapter_config.json", "checkpoint-500/adapter_model.safetensors"]
+    assert hub.select_files(peft, "finetuned", "org/p") == hub.Selection(peft[2:0:-1], "")
+    peft = [f"{c}/adapter_{n}" for c in ("unet", "text_encoder") for n in ("config.json", "model.safetensors")]
+    assert hub.select_files(["README.md", "logs/adapter_config.json"] + peft, "finetuned", "org/p").files == sorted(peft)
     with pytest.raises(CheckpointError, match="org/l: not a fine-tune.*name one file as org/l/FILE"):
         hub.select_files(["a.safetensors", "b.safetensors"], "finetuned", "org/l")
     with pytest.raises(CheckpointError, match="org/l: not a diffusers-layout model"):

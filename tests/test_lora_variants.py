@@ -378,3 +378,103 @@ def test_unsupported_or_broken_adapters_are_refused_by_name(tiny_pipe, tmp_path,
     save_file(tensors, file)
     with pytest.raises(LoraError, match=match):
         load_finetuned(tiny_pipe("sd1"), file, cache_dir=None)
+
+
+# --- PEFT's own saves: adapter_model.safetensors + adapter_config.json -------------------------------
+
+def _peft_models(tp, config_cls, unet_kwargs, text_kwargs=None):
+    """PeftModels around the torch pipeline's UNet (and text encoder), LoRA layers injected in place."""
+    from peft import get_peft_model
+
+    torch.manual_seed(1)
+    unet = get_peft_model(tp.unet, config_cls(target_modules=UNET_TARGETS, **unet_kwargs))
+    text = get_peft_model(tp.text_encoder, config_cls(target_modules=TEXT_TARGETS, **text_kwargs)) \
+        if text_kwargs else None
+    return unet, text
+
+
+def test_peft_save_pretrained_folders_match_peft(tiny_dir, tiny_pipe, inputs, eps_fn, tmp_path):
+    """PEFT's save_pretrained of the UNet and the text encoder, as a DreamBooth script writes them
+    (unet/ and text_encoder/ subfolders), alpha != r, rank_pattern and alpha_pattern entries: the scales
+    come from adapter_config.json. Each subfolder alone also loads (its model named by the folder or,
+    renamed, by its keys)."""
+    import json
+    import shutil
+
+    from peft import LoraConfig
+
+    tp = _fresh_torch_pipe(tiny_dir)
+    unet, text = _peft_models(tp, LoraConfig, dict(r=4, lora_alpha=6, init_lora_weights=False, **UNET_PATTERNS),
+                              dict(r=4, lora_alpha=2, init_lora_weights=False, **TEXT_PATTERNS))
+    torch_context, torch_eps = _torch_outputs(tp, inputs)
+    unet.save_pretrained(str(tmp_path / "run" / "unet"))
+    text.save_pretrained(str(tmp_path / "run" / "text_encoder"))
+    saved = json.loads((tmp_path / "run" / "unet" / "adapter_config.json").read_text())
+    assert (saved["r"], saved["lora_alpha"], saved["alpha_pattern"]["to_v"]) == (4, 6, 16)
+    base = tiny_pipe("sd1")
+    ours = load_finetuned(base, str(tmp_path / "run"), cache_dir=None)
+    _compare(ours, base, torch_context, torch_eps, inputs, eps_fn)
+    shutil.copytree(tmp_path / "run" / "text_encoder", tmp_path / "te_renamed")
+    for alone, part in ((tmp_path / "run" / "unet", "unet"), (tmp_path / "te_renamed", "text_encoder")):
+        one = load_finetuned(base, str(alone), cache_dir=None)
+        assert getattr(one, part).params is not getattr(base, part).params
+        np.testing.assert_allclose(np.asarray(jax.tree_util.tree_leaves(getattr(one, part).params)[0]),
+                                   np.asarray(jax.tree_util.tree_leaves(getattr(ours, part).params)[0]), atol=1e-6)
+    # Without its config a PEFT file has no alpha: alpha = rank, said in the log, a different model.
+    (tmp_path / "run" / "unet" / "adapter_config.json").unlink()
+    bare = load_finetuned(base, str(tmp_path / "run" / "unet" / "adapter_model.safetensors"), cache_dir=None)
+    eps = eps_fn(bare.unet.params, jnp.asarray(inputs["x"]), jnp.asarray(inputs["t"]), jnp.asarray(torch_context))
+    assert np.abs(np.asarray(eps) - torch_eps).max() > 1e-3
+
+
+@pytest.mark.parametrize("config, kwargs", [
+    ("LoraConfig", dict(r=4, lora_alpha=3, use_rslora=True, use_dora=True, init_lora_weights=False)),
+    ("LoHaConfig", dict(r=3, alpha=5, init_weights=False)),
+    # r large enough that PEFT keeps both Kronecker factors whole: scale alpha / r all the same.
+    ("LoKrConfig", dict(r=16, alpha=2, init_weights=False)),
+], ids=["rslora-dora", "loha", "lokr-undecomposed"])
+def test_peft_adapter_types_match_peft(config, kwargs, tiny_dir, tiny_pipe, inputs, eps_fn, tmp_path):
+    import peft
+
+    tp = _fresh_torch_pipe(tiny_dir)
+    unet, _ = _peft_models(tp, getattr(peft, config), kwargs)
+    _perturb_magnitudes(tp.unet)
+    torch_context, torch_eps = _torch_outputs(tp, inputs)
+    unet.save_pretrained(str(tmp_path / "adapter"))
+    if config == "LoKrConfig":
+        from safetensors.numpy import load_file
+
+        assert not any(k.endswith(("_a", "_b")) for k in load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")))
+    base = tiny_pipe("sd1")
+    _compare(load_finetuned(base, str(tmp_path / "adapter"), cache_dir=None), base, torch_context, torch_eps, inputs,
+             eps_fn, text=False)
+
+
+def test_diffusers_save_lora_adapter_bare_metadata(tiny_dir, tiny_pipe, inputs, eps_fn, tmp_path):
+    """diffusers' model-level save_lora_adapter: keys and lora_adapter_metadata without a unet. prefix."""
+    from peft import LoraConfig
+
+    tp = _fresh_torch_pipe(tiny_dir)
+    tp.unet.add_adapter(LoraConfig(r=4, lora_alpha=12, target_modules=UNET_TARGETS, init_lora_weights=False,
+                                   rank_pattern={"conv2": 2}))
+    torch_context, torch_eps = _torch_outputs(tp, inputs)
+    tp.unet.save_lora_adapter(str(tmp_path))
+    base = tiny_pipe("sd1")
+    _compare(load_finetuned(base, str(tmp_path), cache_dir=None), base, torch_context, torch_eps, inputs, eps_fn,
+             text=False)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(peft_type="IA3"), "PEFT IA3 adapter"),
+    (dict(modules_to_save=["conv_out"]), "modules_to_save"),
+    (dict(bias="lora_only"), "trains biases"),
+])
+def test_peft_configs_we_cannot_apply_are_refused(tiny_pipe, tmp_path, change, match):
+    import json
+
+    save_file({"base_model.model.conv_in.lora_A.weight": np.ones((2, 4, 3, 3), np.float32),
+               "base_model.model.conv_in.lora_B.weight": np.ones((32, 2, 1, 1), np.float32)},
+              str(tmp_path / "adapter_model.safetensors"))
+    (tmp_path / "adapter_config.json").write_text(json.dumps(dict(dict(peft_type="LORA", r=2, lora_alpha=4), **change)))
+    with pytest.raises(LoraError, match=match):
+        load_finetuned(tiny_pipe("sd1"), str(tmp_path), cache_dir=None)

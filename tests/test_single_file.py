@@ -14,7 +14,7 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from finextract_jax.errors import CheckpointError
-from finextract_jax.models import single_file
+from finextract_jax.models import configs, single_file, single_file_configs
 from finextract_jax.models.convert import flax_to_pytorch
 from finextract_jax.models.pipeline import detect_format, load_finetuned, load_pipeline
 from finextract_jax.models.weights import read_safetensors
@@ -22,6 +22,7 @@ from finextract_jax.models.weights import read_safetensors
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
            "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
 _UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
              "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
@@ -68,9 +69,10 @@ def ldm_vae_key(key, levels):
     return key
 
 
-def open_clip_state(text, extra_layer_rng=None):
-    """transformers CLIP names -> OpenCLIP names (q, k, v fused), plus text_projection; with
-    `extra_layer_rng`, one more resblock (SD 2.x files hold 24, the model uses 23)."""
+def open_clip_state(text, extra_layer_rng=None, prefix=single_file.OPEN_CLIP_PREFIX):
+    """transformers CLIP names -> OpenCLIP names (q, k, v fused), plus text_projection (x @ P: the
+    transpose of CLIPTextModelWithProjection's, else an unused identity); with `extra_layer_rng`, one
+    more resblock (SD 2.x files hold 24, the model uses 23)."""
     out = {"token_embedding.weight": text["text_model.embeddings.token_embedding.weight"],
            "positional_embedding": text["text_model.embeddings.position_embedding.weight"],
            "ln_final.weight": text["text_model.final_layer_norm.weight"],
@@ -86,17 +88,20 @@ def open_clip_state(text, extra_layer_rng=None):
             for new, old in names.items():
                 out[f"transformer.resblocks.{i}.{old}.{leaf}"] = text[f"{src}{new}.{leaf}"]
     hidden = out["token_embedding.weight"].shape[1]
-    out["text_projection"] = np.eye(hidden, dtype=out["token_embedding.weight"].dtype)
+    out["text_projection"] = text["text_projection.weight"].T if "text_projection.weight" in text else \
+        np.eye(hidden, dtype=out["token_embedding.weight"].dtype)
+    out["logit_scale"] = np.array(4.6, np.float32)
     if extra_layer_rng is not None:
         last = len(layers)
         for key in [k for k in out if k.startswith(f"transformer.resblocks.{last - 1}.")]:
             out[key.replace(f".{last - 1}.", f".{last}.")] = extra_layer_rng.standard_normal(
                 out[key].shape).astype(out[key].dtype)
-    return {single_file.OPEN_CLIP_PREFIX + k: v for k, v in out.items()}
+    return {prefix + k: v for k, v in out.items()}
 
 
-def to_ldm(unet, unet_config, vae, vae_config, text, open_clip=False, extra_layer_rng=None):
-    """diffusers/transformers-named state dicts -> one original-layout state dict."""
+def to_ldm(unet, unet_config, vae, vae_config, text, open_clip=False, extra_layer_rng=None, text_2=None):
+    """diffusers/transformers-named state dicts -> one original-layout state dict; with `text_2`,
+    SDXL's (SGM) layout: CLIP-L and OpenCLIP-G under conditioner.embedders.0/1."""
     attention_blocks = {i for i, t in enumerate(unet_config["up_block_types"]) if t.startswith("CrossAttn")}
     state = {single_file.UNET_PREFIX + ldm_unet_key(k, unet_config["layers_per_block"], attention_blocks): v
              for k, v in unet.items()}
@@ -104,7 +109,10 @@ def to_ldm(unet, unet_config, vae, vae_config, text, open_clip=False, extra_laye
     for k, v in vae.items():
         new = ldm_vae_key(k, levels)
         state[single_file.VAE_PREFIX + new] = v[:, :, None, None] if ".attn_1." in new and v.ndim == 2 else v
-    if open_clip:
+    if text_2 is not None:
+        state.update({single_file.SDXL_CLIP_PREFIX + k: v for k, v in text.items()})
+        state.update(open_clip_state(text_2, prefix=single_file.SDXL_OPEN_CLIP_PREFIX))
+    elif open_clip:
         state.update(open_clip_state(text, extra_layer_rng))
     else:
         state.update({single_file.CLIP_PREFIX + k: v for k, v in text.items()})
@@ -118,25 +126,41 @@ def write_single_file(folder, path, open_clip=False, extra_layer=False):
 
     from safetensors.numpy import save_file
 
-    shutil.copytree(os.path.join(folder, "tokenizer"), os.path.join(os.path.dirname(path), "tokenizer"),
-                    dirs_exist_ok=True)
+    sdxl = os.path.isdir(os.path.join(folder, "text_encoder_2"))
+    for tokenizer in ("tokenizer", "tokenizer_2") if sdxl else ("tokenizer",):
+        shutil.copytree(os.path.join(folder, tokenizer), os.path.join(os.path.dirname(path), tokenizer),
+                        dirs_exist_ok=True)
     read = lambda part, name: read_safetensors(os.path.join(folder, part, name))[0]
     config = lambda part: json.load(open(os.path.join(folder, part, "config.json")))
     state = to_ldm(read("unet", "diffusion_pytorch_model.safetensors"), config("unet"),
                    read("vae", "diffusion_pytorch_model.safetensors"), config("vae"),
                    read("text_encoder", "model.safetensors"), open_clip,
-                   np.random.default_rng(0) if extra_layer else None)
+                   np.random.default_rng(0) if extra_layer else None,
+                   read("text_encoder_2", "model.safetensors") if sdxl else None)
     save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, path)
     return path
 
 
 @pytest.fixture(scope="module")
-def files(tiny_dir, tmp_path_factory):
+def folders(tiny_dir, tiny_sdxl_dir):
+    return {"sd1": tiny_dir["sd1"], "sd2": tiny_dir["sd2"], "sdxl": tiny_sdxl_dir}
+
+
+@pytest.fixture(scope="module")
+def files(folders, tmp_path_factory):
     root = tmp_path_factory.mktemp("single")
-    (root / "sd1").mkdir(), (root / "sd2").mkdir()
-    return {"sd1": write_single_file(tiny_dir["sd1"], str(root / "sd1" / "sd1.safetensors")),
-            "sd2": write_single_file(tiny_dir["sd2"], str(root / "sd2" / "sd2.safetensors"), open_clip=True,
-                                     extra_layer=True)}
+    for name in folders:
+        (root / name).mkdir()
+    return {"sd1": write_single_file(folders["sd1"], str(root / "sd1" / "sd1.safetensors")),
+            "sd2": write_single_file(folders["sd2"], str(root / "sd2" / "sd2.safetensors"), open_clip=True,
+                                     extra_layer=True),
+            "sdxl": write_single_file(folders["sdxl"], str(root / "sdxl" / "sdxl.safetensors"))}
+
+
+@pytest.fixture(scope="module")
+def loaded(folders):
+    """{name: our Pipeline of the diffusers folder}."""
+    return {name: load_pipeline(folder, cache_dir=None) for name, folder in folders.items()}
 
 
 def _torch_state(module):
@@ -154,41 +178,61 @@ def _assert_same_weights(ours: dict, want: dict, what: str):
 
 
 @pytest.fixture(scope="module")
-def diffusers_loaded(files, tiny_dir):
-    """{name: StableDiffusionPipeline.from_single_file of files[name]} (configs from the folder)."""
-    from diffusers import StableDiffusionPipeline
+def diffusers_loaded(files, folders):
+    """{name: StableDiffusion(XL)Pipeline.from_single_file of files[name]} (configs from the folder)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    return {name: StableDiffusionPipeline.from_single_file(files[name], config=tiny_dir[name], local_files_only=True,
-                                                           safety_checker=None) for name in files}
+    return {name: (StableDiffusionXLPipeline.from_single_file(files[name], config=folders[name], local_files_only=True)
+                   if name == "sdxl" else StableDiffusionPipeline.from_single_file(
+                       files[name], config=folders[name], local_files_only=True, safety_checker=None))
+            for name in files}
 
 
-@pytest.mark.parametrize("name", ["sd1", "sd2"])
-def test_diffusers_from_single_file_reads_our_files_back_to_the_folder(diffusers_loaded, torch_pipe, name):
+def _parts(name):
+    return ("unet", "vae", "text_encoder", "text_encoder_2") if name == "sdxl" else ("unet", "vae", "text_encoder")
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd2", "sdxl"])
+def test_diffusers_from_single_file_reads_our_files_back_to_the_folder(diffusers_loaded, folders, name):
     """The inverse map above is right: diffusers' own single-file loader recovers every weight."""
-    for part in ("unet", "vae", "text_encoder"):
+    from diffusers import DiffusionPipeline
+
+    folder = DiffusionPipeline.from_pretrained(folders[name])
+    for part in _parts(name):
         _assert_same_weights(_torch_state(getattr(diffusers_loaded[name], part)),
-                             _torch_state(getattr(torch_pipe(name), part)), part)
+                             _torch_state(getattr(folder, part)), part)
 
 
-@pytest.mark.parametrize("name", ["sd1", "sd2"])
-def test_our_trees_equal_diffusers_single_file_weights(files, tiny_pipe, diffusers_loaded, name):
+@pytest.mark.parametrize("name", ["sd1", "sd2", "sdxl"])
+def test_our_trees_equal_diffusers_single_file_weights(files, loaded, diffusers_loaded, name):
     """As the fine-tuned model (configs from the pretrained folder) and as the pretrained model
     (configs read off the shapes): every weight equals what diffusers loads from the same file."""
-    finetuned = load_finetuned(tiny_pipe(name), files[name], cache_dir=None)
+    folder = loaded[name]
+    finetuned = load_finetuned(folder, files[name], cache_dir=None)
     assert detect_format(files[name]) == "single_file"
     reference = diffusers_loaded[name]
     pretrained = load_pipeline(files[name], cache_dir=None)
-    for model, parts in ((finetuned, ("unet", "text_encoder")), (pretrained, ("unet", "text_encoder", "vae"))):
+    for model, parts in ((finetuned, [p for p in _parts(name) if p != "vae"]), (pretrained, _parts(name))):
         for part in parts:
             _assert_same_weights(_flat_pytorch(getattr(model, part), vae=part == "vae"),
                                  _torch_state(getattr(reference, part)), part)
-    folder = tiny_pipe(name)
+            assert getattr(model, part).source == files[name]
     for field in ("block_out_channels", "layers_per_block", "down_block_types", "up_block_types",
-                  "cross_attention_dim", "in_channels", "out_channels"):
-        assert pretrained.unet.config[field] == folder.unet.config[field], field
-    assert pretrained.unet.config["use_linear_projection"] == (name == "sd2")
+                  "cross_attention_dim", "in_channels", "out_channels", "addition_embed_type",
+                  "addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+        assert pretrained.unet.config.get(field) == folder.unet.config.get(field), field
+    # Everything but the head counts (not in the weights: SD's conventions give the tiny models others).
+    assert [d.split(":")[0] for d in configs.differences("unet", folder.unet.config, pretrained.unet.config)] == \
+        ["attention_heads"]
+    assert pretrained.unet.config["use_linear_projection"] == (name != "sd1")
     assert pretrained.prediction_type == ("v_prediction" if name == "sd2" else "epsilon")
     assert pretrained.latent_scale == folder.latent_scale
+    assert pretrained.force_zeros_for_empty_prompt == folder.force_zeros_for_empty_prompt
+    if name == "sdxl":
+        assert pretrained.text_encoder_2.config["architectures"] == ["CLIPTextModelWithProjection"]
+        assert pretrained.text_encoder_2.config["projection_dim"] == folder.text_encoder_2.config["projection_dim"]
+        assert pretrained.tokenizer_2.pad_token == "!" and pretrained.scheduler_config["_class_name"] == \
+            "EulerDiscreteScheduler"
 
 
 def test_sd2_prediction_type_from_sidecar(tiny_dir, tmp_path):
@@ -200,18 +244,23 @@ def test_sd2_prediction_type_from_sidecar(tiny_dir, tmp_path):
     assert load_pipeline(path, cache_dir=None).prediction_type == "v_prediction"
 
 
-def test_refusals(files, tiny_dir, tiny_pipe, tmp_path):
+def test_refusals(files, loaded, tiny_dir, tiny_pipe, tmp_path):
     from safetensors.numpy import save_file
 
     # A fine-tune of another architecture: its weights do not fit the pretrained configs.
     with pytest.raises(CheckpointError, match="not a fine-tune of the pretrained model"):
         load_finetuned(tiny_pipe("sd1"), files["sd2"], cache_dir=None)
-    # SDXL's layout is named, not mis-read.
+    # An SDXL refiner's layout (OpenCLIP-G alone, as embedder 0) is named, not mis-read.
     xl = str(tmp_path / "xl.safetensors")
     save_file({"model.diffusion_model.x": np.zeros(1, np.float32),
-               "conditioner.embedders.0.transformer.x": np.zeros(1, np.float32)}, xl)
-    with pytest.raises(CheckpointError, match="SDXL"):
+               "conditioner.embedders.0.model.x": np.zeros(1, np.float32)}, xl)
+    with pytest.raises(CheckpointError, match="SDXL refiners are not supported"):
         load_pipeline(xl, cache_dir=None)
+    # SD 1.x weights as a fine-tune of SDXL, and SDXL's as a fine-tune of SD 1.x.
+    with pytest.raises(CheckpointError, match="not a fine-tune of the pretrained model"):
+        load_finetuned(loaded["sdxl"], files["sd1"], cache_dir=None)
+    with pytest.raises(CheckpointError, match="not a fine-tune of the pretrained model"):
+        load_finetuned(tiny_pipe("sd1"), files["sdxl"], cache_dir=None)
     # A pickled checkpoint only with allow_pickle, and then weights-only.
     import torch
 
@@ -265,8 +314,6 @@ def test_configs_inferred_from_real_shapes(family, unet, vae, text):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from finextract_jax.models import configs
-
     data = os.path.join(os.path.dirname(__file__), "data", "configs")
     load = lambda name: json.load(open(os.path.join(data, name)))
     shapes = lambda model: {k: np.broadcast_to(np.float16(0), tuple(v.shape)) for k, v in model.state_dict().items()}
@@ -275,7 +322,7 @@ def test_configs_inferred_from_real_shapes(family, unet, vae, text):
                        shapes(AutoencoderKL.from_config(load(vae))), load(vae),
                        shapes(CLIPTextModel(CLIPTextConfig.from_dict(load(text)))), open_clip=family == "sd2",
                        extra_layer_rng=np.random.default_rng(0) if family == "sd2" else None)
-    inferred = single_file.infer_configs("model.safetensors", state)
+    inferred = single_file_configs.infer_configs("model.safetensors", state)
     assert configs.differences("unet", load(unet), inferred["unet"]) == []
     assert configs.differences("text_encoder", load(text), inferred["text_encoder"]) == []
     assert inferred["unet"]["sample_size"] == load(unet)["sample_size"]

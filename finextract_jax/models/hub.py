@@ -4,7 +4,8 @@ A path that exists locally always wins; any other string shaped like a hub id is
 huggingface_hub into its usual cache ($HF_HUB_CACHE, else $HF_HOME/hub), downloading only what
 the loaders read: for a diffusers-layout model the configs, tokenizers and one weight file per
 component (in the order `weights.find_weights` prefers them; never safety_checker/ or the other
-weight formats), for a LoRA repo its one `.safetensors` file. The revision (a branch, tag or
+weight formats), for a LoRA repo its one `.safetensors` file, for a PEFT save its
+adapter_model.safetensors and adapter_config.json (at the top, or in unet/ and text_encoder[_2]/). The revision (a branch, tag or
 commit; `main` by default) is pinned to its commit once, so every file comes from the same
 commit, and the resolved path ends in `snapshots/<commit>/`, which `pinned_revision` reads back
 for run records. With HF_HUB_OFFLINE set (or the hub unreachable), the cached snapshot is used.
@@ -31,6 +32,7 @@ _PRETRAINED = {"unet": "diffusers", "vae": "diffusers", "text_encoder": "transfo
 _FINETUNED = {"unet": "diffusers", "text_encoder": "transformers", "text_encoder_2": "transformers"}
 _EXTRA_FILES = ("model_index.json", "scheduler/scheduler_config.json")
 _TOKENIZERS = ("tokenizer/", "tokenizer_2/")
+_PEFT_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +62,11 @@ def select_files(files: list, role: str, repo: str, file: str | None = None) -> 
         return Selection(selected, "")
     if role == "finetuned" and LORA_FILE in files:
         return Selection([LORA_FILE], LORA_FILE)
+    # PEFT's save_pretrained: adapter weights and the adapter_config.json giving their scales.
+    peft = [f for f in sorted(files) if f.rsplit("/", 1)[-1] in _PEFT_FILES
+            and ("/" not in f or f.split("/")[0] in _FINETUNED and f.count("/") == 1)]
+    if role == "finetuned" and any(f.endswith(_PEFT_FILES[0]) for f in peft):
+        return Selection(peft, "")
     top = sorted(f for f in files if "/" not in f and f.endswith(".safetensors"))
     if role == "finetuned" and len(top) == 1:
         return Selection(top, top[0])

@@ -30,7 +30,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from finextract_jax.errors import LoraError
-from finextract_jax.models import lora_deltas
+from finextract_jax.models import lora_deltas, single_file
 from finextract_jax.models.convert import flax_to_pytorch_key
 
 log = logging.getLogger(__name__)
@@ -82,9 +82,12 @@ def _split_key(key: str):
         if module.startswith(prefix):
             module = module[len(prefix):]
             break
-    else:
-        component = "unet"  # diffusers' attention-processor files carry no prefix
-    return component, module.removeprefix("base_model.model."), factor
+    else:  # one model's own save (diffusers' save_lora_adapter, attention processors): no prefix
+        component = None
+    module = module.removeprefix("base_model.model.")
+    if component is None:  # a CLIP text encoder's modules start with text_model., a UNet's never do
+        component = "text_encoder" if module.startswith("text_model.") else "unet"
+    return component, module, factor
 
 
 def _unknown_keys_error(unknown: list, source: str) -> LoraError:
@@ -149,17 +152,36 @@ def _metadata(metadata: dict, source: str) -> dict:
     return config if isinstance(config, dict) else {}
 
 
-def _alpha(factors: dict, config: dict, component: str, module: str):
-    """(alpha, whether rsLoRA scaling applies): the module's .alpha, else the metadata's, else None."""
-    rslora = bool(config.get(f"{component}.use_rslora"))
+def _component_configs(config: dict, components: set) -> dict:
+    """{component: its PEFT settings}: a pipeline save prefixes them (`unet.lora_alpha`); one model's
+    save (diffusers' save_lora_adapter) writes them bare, and they then belong to the file's one model."""
+    out = {c: {k[len(c) + 1:]: v for k, v in config.items() if k.startswith(c + ".")} for c in components}
+    bare = {k: v for k, v in config.items() if "." not in k}
+    if bare and len(components) == 1 and not any(out.values()):
+        out = {c: bare for c in components}
+    return out
+
+
+def _alpha(factors: dict, config: dict, module: str):
+    """(alpha, whether rsLoRA scaling applies): the module's .alpha, else the PEFT settings' (alpha_pattern,
+    then lora_alpha, or LoHa/LoKr's alpha), else None."""
+    rslora = bool(config.get("use_rslora"))
     if "alpha" in factors:
         return float(factors["alpha"]), rslora
-    patterns = config.get(f"{component}.alpha_pattern") or {}
+    patterns = config.get("alpha_pattern") or {}
     key = _pattern_key(patterns, module)
     if key is not None:
         return float(patterns[key]), rslora
-    alpha = config.get(f"{component}.lora_alpha")
+    alpha = config.get("lora_alpha", config.get("alpha"))
     return (None if alpha is None else float(alpha)), rslora
+
+
+def _configured_rank(config: dict, module: str):
+    """PEFT's r for a module (rank_pattern, then r): PEFT scales a LoKr update by alpha / r even when
+    neither of its factors is decomposed, where LyCORIS' own files, without settings, use scale 1."""
+    patterns = config.get("rank_pattern") or {}
+    key = _pattern_key(patterns, module)
+    return patterns[key] if key is not None else config.get("r")
 
 
 @dataclasses.dataclass
@@ -208,6 +230,10 @@ def _module_index(flat_params: dict) -> dict:
     return index
 
 
+def _layers_per_block(flat_unet: dict) -> int:
+    return len({key[1] for key in flat_unet if key[0] == "down_blocks_0" and key[1].startswith("resnets_")})
+
+
 def _torch_layout(kernel) -> np.ndarray:
     kernel = np.asarray(kernel, np.float32)
     return kernel.transpose(3, 2, 0, 1) if kernel.ndim == 4 else kernel.T
@@ -239,7 +265,7 @@ def resolve(tensors: dict, metadata: dict, unet_params: dict, text_params: dict,
             lora_scale: float = 1.0, text_encoder_2_params: dict | None = None) -> ResolvedLora:
     """Match an adapter state dict to the modules of our trees, with alpha/rank and scale folded in."""
     modules = group_modules(tensors, source)
-    config = _metadata(metadata, source)
+    configs = _component_configs(_metadata(metadata, source), {c for c, _ in modules})
     trees = {"unet": unet_params, "text_encoder": text_params, "text_encoder_2": text_encoder_2_params}
     second = sorted(m for c, m in modules if c == "text_encoder_2")
     if second and text_encoder_2_params is None:
@@ -251,6 +277,9 @@ def resolve(tensors: dict, metadata: dict, unet_params: dict, text_params: dict,
     unmatched, assumed_alpha = [], []
     for (component, module), factors in modules.items():
         path = indices[component].get(module)
+        if path is None and component == "unet":  # kohya's SDXL spelling: the original (SGM) UNet's names
+            sgm = single_file.kohya_sgm_module(module, _layers_per_block(flats["unet"]))
+            path = indices["unet"].get(sgm) if sgm else None
         if path is None:
             unmatched.append(f"{component}:{module}")
             continue
@@ -260,8 +289,9 @@ def resolve(tensors: dict, metadata: dict, unet_params: dict, text_params: dict,
                               or factors["up"].shape[1] != factors["down"].shape[0]):
             raise LoraError(f"{source}: {module}: LoRA shapes down {factors['down'].shape} / up {factors['up'].shape} "
                             f"do not fit the base layer {weight_shape}; was it made for another base model?")
-        rank = lora_deltas.RANKS[fmt](factors)
-        alpha, rslora = _alpha(factors, config, component, module)
+        config = configs[component]
+        rank = lora_deltas.RANKS[fmt](factors) or _configured_rank(config, module)
+        alpha, rslora = _alpha(factors, config, module)
         if rank is None:
             scale = lora_scale
         else:

@@ -24,14 +24,14 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from finextract_jax.errors import CheckpointError, ConfigMismatchError
 from finextract_jax.logs import quiet_orbax
 from finextract_jax.options import DTYPES
-from finextract_jax.models import components, configs, hub, lora, single_file
+from finextract_jax.models import components, configs, hub, lora, lora_files, single_file, single_file_configs
 from finextract_jax.models.convert import pytorch_to_flax
 from finextract_jax.models.weights import find_weights, read_json, read_msgpack, read_state_dict, to_float32
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = "1"
-LORA_FILE = "pytorch_lora_weights.safetensors"
+LORA_FILE = lora_files.LORA_FILE
 FINETUNED_FORMATS = ("auto", "full", "single_file", "lora")  # how --finetuned is read ("auto": detect_format)
 _FAMILY = {"unet": "diffusers", "vae": "diffusers", "text_encoder": "transformers"}
 _BUILDERS = {"unet": components.unet_from_config, "vae": components.vae_from_config,
@@ -281,33 +281,39 @@ def load_pipeline(path: str, dtype="float32", attention: str = "fused", allow_pi
 
 
 def _single_file_pipeline(path: str, dtype, attention: str, allow_pickle: bool) -> Pipeline:
-    """A pretrained single file in the original SD layout (models/single_file.py: configs read off
-    its shapes; the tokenizer from a tokenizer/ folder beside it, else SD's own from the HF cache)."""
+    """A pretrained single file in the original SD/SDXL layout (models/single_file_configs.py: configs
+    read off its shapes; tokenizers from tokenizer/ (tokenizer_2/) beside it, else SD's own from the HF cache)."""
     state = single_file.read(path, allow_pickle)
-    config = single_file.infer_configs(path, state)
-    build = lambda kind, pt_state: component_from_state(kind, config[kind], pt_state, path, dtype, attention)
-    vae = build("vae", single_file.vae_state(state)) if config["vae"] else None
-    sd2 = single_file.family(state) == "sd2"
-    return Pipeline(path, build("unet", single_file.unet_state(state)),
-                    build("text_encoder", single_file.text_encoder_state(state, config["text_encoder"]["num_hidden_layers"])),
-                    _single_file_tokenizer(path, sd2), vae, config["scheduler"])
+    config = single_file_configs.infer_configs(path, state)
+    states = single_file_configs.component_states(state, config)
+    build = lambda part: component_from_state(_KIND.get(part, part), config[part], states[part], path, dtype,
+                                              attention) if part in states else None
+    family = single_file.family(state)
+    sdxl = dict(text_encoder_2=build("text_encoder_2"), tokenizer_2=_single_file_tokenizer(path, family, "tokenizer_2"),
+                force_zeros_for_empty_prompt=config["force_zeros_for_empty_prompt"]) if family == "sdxl" else {}
+    return Pipeline(path, build("unet"), build("text_encoder"), _single_file_tokenizer(path, family), build("vae"),
+                    config["scheduler"], **sdxl)
 
 
+_KIND = {"text_encoder_2": "text_encoder"}
 # The tokenizers SD's single files were trained with (as diffusers' from_single_file loads them).
-_SD_TOKENIZERS = {False: ("openai/clip-vit-large-patch14", ""), True: ("stabilityai/stable-diffusion-2-1", "tokenizer")}
+_SD_TOKENIZERS = {("sd1", "tokenizer"): ("openai/clip-vit-large-patch14", ""),
+                  ("sd2", "tokenizer"): ("stabilityai/stable-diffusion-2-1", "tokenizer"),
+                  ("sdxl", "tokenizer"): ("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer"),
+                  ("sdxl", "tokenizer_2"): ("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer_2")}
 
 
-def _single_file_tokenizer(path: str, sd2: bool):
-    beside = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer")
+def _single_file_tokenizer(path: str, family: str, folder: str = "tokenizer"):
+    beside = os.path.join(os.path.dirname(os.path.abspath(path)), folder)
     if os.path.isdir(beside):
         return load_tokenizer(beside)
     from transformers import CLIPTokenizer
 
-    repo, subfolder = _SD_TOKENIZERS[sd2]
+    repo, subfolder = _SD_TOKENIZERS[family, folder]
     try:
         return CLIPTokenizer.from_pretrained(repo, subfolder=subfolder)
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: a single file holds no tokenizer; put the model's tokenizer/ folder beside "
+        raise CheckpointError(f"{path}: a single file holds no tokenizer; put the model's {folder}/ folder beside "
                               f"it, or make {repo} reachable through the Hugging Face cache "
                               f"({str(err).splitlines()[0]})") from None
 
@@ -347,11 +353,12 @@ def detect_format(path: str) -> str:
             return "lora"
         raise CheckpointError(f"{path}: a single file must be a LoRA .safetensors file or an SD checkpoint "
                               "(.safetensors, or .ckpt with --allow_pickle)")
-    if os.path.isfile(os.path.join(path, LORA_FILE)):
+    if lora_files.is_adapter_folder(path):  # diffusers' LoRA file, or PEFT's adapter_model + adapter_config
         return "lora"
     if os.path.isdir(os.path.join(path, "unet")):
         return "full"
-    raise CheckpointError(f"{path}: has neither unet/ nor {LORA_FILE}; expected a fine-tuned SD folder or a LoRA")
+    raise CheckpointError(f"{path}: has neither unet/ nor {LORA_FILE} nor a PEFT adapter_model; expected a "
+                          "fine-tuned SD folder or a LoRA")
 
 
 def load_finetuned(pretrained: Pipeline, path: str, finetuned_format: str = "auto", lora_mode: str = "merged",
@@ -400,8 +407,7 @@ def load_finetuned(pretrained: Pipeline, path: str, finetuned_format: str = "aut
         raise CheckpointError(f"unknown finetuned_format {finetuned_format!r}; use {', '.join(FINETUNED_FORMATS)}")
     if lora_mode not in ("merged", "unmerged"):
         raise CheckpointError(f"unknown lora_mode {lora_mode!r}; use merged or unmerged")
-    file = os.path.join(path, LORA_FILE) if os.path.isdir(path) else path
-    tensors, metadata = read_state_dict(file, allow_pickle)
+    tensors, metadata, file = lora_files.read_adapter(path, allow_pickle)
     second = pretrained.text_encoder_2
     resolved = lora.resolve(tensors, metadata, pretrained.unet.params, pretrained.text_encoder.params, file,
                             lora_scale, text_encoder_2_params=second.params if second else None)
@@ -428,15 +434,17 @@ def _single_file_finetune(pretrained: Pipeline, path: str, dtype, attention: str
     weight must fit them (the file's UNet and text encoder replace the pretrained ones; its VAE, if
     any, is not used, as for a fine-tuned folder)."""
     state = single_file.read(path, allow_pickle)
-    text_state = single_file.text_encoder_state(state, pretrained.text_encoder.config.get("num_hidden_layers"))
+    configs_ = {"unet": pretrained.unet.config, "text_encoder": pretrained.text_encoder.config,
+                "text_encoder_2": pretrained.text_encoder_2.config if pretrained.text_encoder_2 else None}
+    states = single_file_configs.component_states(state, configs_)
     try:
-        unet = component_from_state("unet", pretrained.unet.config, single_file.unet_state(state), path, dtype,
-                                    attention)
-        text_encoder = component_from_state("text_encoder", pretrained.text_encoder.config, text_state, path, dtype) \
-            if text_state else pretrained.text_encoder
+        parts = {part: component_from_state(_KIND.get(part, part), configs_[part], pt_state, path, dtype, attention)
+                 for part, pt_state in states.items() if pt_state}
     except CheckpointError as err:
         raise ConfigMismatchError(f"not a fine-tune of the pretrained model: {err}") from None
-    return dataclasses.replace(pretrained, path=path, unet=unet, text_encoder=text_encoder, unet_lora=None)
+    if "unet" not in parts:
+        raise CheckpointError(f"{path}: holds no UNet weights")
+    return dataclasses.replace(pretrained, path=path, unet_lora=None, **parts)
 
 
 def tokenize(tokenizer, prompts) -> np.ndarray:

@@ -1,20 +1,19 @@
-"""Single-file checkpoints in the original Stable Diffusion (LDM) layout, without torch.
+"""Single-file checkpoints in the original Stable Diffusion (LDM / SGM) layout, without torch.
 
 One `.safetensors` (or, allowed explicitly, a weights-only `.ckpt`) holding
-`model.diffusion_model.*` (UNet), `first_stage_model.*` (VAE) and the text encoder: SD 1.x's
-`cond_stage_model.transformer.*` (a transformers CLIPTextModel already) or SD 2.x's OpenCLIP
-`cond_stage_model.model.*`. Here: the renaming to diffusers' PyTorch names, as diffusers'
-`loaders/single_file_utils.py` does it (convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
-convert_ldm_clip_checkpoint, convert_open_clip_checkpoint). diffusers' functions are not called:
-that module imports torch at the top, and the library reads safetensors without torch. The map is
-checked key by key against `from_single_file` in tests/test_single_file.py.
+`model.diffusion_model.*` (UNet), `first_stage_model.*` (VAE) and the text encoders: SD 1.x's
+`cond_stage_model.transformer.*` (a transformers CLIPTextModel already), SD 2.x's OpenCLIP
+`cond_stage_model.model.*`, or SDXL's (SGM layout) CLIP-L `conditioner.embedders.0.transformer.*`
+and OpenCLIP-G `conditioner.embedders.1.model.*`. Here: the renaming to diffusers' PyTorch names,
+as diffusers' `loaders/single_file_utils.py` does it (convert_ldm_unet_checkpoint,
+convert_ldm_vae_checkpoint, convert_ldm_clip_checkpoint, convert_open_clip_checkpoint). diffusers'
+functions are not called: that module imports torch at the top, and the library reads
+safetensors without torch. The map is checked key by key against `from_single_file`
+(StableDiffusionPipeline's and StableDiffusionXLPipeline's) in tests/test_single_file.py.
+kohya's SDXL LoRA files name UNet modules in this layout too (`kohya_sgm_module`).
 
-For a single file used as the *pretrained* model, `infer_configs` reads the configs off the
-shapes, with SD's conventions for what shapes do not say (README, "Checkpoints we read"):
-head counts (SD 1.x: 8 heads; SD 2.x, linear projections: 64 channels per head), CLIP's 64-wide
-heads, and the prediction type: a sidecar `<file>.yaml` (the original LDM config, as A1111 and
-diffusers' `original_config` use it) saying `parameterization: "v"`, else SD 1.x epsilon and
-SD 2.x v-prediction (SD 2-base, an epsilon model, needs the sidecar).
+For a single file used as the *pretrained* model, single_file_configs.py reads the configs off
+the shapes.
 """
 from __future__ import annotations
 
@@ -34,25 +33,19 @@ VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x
 OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x
 SDXL_MARKER = "conditioner.embedders."
-# Keys of the original layout that are not weights of the three models (EMA copies, the schedule
-# buffers, OpenCLIP's parts CLIPTextModel does not have).
-_OPEN_CLIP_UNUSED = ("text_projection", "logit_scale", "attn_mask")
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."  # SDXL's CLIP-L (a CLIPTextModel already)
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL's OpenCLIP-G (with its text projection)
+# OpenCLIP's parts CLIPTextModel does not have (SDXL's text_encoder_2 keeps text_projection).
+_OPEN_CLIP_UNUSED = ("logit_scale", "attn_mask")
 
 _UNET_TOP = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+             "label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2",  # SDXL
              "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out"}
 _UNET_RESNET = (("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("out_layers.0", "norm2"),
                 ("out_layers.3", "conv2"), ("emb_layers.1", "time_emb_proj"), ("skip_connection", "conv_shortcut"))
 _VAE_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 _OPEN_CLIP_LAYER = (("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"),
                     ("mlp.c_proj", "mlp.fc2"), ("attn.out_proj", "self_attn.out_proj"))
-
-# SD's training noise schedule (the scheduler configs of SD 1.5 and 2.1, which diffusers'
-# from_single_file takes its schedulers from).
-SD_SCHEDULER = {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
-                "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
-                "steps_offset": 1, "clip_sample": False, "skip_prk_steps": True, "trained_betas": None,
-                "timestep_spacing": "leading"}
-SD_LATENT_SCALE = 0.18215
 
 
 def is_single_file(path: str) -> bool:
@@ -74,11 +67,13 @@ def is_single_file(path: str) -> bool:
 
 
 def read(path: str, allow_pickle: bool = False) -> dict:
-    """The file's state dict as numpy arrays; refuses what is not an SD 1.x/2.x single file."""
+    """The file's state dict as numpy arrays; refuses what is not an SD 1.x/2.x/XL single file."""
     state, _ = read_state_dict(path, allow_pickle)
-    if any(k.startswith(SDXL_MARKER) for k in state):
-        raise CheckpointError(f"{path}: an SDXL single-file checkpoint; convert it to the diffusers layout "
-                              "(only SD 1.x/2.x single files are read)")
+    sdxl_text = {k[len(SDXL_MARKER):].split(".", 2)[1] for k in state if k.startswith(SDXL_MARKER)}
+    if sdxl_text and not any(k.startswith((SDXL_CLIP_PREFIX, SDXL_OPEN_CLIP_PREFIX)) for k in state):
+        raise CheckpointError(f"{path}: an SDXL checkpoint whose text encoders are not SDXL base's (CLIP-L as "
+                              f"{SDXL_CLIP_PREFIX}*, OpenCLIP-G as {SDXL_OPEN_CLIP_PREFIX}*); SDXL refiners are not "
+                              "supported")
     if not any(k.startswith(UNET_PREFIX) for k in state):
         raise CheckpointError(f"{path}: no {UNET_PREFIX}* keys; not a Stable Diffusion checkpoint in the "
                               "original layout")
@@ -131,6 +126,24 @@ def _unet_key(key: str, layers: int) -> str:
     return f"up_blocks.{block}.attentions.{layer}.{rest}"
 
 
+# kohya's LoRA module names for the original UNet (its SDXL trainer's): the names above with "_" for ".".
+_KOHYA_SGM = re.compile(r"^(time_embed|label_emb_0|out|input_blocks_\d+|middle_block|output_blocks_\d+)_(\d+)(?:_(.+))?$")
+_KOHYA_SGM_RESNET = re.compile(r"^(in_layers|out_layers|emb_layers)_(\d+)$")
+
+
+def kohya_sgm_module(name: str, layers_per_block: int) -> str | None:
+    """A kohya LoRA module in the original UNet's naming (`input_blocks_4_1_transformer_blocks_0_attn1_to_q`,
+    `middle_block_0_in_layers_2`) -> the diffusers module, written with "_" as kohya writes those
+    (`down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q`); None for other names."""
+    m = _KOHYA_SGM.match(name)
+    if not m:
+        return None
+    head = re.sub(r"_(\d+)$", r".\1", m.group(1))
+    tail = _KOHYA_SGM_RESNET.sub(r"\1.\2", m.group(3) or "")
+    key = ".".join(part for part in (head, m.group(2), tail) if part) + ".weight"
+    return _unet_key(key, layers_per_block)[: -len(".weight")].replace(".", "_")
+
+
 def unet_state(state: dict) -> dict:
     """`model.diffusion_model.*` -> diffusers UNet2DConditionModel names (EMA copies left out)."""
     unet = _strip(state, UNET_PREFIX)
@@ -168,25 +181,21 @@ def vae_state(state: dict) -> dict:
     return out
 
 
-def text_encoder_state(state: dict, num_layers: int | None = None) -> dict:
-    """The text encoder as transformers CLIPTextModel names ({} when the file has none).
-
-    SD 1.x's is a CLIPTextModel already. SD 2.x's OpenCLIP transformer is renamed and its fused
-    attention input projection split into q, k, v; SD 2.x conditions on the penultimate layer, so
-    resblocks from `num_layers` on (the config's num_hidden_layers, 23 of 24) are left out.
-    """
-    clip = _strip(state, CLIP_PREFIX)
-    if clip:
-        return clip
-    open_clip = _strip(state, OPEN_CLIP_PREFIX)
+def _open_clip_state(open_clip: dict, num_layers: int | None) -> dict:
+    """OpenCLIP's text transformer as transformers CLIP names: the fused attention input projection
+    split into q, k, v; resblocks from `num_layers` on left out; `text_projection` (x @ P) as the
+    Linear weight P.T of CLIPTextModelWithProjection (dropped by callers that have no projection)."""
+    top = {"token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+           "positional_embedding": "text_model.embeddings.position_embedding.weight",
+           "ln_final.weight": "text_model.final_layer_norm.weight",
+           "ln_final.bias": "text_model.final_layer_norm.bias"}
     out = {}
     for key, value in open_clip.items():
         if key in _OPEN_CLIP_UNUSED:
             continue
-        top = {"token_embedding.weight": "text_model.embeddings.token_embedding.weight",
-               "positional_embedding": "text_model.embeddings.position_embedding.weight",
-               "ln_final.weight": "text_model.final_layer_norm.weight",
-               "ln_final.bias": "text_model.final_layer_norm.bias"}
+        if key == "text_projection":
+            out["text_projection.weight"] = np.asarray(value).T
+            continue
         if key in top:
             out[top[key]] = value
             continue
@@ -211,101 +220,32 @@ def text_encoder_state(state: dict, num_layers: int | None = None) -> dict:
     return out
 
 
+def text_encoder_state(state: dict, num_layers: int | None = None) -> dict:
+    """The (first) text encoder as transformers CLIPTextModel names ({} when the file has none).
+
+    SD 1.x's and SDXL's CLIP-L are CLIPTextModels already. SD 2.x's OpenCLIP transformer is renamed
+    (`_open_clip_state`); SD 2.x conditions on the penultimate layer, so resblocks from `num_layers`
+    on (the config's num_hidden_layers, 23 of 24) are left out, and so is its unused projection.
+    """
+    clip = _strip(state, CLIP_PREFIX) or _strip(state, SDXL_CLIP_PREFIX)
+    if clip:
+        return clip
+    out = _open_clip_state(_strip(state, OPEN_CLIP_PREFIX), num_layers)
+    out.pop("text_projection.weight", None)
+    return out
+
+
+def text_encoder_2_state(state: dict) -> dict:
+    """SDXL's OpenCLIP-G as CLIPTextModelWithProjection names, every layer ({} when the file has none)."""
+    return _open_clip_state(_strip(state, SDXL_OPEN_CLIP_PREFIX), None)
+
+
 def family(state: dict) -> str:
-    """'sd1' (CLIP text encoder, conv projections) or 'sd2' (OpenCLIP, linear projections)."""
+    """'sd1' (CLIP text encoder, conv projections), 'sd2' (OpenCLIP, linear projections) or 'sdxl'
+    (both text encoders, the UNet's text_time embedding `label_emb`)."""
+    if any(k.startswith((SDXL_MARKER, UNET_PREFIX + "label_emb.")) for k in state):
+        return "sdxl"
     if any(k.startswith(OPEN_CLIP_PREFIX) for k in state):
         return "sd2"
     proj = [v for k, v in state.items() if k.startswith(UNET_PREFIX) and k.endswith(".proj_in.weight")]
     return "sd2" if proj and np.ndim(proj[0]) == 2 else "sd1"
-
-
-def _count(keys, pattern: str) -> int:
-    return len({m.group(1) for k in keys if (m := re.match(pattern, k))})
-
-
-def _unet_config(unet: dict, sd2: bool, sample_size: int) -> dict:
-    keys = list(unet)
-    levels = _count(keys, r"down_blocks\.(\d+)\.")
-    channels = [int(unet[f"down_blocks.{b}.resnets.0.conv1.weight"].shape[0]) for b in range(levels)]
-    has_attention = lambda part, b: any(k.startswith(f"{part}.{b}.attentions.") for k in keys)
-    cross = next(v.shape[1] for k, v in unet.items() if k.endswith("attn2.to_k.weight"))
-    depth = [_count(keys, rf"down_blocks\.{b}\.attentions\.0\.transformer_blocks\.(\d+)\.") or 1 for b in range(levels)]
-    return {
-        "_class_name": "UNet2DConditionModel", "sample_size": sample_size,
-        "in_channels": int(unet["conv_in.weight"].shape[1]), "out_channels": int(unet["conv_out.weight"].shape[0]),
-        "block_out_channels": channels, "layers_per_block": _count(keys, r"down_blocks\.0\.resnets\.(\d+)\."),
-        "down_block_types": ["CrossAttnDownBlock2D" if has_attention("down_blocks", b) else "DownBlock2D"
-                             for b in range(levels)],
-        "up_block_types": ["CrossAttnUpBlock2D" if has_attention("up_blocks", b) else "UpBlock2D"
-                           for b in range(levels)],
-        "cross_attention_dim": int(cross), "use_linear_projection": sd2,
-        "attention_head_dim": [max(1, c // 64) for c in channels] if sd2 else 8,
-        "transformer_layers_per_block": depth if len(set(depth)) > 1 else depth[0],
-    }
-
-
-def _vae_config(vae: dict, sample_size: int) -> dict:
-    keys = list(vae)
-    levels = _count(keys, r"encoder\.down_blocks\.(\d+)\.")
-    return {
-        "_class_name": "AutoencoderKL", "in_channels": int(vae["encoder.conv_in.weight"].shape[1]),
-        "out_channels": int(vae["decoder.conv_out.weight"].shape[0]),
-        "block_out_channels": [int(vae[f"encoder.down_blocks.{b}.resnets.0.conv1.weight"].shape[0])
-                               for b in range(levels)],
-        "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
-        "layers_per_block": _count(keys, r"encoder\.down_blocks\.0\.resnets\.(\d+)\."),
-        "latent_channels": int(vae["post_quant_conv.weight"].shape[0]), "norm_num_groups": 32,
-        "sample_size": sample_size, "scaling_factor": SD_LATENT_SCALE,
-    }
-
-
-def _text_encoder_config(text: dict, sd2: bool) -> dict:
-    keys = list(text)
-    hidden = int(text["text_model.embeddings.token_embedding.weight"].shape[1])
-    return {
-        "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "hidden_size": hidden,
-        "vocab_size": int(text["text_model.embeddings.token_embedding.weight"].shape[0]),
-        "max_position_embeddings": int(text["text_model.embeddings.position_embedding.weight"].shape[0]),
-        "intermediate_size": int(text["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0]),
-        "num_hidden_layers": _count(keys, r"text_model\.encoder\.layers\.(\d+)\."),
-        "num_attention_heads": max(1, hidden // 64), "hidden_act": "gelu" if sd2 else "quick_gelu",
-        "layer_norm_eps": 1e-5, "projection_dim": 512,  # unused by CLIPTextModel; transformers' default
-    }
-
-
-def prediction_type(path: str, sd2: bool) -> str:
-    """From the sidecar `<file>.yaml` (LDM config: model.params.parameterization), else SD 1.x
-    epsilon and SD 2.x v-prediction (the 768-v models; SD 2-base needs the sidecar)."""
-    sidecar = os.path.splitext(path)[0] + ".yaml"
-    if os.path.isfile(sidecar):
-        import yaml
-
-        try:
-            with open(sidecar) as f:
-                params = ((yaml.safe_load(f) or {}).get("model") or {}).get("params") or {}
-        except (yaml.YAMLError, AttributeError, OSError) as err:
-            raise CheckpointError(f"{sidecar}: not a readable LDM config ({err})") from None
-        return "v_prediction" if params.get("parameterization") == "v" else "epsilon"
-    if sd2:
-        log.info("%s: SD 2.x single file without a %s sidecar: v-prediction assumed (SD 2.x 768-v); put its LDM "
-                 "config (parameterization: eps) beside it for an epsilon model", path, os.path.basename(sidecar))
-        return "v_prediction"
-    return "epsilon"
-
-
-def infer_configs(path: str, state: dict) -> dict:
-    """{'unet', 'vae', 'text_encoder', 'scheduler'} configs for a pretrained single file (module doc)."""
-    sd2 = family(state) == "sd2"
-    prediction = prediction_type(path, sd2)
-    size = 96 if sd2 and prediction == "v_prediction" else 64  # 768 px for SD 2.x-v, else 512 px
-    unet = unet_state(state)
-    text_open_clip = text_encoder_state(state)
-    if not text_open_clip:
-        raise CheckpointError(f"{path}: has no text encoder ({CLIP_PREFIX}* or {OPEN_CLIP_PREFIX}*); as the "
-                              "pretrained model a single file must hold the whole pipeline")
-    text_config = _text_encoder_config(text_open_clip, sd2)
-    if sd2:  # SD 2.x conditions on OpenCLIP's penultimate layer
-        text_config["num_hidden_layers"] -= 1
-    vae = vae_state(state)
-    return {"unet": _unet_config(unet, sd2, size), "vae": _vae_config(vae, size * 8) if vae else None,
-            "text_encoder": text_config, "scheduler": dict(SD_SCHEDULER, prediction_type=prediction)}
