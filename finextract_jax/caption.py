@@ -24,9 +24,10 @@ Why `gain` by default: `advantage` also rewards prompts under which the *pretrai
 denoises the images badly, which has nothing to do with the caption; on the analytic fine-tunes
 of the tests it turns 'a sks toy' into 'a sks quality' where `gain` is exact.
 
-All prompts of a step are scored by one jitted function over (prompts x pairs) batches: token-id
-rows are built directly from the candidates' ids, encoded by the text encoder inside the same jit,
-and fed to both UNets. For a real 49k-token vocabulary, a screening stage scores every
+All prompts of a step are scored by one jitted function over (prompts x pairs) batches
+(caption_scoring.py): token-id rows are built directly from the candidates' ids, encoded by the
+text encoder(s) inside the same jit (SDXL: both, with the pooled embedding and the generated
+size's time ids), and fed to both UNets. For a real 49k-token vocabulary, a screening stage scores every
 candidate on a few pairs and keeps the best `keep` for the full set of pairs.
 """
 from __future__ import annotations
@@ -43,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from finextract_jax.caption_scoring import PromptScorer, prompt_scores, token_rows  # noqa: F401 - re-exported
 from finextract_jax.errors import InputError
 from finextract_jax.options import check_choices, option
 from finextract_jax.noise_schedule import add_noise, alphas_cumprod_from_config, training_target
@@ -104,10 +106,11 @@ class CaptionResult:
     num_candidates: int
     seconds: float
     config: dict
+    sdxl: dict | None = None  # SDXL: the micro-conditioning the prompts were scored under
 
     def to_json(self) -> dict:
         return {"caption": self.caption, "steps": self.steps, "num_candidates": self.num_candidates,
-                "seconds": round(self.seconds, 3), "settings": self.config}
+                "seconds": round(self.seconds, 3), "settings": self.config, **({"sdxl": self.sdxl} if self.sdxl else {})}
 
 
 # ---- candidates ----------------------------------------------------------------------------
@@ -144,17 +147,6 @@ def candidate_words(tokenizer, max_candidates: int = 0, extra_words: Sequence[st
     if not words:
         raise InputError("the tokenizer has no whole-word tokens to use as caption candidates")
     return words
-
-
-def token_rows(tokenizer, sequences: Sequence[Sequence[int]]) -> np.ndarray:
-    """[n, max_length] int32 rows bos + ids + eos + padding, as `tokenize` would give for the text."""
-    length = tokenizer.model_max_length
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows = np.full((len(sequences), length), pad, np.int32)
-    for row, ids in enumerate(sequences):
-        ids = [tokenizer.bos_token_id] + list(ids)[:length - 2] + [tokenizer.eos_token_id]
-        rows[row, :len(ids)] = ids
-    return rows
 
 
 # ---- images and noisy pairs ------------------------------------------------------------------
@@ -221,71 +213,6 @@ def make_pairs(x0: np.ndarray, timesteps, draws: int, seed: int, alphas: np.ndar
     t = grid[:, 1].astype(np.int32)
     target = training_target(clean, noise, alphas[t], prediction_type)
     return np.asarray(add_noise(clean, noise, alphas[t]), np.float32), t, np.asarray(target, np.float32)
-
-
-# ---- the batched scorer -----------------------------------------------------------------------
-
-
-class PromptScorer:
-    """Squared errors of both models for many prompts x many pairs, by one jitted function."""
-
-    def __init__(self, pretrained, finetuned, pairs, batch_size: int, need_pretrained: bool = True):
-        self.noisy, self.t, self.target = (jnp.asarray(a) for a in pairs)
-        self.batch_size = batch_size
-        self.need_pretrained = need_pretrained
-        self.shared_text = finetuned.text_encoder is pretrained.text_encoder
-        self.text = {"ft": finetuned.text_encoder.params}
-        if need_pretrained and not self.shared_text:
-            self.text["pre"] = pretrained.text_encoder.params
-        self.unets = {"ft": finetuned.unet_variables()}
-        if need_pretrained:
-            self.unets["pre"] = pretrained.unet_variables()
-        self._fn = _error_function(finetuned.text_encoder.module, finetuned.unet.module,
-                                   pretrained.unet.module if need_pretrained else None, self.shared_text)
-
-    def errors(self, rows: np.ndarray, pairs: slice = slice(None)):
-        """(E_ft [n, R'], E_pre [n, R'] or None) for token rows [n, L] on pairs[pairs]."""
-        noisy, t, target = self.noisy[pairs], self.t[pairs], self.target[pairs]
-        per_call = max(1, self.batch_size // noisy.shape[0])
-        count = len(rows)
-        padded = np.concatenate([rows, np.repeat(rows[-1:], (-count) % per_call, 0)])
-        ft, pre = [], []
-        for start in range(0, len(padded), per_call):
-            e_ft, e_pre = self._fn(self.text, self.unets, jnp.asarray(padded[start:start + per_call]), noisy, t,
-                                   target)
-            ft.append(e_ft)
-            pre.append(e_pre)
-        ft = np.concatenate([np.asarray(e) for e in ft])[:count]
-        pre = np.concatenate([np.asarray(e) for e in pre])[:count] if self.need_pretrained else None
-        return ft, pre
-
-
-@functools.lru_cache(maxsize=8)
-def _error_function(text_module, unet_ft, unet_pre, shared_text: bool):
-    def run(text, unets, ids, noisy, t, target):
-        k, r = ids.shape[0], noisy.shape[0]
-        tile = lambda a: jnp.tile(a, (k,) + (1,) * (a.ndim - 1))
-
-        def errors(context, variables, unet):
-            context = jnp.repeat(context, r, axis=0)
-            out = unet.apply(variables, tile(noisy), tile(t), context.astype(unet.dtype))
-            return jnp.mean((out.astype(jnp.float32) - tile(target)) ** 2, axis=tuple(range(1, out.ndim))).reshape(k, r)
-
-        context_ft = text_module(ids, params=text["ft"], train=False)[0]
-        e_ft = errors(context_ft, unets["ft"], unet_ft)
-        if unet_pre is None:
-            return e_ft, jnp.zeros((), jnp.float32)
-        context_pre = context_ft if shared_text else text_module(ids, params=text["pre"], train=False)[0]
-        return e_ft, errors(context_pre, unets["pre"], unet_pre)
-
-    return jax.jit(run)
-
-
-def prompt_scores(score: str, e_ft, e_pre, normalizer) -> np.ndarray:
-    """Per-prompt score (higher: the fine-tuned model recognises the prompt more), [n]."""
-    if score == "advantage":
-        return np.mean((e_pre - e_ft) / normalizer, axis=1)
-    return np.mean((normalizer - e_ft) / normalizer, axis=1)
 
 
 # ---- the search ----------------------------------------------------------------------------
@@ -421,7 +348,8 @@ def recover_caption(pretrained, finetuned, images=None, config: CaptionConfig | 
         if not changed:
             break
     caption = " ".join(best.words)
-    return CaptionResult(caption, steps, len(candidates), time.perf_counter() - start, config.record())
+    return CaptionResult(caption, steps, len(candidates), time.perf_counter() - start, config.record(),
+                         select.micro.to_json() if select.micro else None)
 
 
 def _offset(beam: _Beam, candidates, position: int) -> int:

@@ -108,14 +108,27 @@ def resize_shorter(image: Image.Image, size: int) -> Image.Image:
     return image if new == (w, h) else image.resize(new, Image.BILINEAR)
 
 
+def center_crop_origin(width: int, height: int, size: int) -> tuple[int, int]:
+    """(top, left) of the centre `size` x `size` square of a width x height image."""
+    return int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+
+
 def center_crop(image: Image.Image, size: int) -> Image.Image:
     """The centre `size` x `size` square."""
-    w, h = image.size
-    left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
+    top, left = center_crop_origin(*image.size, size)
     return image.crop((left, top, left + size, top + size))
+
+
+def load_square_and_geometry(path: str, resolution: int) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+    """`load_square`'s image, with the file's (height, width) and the (top, left) of the crop in the
+    resized image (what SDXL's micro-conditioning is trained on)."""
+    image = load_rgb(path)
+    resized = resize_shorter(image, resolution)
+    square = np.asarray(center_crop(resized, resolution), dtype=np.uint8)
+    return square, (image.height, image.width), center_crop_origin(*resized.size, resolution)
 
 
 def load_square(path: str, resolution: int) -> np.ndarray:
     """An image file under the intake rules, shorter side resized to `resolution` and centre-cropped:
     uint8 [R, R, 3] (what fine-tuning trains on and caption recovery scores)."""
-    return np.asarray(center_crop(resize_shorter(load_rgb(path), resolution), resolution), dtype=np.uint8)
+    return load_square_and_geometry(path, resolution)[0]

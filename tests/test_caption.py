@@ -36,8 +36,8 @@ class MemorizingUNet:
     def __init__(self, base, tau: float = 0.1):
         self.base, self.tau, self.dtype = base, tau, base.dtype
 
-    def apply(self, variables, x, t, context):
-        base = self.base.apply({"params": variables["params"]}, x, t, context)
+    def apply(self, variables, x, t, context, **sdxl_kwargs):
+        base = self.base.apply({"params": variables["params"]}, x, t, context, **sdxl_kwargs)
         memory = variables["memory"]
         a = memory["alphas"][t].reshape(-1, 1, 1, 1)
         x0 = memory["x0"]
@@ -49,6 +49,15 @@ class MemorizingUNet:
         return mix * eps + (1 - mix) * base
 
 
+def _context(pipe, caption):
+    """The UNet's context of `caption` ([77, d]; SDXL: both encoders', see models/sdxl.py)."""
+    from finextract_jax.models import sdxl
+
+    if sdxl.is_sdxl(pipe):
+        return sdxl.encode_prompts(pipe, [caption])[0][0]
+    return encode_prompts(pipe.text_encoder, pipe.tokenizer, [caption])[0]
+
+
 class _Finetuned:
     """A Pipeline stand-in whose UNet is a MemorizingUNet of `caption` on `pixels`."""
 
@@ -58,7 +67,7 @@ class _Finetuned:
         self._pipe = pretrained
         self.unet = dataclasses.replace(pretrained.unet, module=MemorizingUNet(pretrained.unet.module, tau))
         self._memory = {"x0": jnp.asarray(caption_lib.images_to_model_space(pretrained, pixels)),
-                        "context": encode_prompts(pretrained.text_encoder, pretrained.tokenizer, [caption])[0],
+                        "context": _context(pretrained, caption),
                         "alphas": jnp.asarray(caption_lib.alphas_cumprod(pretrained))}
 
     def __getattr__(self, name):

@@ -21,11 +21,21 @@ METADATA_FILE = "metadata.csv"
 
 @dataclasses.dataclass
 class TrainSet:
-    """Training images as float32 NCHW in [-1, 1], with one caption per image."""
+    """Training images as float32 NCHW in [-1, 1], with one caption per image, and where each was
+    cut from (SDXL's micro-conditioning; default: images already R x R)."""
 
     pixels: np.ndarray  # [N, 3, R, R]
     captions: list
     files: list
+    original_sizes: list | None = None  # (height, width) of each file
+    crop_top_lefts: list | None = None  # (top, left) of each centre crop in the resized image
+
+    def __post_init__(self):
+        resolution = self.pixels.shape[-1]
+        if self.original_sizes is None:
+            self.original_sizes = [(resolution, resolution)] * len(self.files)
+        if self.crop_top_lefts is None:
+            self.crop_top_lefts = [(0, 0)] * len(self.files)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -80,6 +90,7 @@ def load_train_set(train_dir: str, resolution: int, caption: str | None = None) 
             captions.append(caption)
         else:
             raise InputError(f"{name} has no caption: pass --caption or list it in {METADATA_FILE}")
-    images = np.stack([imageio.load_square(os.path.join(train_dir, name), resolution) for name in files])
-    pixels = images.astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
-    return TrainSet(pixels, captions, files)
+    images, sizes, crops = zip(*(imageio.load_square_and_geometry(os.path.join(train_dir, name), resolution)
+                                 for name in files))
+    pixels = np.stack(images).astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
+    return TrainSet(pixels, captions, files, list(sizes), list(crops))

@@ -6,8 +6,9 @@
   pretrained weights are Flax msgpack), so the folder loads on its own with
   `StableDiffusionPipeline.from_pretrained` as well as with `load_finetuned`.
 - LoRA: `pytorch_lora_weights.safetensors` with diffusers/PEFT keys and the adapter metadata
-  (rank, alpha, target modules) that diffusers' `save_lora_weights` writes, plus an `OWNER_KEY`
-  entry by which a rerun knows the file is its own to replace.
+  (rank, alpha, target modules) that diffusers' `save_lora_weights` writes (SDXL's second text
+  encoder under `text_encoder_2.`, as `StableDiffusionXLPipeline.save_lora_weights` writes it), plus
+  an `OWNER_KEY` entry by which a rerun knows the file is its own to replace.
 
 Both go through fileio's atomic writers and ownership rules: an existing --out is replaced only
 when finextract wrote it (`check_output`).
@@ -30,7 +31,7 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 OWNER_KEY = "finextract_jax"  # safetensors metadata entry of the LoRA files we write
 _WEIGHT_FILES = {"unet": "diffusion_pytorch_model.safetensors", "text_encoder": "model.safetensors",
-                 "vae": "diffusion_pytorch_model.safetensors"}
+                 "text_encoder_2": "model.safetensors", "vae": "diffusion_pytorch_model.safetensors"}
 
 
 def _save_safetensors(tensors: dict, path: str, metadata: dict):
@@ -115,16 +116,19 @@ def _alpha_value(alpha):
     return int(alpha) if alpha.is_integer() else alpha
 
 
-def save_lora(out: str, unet_factors, rank: int, alpha: float, text_factors=None,
+def save_lora(out: str, unet_factors, rank: int, alpha: float, text_factors: dict | None = None,
               unet_targets=lora_lib.UNET_TARGETS, text_targets=lora_lib.TEXT_ENCODER_TARGETS) -> str:
-    """Write the factors as diffusers' `StableDiffusionPipeline.save_lora_weights` would; returns the file."""
-    if not unet_factors and not text_factors:
+    """Write the factors as diffusers' `save_lora_weights` would; returns the file.
+
+    text_factors: {"text_encoder": factors[, "text_encoder_2": factors]} (the component names are
+    the key prefixes diffusers' SD and SDXL pipelines load)."""
+    parts = [("unet", unet_factors, unet_targets)] + [(name, factors, text_targets)
+                                                      for name, factors in (text_factors or {}).items()]
+    parts = [(prefix, factors, targets) for prefix, factors, targets in parts if factors]
+    if not parts:
         raise InputError("no LoRA factors to save")
     tensors, metadata = {}, {}
-    for prefix, factors, targets in (("unet", unet_factors, unet_targets),
-                                     ("text_encoder", text_factors, text_targets)):
-        if not factors:
-            continue
+    for prefix, factors, targets in parts:
         tensors.update(lora_lib.to_peft_state_dict(factors, prefix))
         for key, value in lora_lib.adapter_metadata(rank, _alpha_value(alpha), targets).items():
             metadata[f"{prefix}.{key}"] = value

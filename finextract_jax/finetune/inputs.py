@@ -1,5 +1,5 @@
-"""What the train step consumes besides parameters: a checked resolution, the VAE posterior of
-each training image (encoded once), and the frozen text encoder's context of each caption."""
+"""What the train step consumes besides parameters and text (finetune/conditioning.py): a checked
+resolution and the VAE posterior of each training image (encoded once)."""
 from __future__ import annotations
 
 import jax
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from finextract_jax.errors import InputError
-from finextract_jax.models.pipeline import Pipeline, encode_prompts, vae_posterior
+from finextract_jax.models.pipeline import Pipeline, vae_posterior
 
 
 def check_resolution(pipe: Pipeline, resolution: int):
@@ -35,10 +35,3 @@ def encode_latent_moments(pipe: Pipeline, pixels: np.ndarray, batch: int = 8):
         stds.append(np.asarray(std))
     return np.concatenate(means), np.concatenate(stds)
 
-
-def encode_captions(pipe: Pipeline, captions) -> np.ndarray:
-    """Frozen-text-encoder conditioning, [N, tokens, dim], each distinct caption encoded once."""
-    unique = sorted(set(captions))
-    encoded = np.asarray(encode_prompts(pipe.text_encoder, pipe.tokenizer, unique), np.float32)
-    row = {c: i for i, c in enumerate(unique)}
-    return encoded[[row[c] for c in captions]]

@@ -1,8 +1,9 @@
 """DreamBooth and LoRA fine-tuning: one jitted, data-parallel train step and a resumable loop.
 
-What the step computes (diffusers' train_dreambooth(_lora).py, without prior preservation):
-x0 = VAE latent sample * scaling_factor (or the pixels of a pixel-space model), t ~ U{0..T-1},
-x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, loss = MSE(UNet(x_t, t, c), target) with target eps
+What the step computes (diffusers' train_dreambooth(_lora).py, and train_dreambooth_lora_sdxl.py
+for SDXL, without prior preservation): x0 = VAE latent sample * scaling_factor (or the pixels of
+a pixel-space model), t ~ U{0..T-1}, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,
+loss = MSE(UNet(x_t, t, c), target) with c the text conditioning (finetune/conditioning.py) and target eps
 or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 per the scheduler config; AdamW at a constant
 learning rate after clipping the global gradient norm (diffusers' max_grad_norm = 1).
 
@@ -35,13 +36,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from finextract_jax import fileio
 from finextract_jax.errors import InputError, NonFiniteError
 from finextract_jax.finetune import augment as augment_lib
+from finextract_jax.finetune import conditioning
 from finextract_jax.finetune import export as export_lib
 from finextract_jax.finetune import lora as lora_lib
 from finextract_jax.finetune.config import FinetuneConfig
 from finextract_jax.finetune.data import TrainSet
-from finextract_jax.finetune.inputs import check_resolution, encode_captions, encode_latent_moments
-from finextract_jax.models import components
-from finextract_jax.models.pipeline import JNP_DTYPES, Pipeline, tokenize, vae_posterior
+from finextract_jax.finetune.inputs import check_resolution, encode_latent_moments
+from finextract_jax.models.pipeline import JNP_DTYPES, Pipeline, vae_posterior
 from finextract_jax.noise_schedule import add_noise, alphas_cumprod_from_config, training_target
 
 log = logging.getLogger(__name__)
@@ -56,25 +57,12 @@ def make_mesh(batch_size: int, devices=None) -> Mesh:
     return Mesh(np.array(devices[:count]), ("data",))
 
 
-class _Static:
-    """Hash/eq by the identity of `value`: lets the CLIP wrapper be part of a static jit argument."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def __eq__(self, other):
-        return isinstance(other, _Static) and other.value is self.value
-
-    def __hash__(self):
-        return id(self.value)
-
-
 @dataclasses.dataclass(frozen=True)
 class _StepSpec:
     """Static part of the compiled step; equal specs share one compilation (tests rely on it)."""
 
     unet: Any  # linen module, compute dtype
-    text: _Static | None  # CLIP wrapper, when the text encoder is trained
+    text: conditioning.Static | None  # the CLIP wrappers, when the text encoders are trained
     vae: Any  # linen VAE, when latents are encoded inside the step (augmented latent models)
     method: str
     prediction_type: str
@@ -90,7 +78,7 @@ class _StepSpec:
 @dataclasses.dataclass
 class TrainState:
     step: int
-    trainable: Any  # dreambooth: {"unet"[, "text"]}; lora: {"unet_lora"[, "text_lora"]}
+    trainable: Any  # dreambooth: {"unet"[, "text"[, "text_2"]]}; lora: {"unet_lora"[, "text_lora"[, "text_2_lora"]]}
     opt_state: Any
 
 
@@ -118,23 +106,25 @@ def _per_sample_loss(spec: _StepSpec, trainable, frozen, data, indices, keys):
             x0 = pixels
     x0 = jax.lax.stop_gradient(x0.astype(jnp.float32))
     noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))(k_noise)
-    alphas_cumprod = frozen["alphas_cumprod"]
-    timesteps = jax.vmap(lambda k: jax.random.randint(k, (), 0, alphas_cumprod.shape[0]))(k_time)
-    alpha_bar = alphas_cumprod[timesteps]
+    timesteps = jax.vmap(lambda k: jax.random.randint(k, (), 0, frozen["alphas_cumprod"].shape[0]))(k_time)
+    return denoising_loss(spec, trainable, frozen, data, indices, x0, noise, timesteps)
+
+
+def denoising_loss(spec: _StepSpec, trainable, frozen, data, indices, x0, noise, timesteps):
+    """MSE per sample [B] of the UNet's prediction at x0 [B, C, H, W] noised by `noise` to `timesteps` [B],
+    conditioned on dataset rows `indices` (what diffusers' training scripts compute; the parity tests
+    call it with their draws)."""
+    alpha_bar = frozen["alphas_cumprod"][timesteps]
     noisy = add_noise(x0, noise, alpha_bar)
     target = training_target(x0, noise, alpha_bar, spec.prediction_type)
 
-    if spec.train_text_encoder:
-        text_params = trainable["text"] if spec.method == "dreambooth" else \
-            lora_lib.merge(frozen["text"], trainable["text_lora"], spec.lora_scale)
-        context = spec.text.value(data["input_ids"][indices], params=text_params, train=False)[0]
-    else:
-        context = data["context"][indices]
+    context, added = conditioning.step_conditioning(spec.text, spec.method, spec.lora_scale, trainable, frozen, data,
+                                                    indices)
     if spec.method == "dreambooth":
         variables = {"params": trainable["unet"]}
     else:
         variables = {"params": frozen["unet"], "lora": lora_lib.scaled(trainable["unet_lora"], spec.lora_scale)}
-    prediction = spec.unet.apply(variables, noisy, timesteps, context).astype(jnp.float32)
+    prediction = spec.unet.apply(variables, noisy, timesteps, context, added_cond_kwargs=added).astype(jnp.float32)
     return jnp.mean((prediction - target) ** 2, axis=tuple(range(1, prediction.ndim)))
 
 
@@ -197,10 +187,7 @@ class Trainer:
         compute = JNP_DTYPES[config.dtype]
         unet = pipe.unet.module.clone(dtype=compute, attention=_resolve_attention(config.attention),
                                       sample_size=resolution // pipe.vae_scale_factor)
-        text = None
-        if config.train_text_encoder:
-            text = _Static(components.text_encoder_from_config(pipe.text_encoder.config, compute)
-                           if compute != jnp.float32 else pipe.text_encoder.module)
+        text = conditioning.text_modules(pipe, compute) if config.train_text_encoder else None
         encode_in_step = pipe.vae is not None and config.augment != "none"
         self.alphas_cumprod = np.asarray(alphas_cumprod_from_config(pipe.scheduler_config), np.float32)
         training_target(jnp.zeros(1), jnp.zeros(1), jnp.ones(1), pipe.prediction_type)  # refuse 'sample' early
@@ -236,10 +223,7 @@ class Trainer:
                 data["latent_mean"], data["latent_std"] = encode_latent_moments(pipe, pixels)
             else:
                 data["pixels"] = pixels
-            if self.config.train_text_encoder:
-                data["input_ids"] = tokenize(pipe.tokenizer, self.train_set.captions)
-            else:
-                data["context"] = encode_captions(pipe, self.train_set.captions)
+            data.update(conditioning.caption_data(pipe, self.train_set, self.config.train_text_encoder))
             self._data = self._replicate(data)
         return self._data
 
@@ -249,7 +233,7 @@ class Trainer:
             if self.config.method == "lora":
                 frozen["unet"] = self.pipe.unet.params
                 if self.config.train_text_encoder:
-                    frozen["text"] = self.pipe.text_encoder.params
+                    frozen.update(conditioning.frozen_text(self.pipe))
             if self.spec.vae is not None:
                 frozen["vae"] = self.pipe.vae.params
             self._frozen = self._replicate(frozen)
@@ -257,17 +241,14 @@ class Trainer:
 
     def init_state(self) -> TrainState:
         config, pipe = self.config, self.pipe
+        key = jax.random.PRNGKey(config.seed)
         if config.method == "dreambooth":
             trainable = {"unet": pipe.unet.params}
-            if config.train_text_encoder:
-                trainable["text"] = pipe.text_encoder.params
         else:
-            key = jax.random.PRNGKey(config.seed)
             trainable = {"unet_lora": lora_lib.init_factors(pipe.unet.params, lora_lib.UNET_TARGETS, config.rank,
                                                             jax.random.fold_in(key, 1))}
-            if config.train_text_encoder:
-                trainable["text_lora"] = lora_lib.init_factors(pipe.text_encoder.params, lora_lib.TEXT_ENCODER_TARGETS,
-                                                               config.rank, jax.random.fold_in(key, 2))
+        if config.train_text_encoder:
+            trainable.update(conditioning.init_trainable(pipe, config.method, config.rank, key))
         # float32 master copies, never aliasing the pipeline's arrays (the step donates its inputs).
         trainable = self._replicate(jax.tree_util.tree_map(lambda x: jnp.array(x, jnp.float32, copy=True), trainable))
         opt_state = self._replicate(_optimizer(self.spec).init(trainable))
@@ -308,11 +289,10 @@ class Trainer:
     def export(self, state: TrainState, out: str) -> str:
         trainable = jax.device_get(state.trainable)
         pipe = self.pipe
+        text = conditioning.trained_text(trainable)
         if self.config.method == "dreambooth":
-            return export_lib.save_dreambooth(out, pipe.path, dreambooth_components(
-                pipe, trainable["unet"], trainable.get("text")))
-        return export_lib.save_lora(out, trainable["unet_lora"], self.config.rank, self.config.alpha,
-                                    trainable.get("text_lora"))
+            return export_lib.save_dreambooth(out, pipe.path, dreambooth_components(pipe, trainable["unet"], text))
+        return export_lib.save_lora(out, trainable["unet_lora"], self.config.rank, self.config.alpha, text)
 
     def fit(self, state: TrainState | None = None, checkpoint_dir: str | None = None, checkpoint_every: int = 0,
             log_every: int = 10, progress: bool = True, callback: Callable | None = None) -> TrainState:
@@ -430,13 +410,16 @@ class _CheckpointManager:
         self.manager.close()
 
 
-def dreambooth_components(pipe: Pipeline, unet_params, text_params=None) -> dict:
-    """{name: (config, params)} to write as safetensors: the trained parts, plus pretrained parts
-    held only as Flax msgpack (so that diffusers PyTorch can load the export)."""
+def dreambooth_components(pipe: Pipeline, unet_params, text: dict | None = None) -> dict:
+    """{name: (config, params)} to write as safetensors: the trained parts (`text`: {"text_encoder"
+    [, "text_encoder_2"]: params}), plus pretrained parts held only as Flax msgpack (so that
+    diffusers PyTorch can load the export)."""
+    text = text or {}
     components = {"unet": (pipe.unet.config, unet_params)}
-    if text_params is not None or pipe.text_encoder.source.endswith(".msgpack"):
-        components["text_encoder"] = (pipe.text_encoder.config,
-                                      text_params if text_params is not None else pipe.text_encoder.params)
+    for name in conditioning.text_encoders(pipe):
+        part = getattr(pipe, name)
+        if name in text or part.source.endswith(".msgpack"):
+            components[name] = (part.config, text.get(name, part.params))
     if pipe.vae is not None and pipe.vae.source.endswith(".msgpack"):
         components["vae"] = (pipe.vae.config, pipe.vae.params)
     return {name: (config, jax.device_get(params)) for name, (config, params) in components.items()}

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from finextract_jax.errors import InputError
-from finextract_jax.models.pipeline import Component, Pipeline, tokenize
+from finextract_jax.models.pipeline import Pipeline, tokenize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,21 +64,43 @@ def micro_conditioning(pipe: Pipeline, original_size: Sequence[int] | None = Non
     return MicroConditioning(*values)
 
 
-def _penultimate(component: Component, ids):
-    """(hidden_states[-2], first output) of a Flax CLIP text model; the first output is
-    text_embeds for CLIPTextModelWithProjection."""
-    def run(params, ids):
-        out = component.module(ids, params=params, train=False, output_hidden_states=True)
-        return out.hidden_states[-2], out[0]
-    return jax.jit(run)(component.params, ids)
+def micro_conditioning_setting(pipe: Pipeline, original_size=None, crops_coords_top_left=None,
+                               target_size=None) -> MicroConditioning | None:
+    """The micro-conditioning of an SDXL pipeline from the settings given (None: the default), or
+    None for another model, which refuses any setting."""
+    given = [v is not None for v in (original_size, crops_coords_top_left, target_size)]
+    if not is_sdxl(pipe):
+        if any(given):
+            raise InputError("--sdxl_original_size/--sdxl_crops_coords_top_left/--sdxl_target_size apply to SDXL "
+                             f"models only; {pipe.path} is not one")
+        return None
+    return micro_conditioning(pipe, original_size, crops_coords_top_left or (0, 0), target_size)
+
+
+def encode_ids(text_1, params_1, ids_1, text_2, params_2, ids_2) -> tuple[jax.Array, jax.Array]:
+    """(context [n, 77, d1 + d2], pooled [n, projection_dim]), float32, from each tokenizer's ids [n, 77].
+
+    Pure and traceable: the same function conditions sampling, the fine-tuning step (gradients
+    through both encoders when they are trained) and the caption search.
+    """
+    out_1 = text_1(ids_1, params=params_1, train=False, output_hidden_states=True)
+    out_2 = text_2(ids_2, params=params_2, train=False, output_hidden_states=True)
+    context = jnp.concatenate([out_1.hidden_states[-2].astype(jnp.float32),
+                               out_2.hidden_states[-2].astype(jnp.float32)], axis=-1)
+    return context, out_2[0].astype(jnp.float32)  # text_embeds of CLIPTextModelWithProjection
+
+
+def token_ids(pipe: Pipeline, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Each tokenizer's ids of `prompts` (the second pads with its own token, "!" for SDXL base)."""
+    return tokenize(pipe.tokenizer, prompts), tokenize(pipe.tokenizer_2, prompts)
 
 
 def encode_prompts(pipe: Pipeline, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
     """(context [n, 77, d1 + d2], pooled [n, projection_dim]) for each prompt, float32."""
-    hidden_1, _ = _penultimate(pipe.text_encoder, jnp.asarray(tokenize(pipe.tokenizer, prompts)))
-    hidden_2, pooled = _penultimate(pipe.text_encoder_2, jnp.asarray(tokenize(pipe.tokenizer_2, prompts)))
-    context = jnp.concatenate([hidden_1.astype(jnp.float32), hidden_2.astype(jnp.float32)], axis=-1)
-    return context, pooled.astype(jnp.float32)
+    text_1, text_2 = pipe.text_encoder, pipe.text_encoder_2
+    ids_1, ids_2 = token_ids(pipe, prompts)
+    run = jax.jit(lambda p1, i1, p2, i2: encode_ids(text_1.module, p1, i1, text_2.module, p2, i2))
+    return run(text_1.params, jnp.asarray(ids_1), text_2.params, jnp.asarray(ids_2))
 
 
 def unconditional(pipe: Pipeline) -> tuple[jax.Array, jax.Array]:
