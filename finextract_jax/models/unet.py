@@ -288,9 +288,9 @@ def sinusoidal_embedding(timesteps, dim: int, flip_sin_to_cos: bool, freq_shift:
 def text_time_input(added_cond_kwargs, time_embed_dim: int, flip_sin_to_cos: bool, freq_shift: float):
     """SDXL's addition-embedding input: [pooled text embedding, sinusoidal(each time id)], float32."""
     if not added_cond_kwargs or "text_embeds" not in added_cond_kwargs or "time_ids" not in added_cond_kwargs:
-        # Typed: a command that does not supply SDXL's conditioning stops with this one line.
+        # Typed: a caller that does not supply SDXL's conditioning (models/sdxl.py builds it) stops with one line.
         raise InputError("an SDXL UNet (addition_embed_type 'text_time') needs the pooled text embedding and the "
-                         "micro-conditioning time ids (added_cond_kwargs), which only extract supplies so far")
+                         "micro-conditioning time ids (added_cond_kwargs)")
     text_embeds = added_cond_kwargs["text_embeds"]
     time_embeds = sinusoidal_embedding(jnp.reshape(added_cond_kwargs["time_ids"], (-1,)), time_embed_dim,
                                        flip_sin_to_cos, freq_shift)
