@@ -330,3 +330,65 @@ def test_configs_inferred_from_real_shapes(family, unet, vae, text):
                 "sample_size", "down_block_types", "up_block_types"):
         assert inferred["vae"][key] == load(vae)[key], key
     assert inferred["scheduler"]["prediction_type"] == ("v_prediction" if family == "sd2" else "epsilon")
+
+
+def test_kohya_sdxl_lora_in_original_unet_naming_matches_diffusers(folders, loaded, tmp_path):
+    """kohya's SDXL LoRA names UNet modules as the original (SGM) UNet does (`lora_unet_input_blocks_4_1_
+    transformer_blocks_0_attn1_to_q`, `lora_unet_middle_block_1_...`, `lora_unet_output_blocks_...`), text
+    encoders as lora_te1_/lora_te2_: LoRA (and 3x3 LoCon) on every linear and conv layer of the UNet
+    (conv_in/out and the time and label embeddings too) and both encoders, per-module alphas; our merge against diffusers' load_lora_weights of the file
+    (its non-diffusers converter), UNet output and both encoders' prompt embeddings."""
+    import jax
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.numpy import save_file
+
+    from finextract_jax.models import sdxl
+
+    tp = StableDiffusionXLPipeline.from_pretrained(folders["sdxl"])
+    config = tp.unet.config
+    attention_blocks = {i for i, t in enumerate(config.up_block_types) if t.startswith("CrossAttn")}
+    rng = np.random.default_rng(7)
+    tensors = {}
+    for prefix, model in (("lora_unet_", tp.unet), ("lora_te1_", tp.text_encoder), ("lora_te2_", tp.text_encoder_2)):
+        for name, layer in model.named_modules():
+            if not isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)) or name == "text_projection":
+                continue
+            if prefix == "lora_unet_":
+                name = ldm_unet_key(name + ".weight", config.layers_per_block, attention_blocks)[: -len(".weight")]
+            key, w = prefix + name.replace(".", "_"), layer.weight
+            spatial, rank = tuple(w.shape[2:]), 2
+            tensors[key + ".lora_down.weight"] = rng.standard_normal((rank, w.shape[1], *spatial), np.float32) * .2
+            tensors[key + ".lora_up.weight"] = rng.standard_normal(
+                (w.shape[0], rank, *((1, 1) if spatial else ())), np.float32) * .2
+            # diffusers keeps the per-module alphas of UNet block modules outside the attention processors
+            # only (others get the file's most common alpha): those vary, the rest carry that alpha.
+            uniform = prefix != "lora_unet_" or "attn" in name or name.split(".")[0] in ("time_embed", "label_emb", "out")
+            tensors[key + ".alpha"] = np.array(4.0 if uniform else rng.choice([1.0, 8.0]), np.float32)
+    sgm = [k for k in tensors if k.startswith(("lora_unet_input_blocks", "lora_unet_middle_block",
+                                               "lora_unet_output_blocks"))]
+    assert any("transformer_blocks_1" in k for k in sgm) and any(k.endswith("_op.lora_down.weight") for k in sgm)
+    file = str(tmp_path / "kohya_sdxl.safetensors")
+    save_file(tensors, file)
+    tp.load_lora_weights(file)
+    prompts = ["a photo of sks dog", "a painting"]
+    rng = np.random.default_rng(1)
+    x, t = rng.standard_normal((2, 4, 8, 8), dtype=np.float32), np.array([10, 700])
+    time_ids = np.array([[16, 16, 0, 0, 16, 16]] * 2, np.float32)
+    with torch.no_grad():
+        ref_context, _, ref_pooled, _ = tp.encode_prompt(prompts, do_classifier_free_guidance=False)
+        ref_eps = tp.unet(torch.tensor(x), torch.tensor(t), ref_context, added_cond_kwargs={
+            "text_embeds": ref_pooled, "time_ids": torch.tensor(time_ids)}).sample.numpy()
+    base = loaded["sdxl"]
+    ours = load_finetuned(base, file, cache_dir=None)
+    module = base.unet.module
+    run = jax.jit(lambda p, c, pooled: module.apply({"params": p}, x, t, c, added_cond_kwargs={
+        "text_embeds": pooled, "time_ids": time_ids}))
+    ref_context, ref_pooled = ref_context.numpy(), ref_pooled.numpy()
+    assert np.abs(np.asarray(run(base.unet.params, ref_context, ref_pooled)) - ref_eps).max() > 1e-2
+    assert np.abs(np.asarray(run(ours.unet.params, ref_context, ref_pooled)) - ref_eps).max() <= 1e-4
+    context, pooled = sdxl.encode_prompts(ours, prompts)
+    base_context, _ = sdxl.encode_prompts(base, prompts)
+    assert np.abs(np.asarray(base_context) - ref_context).max() > 1e-2
+    assert np.abs(np.asarray(context) - ref_context).max() <= 1e-4
+    assert np.abs(np.asarray(pooled) - ref_pooled).max() <= 1e-4
