@@ -346,8 +346,10 @@ def test_sparse_graph_operations_match_a_dense_matrix():
                 row = h.indices[h.indptr[v]:h.indptr[v + 1]]
                 assert row.tolist() == np.flatnonzero(adj[v]).tolist()
                 want = [u for u in range(v + 1, n) if adj[v, u] and live[u]]
-                idx, bits = mcq.induced(h.indptr, h.upper, h.indices, live, v, pos)
+                idx, bits, scanned = mcq.induced(h.indptr, h.upper, h.indices, live, v, pos)
                 assert idx.tolist() == want and (pos == -1).all()
+                assert scanned == (h.indptr[v + 1] - h.upper[v]) + sum(
+                    h.indptr[u + 1] - h.upper[u] for u in want)
                 unpacked = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")
                 np.testing.assert_array_equal(unpacked[:, :len(want)].astype(bool),
                                               adj[np.ix_(want, want)])
@@ -405,21 +407,23 @@ def test_schedule_skips_thresholds_over_the_edge_budget():
 # over all N nodes; `git show 969e4a2:finextract_jax/cluster.py`) on ternary_features(2000),
 # num_train=10: (kwargs, threshold, number of cliques, skipped thresholds, sha256 of
 # json.dumps([threshold, cliques, representatives, skipped_thresholds, exact])).
-# Smaller work budgets than the defaults keep this fast; they still skip 12 thresholds.
+# Smaller work budgets than the defaults keep this fast; they still skip 12 thresholds (the
+# threshold budget is 10x the one used with the former implementation, whose units did not
+# count building subproblems; the same thresholds are skipped).
 SKIPPED_2000 = [0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.1, 0.11, 0.12, 0.13, 0.14]
 DENSE_IMPLEMENTATION_2000 = [
-    (dict(subproblem_budget=20_000, threshold_budget=3_000_000, schedule="reference"), 0.15, 267, SKIPPED_2000,
+    (dict(subproblem_budget=20_000, threshold_budget=30_000_000, schedule="reference"), 0.15, 267, SKIPPED_2000,
      "5b1c5bff790bd773d69aa1dabd50014ba27dd8dbcbf69a9889154ea37e3cdff6"),
-    (dict(select="topk", subproblem_budget=20_000, threshold_budget=3_000_000,
+    (dict(select="topk", subproblem_budget=20_000, threshold_budget=30_000_000,
           schedule="reference"), 0.15, 10,
      SKIPPED_2000, "5d8d7da8ffe1d20dd96f2bda6be2bc476ce9d2a04c20aab49d517070f2e15779"),
     (dict(threshold=0.155, select="topk"), 0.155, 10, [],
      "59030c320080967fc3a98e34a1f29015d80069365799e9e72c29a7b0f8a52c67"),
-    # Over its work budget: greedy cliques, exact=False. Which subproblems fall back depends on
-    # how work is counted, redefined with the compiled kernels (greedy starts count their
-    # scans): pinned to this implementation, not the dense one (which gave 402 cliques).
-    (dict(threshold=0.17, subproblem_budget=100, threshold_budget=2000), 0.17, 398, [],
-     "3efa6e817d54e6f5365f176eb181d45d01d33accb91eb74481d489b21be44701"),
+    # Over its work budget: greedy cliques, exact=False (the exact peel has 394). Which
+    # subproblems fall back depends on how work is counted, redefined with the compiled
+    # kernels (a subproblem's construction counts): pinned to this implementation.
+    (dict(threshold=0.17, subproblem_budget=100, threshold_budget=2000), 0.17, 402, [],
+     "247680af5263ace15c998f3573513596721b63cfa5c651300ab6ac0bce7cb9fc"),
 ]
 
 

@@ -68,7 +68,7 @@ def _plain_chance_scan(sg):
     def count(k):
         graph = sg.graph.at_least(k)
         size = C.chance_clique_size(sg.n, graph.num_edges)
-        return len(graph.dense_groups(C.peel_cliques(graph, min_size=size + 1).cliques))
+        return len(graph.joined_groups(C.peel_cliques(graph, min_size=size + 1).cliques))
 
     start = C.start_level(sg.samples)
     for k in range(start, C._MAX_LEVEL + 1):
@@ -90,7 +90,7 @@ def test_chance_schedule_equals_a_plain_scan():
         assert res.chance_size == C.chance_clique_size(sg.n, graph.num_edges)
         full = C.peel_cliques(graph).cliques
         significant = [c for c in full if len(c) > res.chance_size]
-        groups = graph.dense_groups(significant)
+        groups = graph.joined_groups(significant)
         assert res.cliques == [significant[i] for i in groups]
         # topk: N0 guesses, one clique per group first, then the next largest of the peel.
         num = len(res.cliques) + 1
@@ -99,26 +99,30 @@ def test_chance_schedule_equals_a_plain_scan():
         assert C.cluster_graph(sg, 1, schedule="chance", select="topk").cliques == res.cliques[:1]
 
 
-def test_dense_groups_match_a_brute_force_grouping():
+def test_joined_groups_match_a_brute_force_grouping():
     import networkx as nx
 
     rng = np.random.default_rng(5)
-    for trial in range(30):
-        n = int(rng.integers(2, 40))
-        edges = [(i, j) for i in range(n) for j in range(i + 1, n) if rng.random() < 0.3]
+    for trial in range(60):
+        n = int(rng.integers(2, 60))
+        density = rng.choice([0.02, 0.1, 0.3])
+        edges = [(i, j) for i in range(n) for j in range(i + 1, n) if rng.random() < density]
         graph = C.Graph.from_edges(n, edges)
         cliques = np.array_split(rng.permutation(n), int(rng.integers(1, n + 1)))
         cliques = [sorted(c.tolist()) for c in cliques if len(c)]
         adj = nx.Graph(edges)
+        p = len(edges) / (n * (n - 1) / 2)
         joined = nx.Graph()
         joined.add_nodes_from(range(len(cliques)))
         for a in range(len(cliques)):
             for b in range(a + 1, len(cliques)):
                 links = sum(adj.has_edge(u, v) for u in cliques[a] for v in cliques[b])
-                if links and links >= 0.5 * len(cliques[a]) * len(cliques[b]):
+                pairs = len(cliques[a]) * len(cliques[b])
+                if links >= 0.25 * pairs and links > p * pairs + 5 * math.sqrt(
+                        p * (1 - p) * pairs):
                     joined.add_edge(a, b)
         want = sorted(min(group) for group in nx.connected_components(joined))
-        assert graph.dense_groups(cliques) == want, trial
+        assert graph.joined_groups(cliques) == want, trial
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,10 @@ construction; the queue and the budget stay global because which thresholds are 
 depends on the order in which the work is done.
 
 Work budget (deterministic, replaces the reference's 30 s timeout). Work is counted in
-"units": one unit per vertex coloured, per colouring and per candidate a greedy clique scans
-(about 10-30 ns each on a 2-core CI machine; the count, not the clock, decides). One subproblem may use at most
+"units": one unit per vertex coloured, per colouring, per candidate a greedy clique scans, per
+CSR entry read to build a subproblem, and SUBPROBLEM_UNITS per subproblem (about 10-40 ns
+each on a 2-core CI machine; the count, not the clock, decides), so that a threshold's
+search, overheads included, is bounded by its budget. One subproblem may use at most
 ``subproblem_budget`` units and one threshold at most ``threshold_budget`` units; and the
 graph of one threshold may have at most ``edge_budget`` edges (building the graph is part
 of what the reference's timeout covers; networkx needs minutes for 50M edges). In the
@@ -54,6 +56,9 @@ DEFAULT_SUBPROBLEM_BUDGET = 200_000
 # Subproblems with more candidates than this are proved in index order (no renumbering).
 LOCAL_MAX = 1024
 DEFAULT_THRESHOLD_BUDGET = 50_000_000
+# Work charged per subproblem on top of its search: the Python side of one solve (heap,
+# bounds, the kernel call) costs about as much as this many units.
+SUBPROBLEM_UNITS = 500
 
 class BudgetExceeded(Exception):
     """Raised inside the search when the deterministic work budget is used up."""
@@ -155,9 +160,11 @@ def peel_cliques(graph: Graph, *, max_cliques: Optional[int] = None,
             heapq.heappush(heap, (-(m + 1), v, 0, None))
             continue
         work.sub_start = work.used
-        idx, sub = mcq.induced(graph.indptr, graph.upper, graph.indices, live, v, pos)
+        idx, sub, scanned = mcq.induced(graph.indptr, graph.upper, graph.indices, live, v, pos)
+        work.used += scanned + SUBPROBLEM_UNITS
         limit = work.limit()
-        size, members, used = mcq.solve(sub, lower, upper, work.used, limit, LOCAL_MAX)
+        size, members, used = (mcq.solve(sub, lower, upper, work.used, limit, LOCAL_MAX)
+                               if work.used <= limit else (0, None, -1))
         if used >= 0:
             work.used = used
             found = [v] + idx[members].tolist() if size >= lower else None

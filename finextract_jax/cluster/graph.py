@@ -109,11 +109,12 @@ class Graph:
         Every clique of more than ``min_degree`` nodes lies inside it. O(edges), compiled."""
         return _core(self.indptr, self.indices, min_degree)
 
-    def dense_groups(self, cliques, min_density: float = 0.5) -> list[int]:
-        """Group the cliques joined densely (transitively: cliques a and b are in one group
-        when at least ``min_density`` of the |a| |b| pairs between them are edges, or through
-        a chain of such cliques); the index of each group's first clique, ascending. O(edges).
-        """
+    def joined_groups(self, cliques, z: float = 5.0, min_density: float = 0.25) -> list[int]:
+        """Group the cliques that more edges join than chance would: cliques a and b are in
+        one group when the edges between them number at least ``min_density`` |a||b| and
+        more than z standard deviations above the count expected at this graph's edge
+        density p, L > p |a||b| + z sqrt(p (1 - p) |a||b|) (transitively: through a chain of
+        such cliques). The index of each group's first clique, ascending. O(edges)."""
         count = len(cliques)
         label = np.full(self.n, -1, np.int64)
         sizes = np.zeros(count, np.int64)
@@ -121,10 +122,12 @@ class Graph:
             label[np.asarray(members, np.int64)] = i
             sizes[i] = len(members)
         pairs = _label_pairs(self.indptr, self.upper, self.indices, label)
-        keys, joins = np.unique(pairs, return_counts=True)
+        keys, links = np.unique(pairs, return_counts=True)
         a, b = np.divmod(keys, max(count, 1))
-        dense = joins >= min_density * sizes[a] * sizes[b]
-        return _first_of_groups(a[dense], b[dense], count).tolist()
+        p = self.num_edges / max(1, self.n * (self.n - 1) // 2)
+        ab = sizes[a] * sizes[b]
+        joined = (links > p * ab + z * np.sqrt(p * (1 - p) * ab)) & (links >= min_density * ab)
+        return _first_of_groups(a[joined], b[joined], count).tolist()
 
 @numba.njit(cache=True, nogil=True)
 def _core(indptr, indices, min_degree):

@@ -19,8 +19,9 @@ threads). What is computed is stated in ``cliques.py``; here is how:
   its own smallest member without a search; other candidates get an MCQ decision with a
   tight target, started from a greedy clique too.
 
-Work units (the deterministic budget): one per vertex coloured and one per colouring, and
-one per candidate a greedy clique scans. A kernel that passes its limit returns -1.
+Work units (the deterministic budget): one per vertex coloured and one per colouring, one per
+candidate a greedy clique scans, and (``cliques.py``) one per CSR entry read to build a
+subproblem plus a fixed charge per subproblem. A kernel that passes its limit returns -1.
 """
 from __future__ import annotations
 
@@ -89,9 +90,11 @@ def _set(bits, u):
 
 @_jit
 def induced(indptr, upper, indices, live, v, pos):
-    """(idx, adj): v's later live neighbours, ascending, and their adjacency bitsets.
-    ``pos`` is a scratch array of the graph's size holding -1 (reset before returning)."""
+    """(idx, adj, scanned): v's later live neighbours, ascending, their adjacency bitsets and
+    the number of CSR entries read (the work). ``pos`` is a scratch array of the graph's size
+    holding -1 (reset before returning)."""
     row = indices[upper[v]:indptr[v + 1]]
+    scanned = row.shape[0]
     m = 0
     for x in row:
         if live[x]:
@@ -106,6 +109,7 @@ def induced(indptr, upper, indices, live, v, pos):
     adj = np.zeros((m, (m + 63) >> 6), np.uint64)
     for a in range(m):
         x = idx[a]
+        scanned += indptr[x + 1] - upper[x]
         for p in range(upper[x], indptr[x + 1]):
             b = pos[indices[p]]
             if b >= 0:
@@ -113,7 +117,7 @@ def induced(indptr, upper, indices, live, v, pos):
                 _set(adj[b], a)
     for a in range(m):
         pos[idx[a]] = -1
-    return idx, adj
+    return idx, adj, scanned
 
 
 @_jit

@@ -210,7 +210,7 @@ def _chance_schedule(thresholds: _Thresholds, start: int):
             res = thresholds.peel(k, min_size=size + 1)
             groups = None
             if res is not None:
-                groups = thresholds.graph(k).dense_groups(res.cliques)
+                groups = thresholds.graph(k).joined_groups(res.cliques)
                 logging.info("threshold %.2f (%d edges, %d work units): %d cliques larger "
                              "than chance (%d), in %d groups", tau(k),
                              thresholds.graph(k).num_edges, res.work, len(res.cliques), size,
