@@ -3,7 +3,8 @@ and the large-N run (N = 100,000) through the `cluster` binary.
 
 python benchmarks/bench_cluster.py [--sizes=500,2000,10000] [--reference_cap_s=330]
 python benchmarks/bench_cluster.py --large [--large_n=100000] [--num_train=20]
-    [--copy_fraction=0.05] [--zipf=1.0]
+    [--copy_fraction=0.05] [--zipf=1.0] [--groups=G] [--dim=D]
+python benchmarks/bench_cluster.py --copy_groups [--large_n=500] [--num_train=20] ...
 
 Data: SSCD-like unit features (512-d): a few dozen tight clusters (2-15 near-copies each,
 within-cluster cosine about 0.6-0.9) among diverse images (cosine about 0.05 +- 0.05, with
@@ -20,6 +21,13 @@ Large N (--large): realistic_features() below, written as .npy by a spawned proc
 clustered by `python -m experiments.cluster --features_file=...` in a child process whose wall
 time and peak RSS (os.wait4) are what is reported. (Linux carries a parent's RSS at fork into
 its child's ru_maxrss, hence the separate generator: this process stays at ~0.1 GB.)
+It also reports the similarity pass's rate, N (N - 1) / 2 x D multiply-adds over the
+similarity time (tiles plus edge extraction), against the machine's fp32 FMA peak
+(``PEAK_GMACS``: cores x clock x 16 FMA per cycle for two 256-bit FMA pipes).
+
+Copy groups in process (--copy_groups): copy_group_features() clustered by
+``cluster.cluster`` twice in this process, the first call cold (JAX compile, numba cache
+load), the second warm; wall and CPU time of each, and the scores.
 """
 import argparse
 import json
@@ -83,6 +91,37 @@ def _write_features(path, n, groups, copy_fraction, zipf, dim, pairs=200_000, se
             f"{s.mean():.3f} +- {s.std():.3f}, 25th percentile {np.quantile(s, 0.25):.3f}")
 
 
+def _peak_gmacs():
+    """fp32 multiply-adds per second at the nominal clock: cores x GHz x 16 (AVX2: two 8-wide
+    FMA pipes per core); None where /proc/cpuinfo has no clock or no AVX2/FMA."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return None
+    mhz = re.search(r"cpu MHz\s*:\s*([0-9.]+)", info)
+    if not mhz or " fma " not in info or " avx2 " not in info:
+        return None
+    return os.cpu_count() * float(mhz.group(1)) / 1000 * 16
+
+
+def copy_groups_run(n, num_train, groups, copy_fraction, zipf, dim, schedule):
+    """In-process: cold and warm wall/CPU time of cluster.cluster, and the scores."""
+    feats, labels = copy_group_features(n, groups, dim=dim, copy_fraction=copy_fraction,
+                                        zipf=zipf)
+    for run in ("cold", "warm"):
+        t0, c0 = time.perf_counter(), time.process_time()
+        res = C.cluster(features=feats, num_train=num_train, schedule=schedule)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        scores = copy_group_scores(res.cliques, res.representatives, labels)
+        print(f"ours  N={n} N0={num_train} groups={groups} zipf={zipf} {run}: {wall:.2f} s wall "
+              f"(similarity {res.similarity_s:.2f} s, cliques {res.cliques_s:.2f} s), CPU "
+              f"{cpu:.2f} s, load {os.getloadavg()[0]:.1f}; threshold {res.threshold:.2f}, "
+              f"{len(res.cliques)} cliques, skipped {len(res.skipped_thresholds)}; "
+              + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                          for k, v in scores.items()), flush=True)
+
+
 def large_run(n, num_train, groups, copy_fraction, zipf, dim, schedule, extra=()):
     """Cluster synthetic features through the binary; wall time and peak RSS of that child,
     thresholds searched / skipped, and the scores against the known copy groups."""
@@ -112,13 +151,20 @@ def large_run(n, num_train, groups, copy_fraction, zipf, dim, schedule, extra=()
     over_edges = len(re.findall(r"more edges than the edge budget", log))
     over_work = len(re.findall(r"exceeded the deterministic work budget", log))
     searched = len(re.findall(r"threshold [0-9.]+ \(\d+ edges, \d+ work units\)", log))
+    fallback = ("most groups" if "taking the threshold with the most groups" in log else
+                "reference rule" if "using the reference schedule" in log else "window")
     scores = copy_group_scores(res["cliques"], res["representatives"], labels)
+    sim_s = res["timing"]["similarity_s"]
+    gmacs = n * (n - 1) / 2 * dim / sim_s / 1e9
+    peak = _peak_gmacs()
     print(f"ours  N={n} N0={num_train} schedule={schedule}: {wall:.1f} s wall (similarity "
           f"{res['timing']['similarity_s']:.1f} s, cliques {res['timing']['cliques_s']:.1f} s), "
           f"CPU {usage.ru_utime + usage.ru_stime:.1f} s, peak RSS {usage.ru_maxrss / 2**20:.2f} GiB, load average {load0:.1f} -> {load1:.1f};"
           f" threshold {res['threshold']:.2f}, {len(res['cliques'])} cliques (largest "
           f"{[len(c) for c in res['cliques'][:5]]}); thresholds searched {searched}, skipped: "
-          f"{over_edges} over the edge budget, {over_work} over the work budget; "
+          f"{over_edges} over the edge budget, {over_work} over the work budget; chosen by: "
+          f"{fallback}; similarity {gmacs:.1f} GMAC/s"
+          + (f" ({100 * gmacs / peak:.0f}% of {peak:.0f} peak)" if peak else "") + "; "
           + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
                       for k, v in scores.items()), flush=True)
 
@@ -202,6 +248,8 @@ def main():
     parser.add_argument("--reference_cap_s", type=float, default=330.0)
     parser.add_argument("--skip_reference", action="store_true")
     parser.add_argument("--large", action="store_true", help="only the large-N run")
+    parser.add_argument("--copy_groups", action="store_true",
+                        help="copy-group features clustered in process (cold and warm)")
     parser.add_argument("--large_n", type=int, default=100_000)
     parser.add_argument("--num_train", type=int, default=20)
     parser.add_argument("--copy_fraction", type=float, default=0.05)
@@ -213,6 +261,10 @@ def main():
     args = parser.parse_args()
     print(f"# bench_cluster  {time.strftime('%Y-%m-%d')}  {platform.processor() or platform.machine()}"
           f"  {os.cpu_count()} cores  python {platform.python_version()}")
+    if args.copy_groups:
+        copy_groups_run(args.large_n, args.num_train, args.groups or args.num_train,
+                        args.copy_fraction, args.zipf, args.dim, args.schedule)
+        return
     if args.large:
         large_run(args.large_n, args.num_train, args.groups or args.num_train,
                   args.copy_fraction, args.zipf, args.dim, args.schedule)

@@ -49,7 +49,8 @@ from finextract_jax.cluster.cliques import (
     DEFAULT_SUBPROBLEM_BUDGET, DEFAULT_THRESHOLD_BUDGET, BudgetExceeded, peel_cliques)
 from finextract_jax.cluster.graph import (
     DEFAULT_EDGE_BUDGET, SimilarityGraph, similarity_graph, start_level)
-from finextract_jax.cluster.similarity import _MAX_LEVEL, _check_features, check_similarity, tau
+from finextract_jax.cluster.similarity import (
+    _MAX_LEVEL, _MIN_LEVEL, _check_features, check_similarity, tau)
 from finextract_jax.errors import InputError
 
 def representatives(cliques: Sequence[Sequence[int]], features: Optional[np.ndarray] = None,
@@ -279,6 +280,12 @@ def cluster_graph(sg: SimilarityGraph, num_train: int, *, select: str = "referen
     else:
         thresholds = _Thresholds(sg, progress, **budgets)
         start = start_level(sg.samples)
+        searchable = range(max(start, sg.min_level), _MAX_LEVEL + 1)
+        logging.info(
+            "bound by design: at most %d thresholds searched, %d edges in their graphs in all, "
+            "%d work units each (%d in all)", len(searchable),
+            sum(int(sg.edge_counts[k - _MIN_LEVEL]) for k in searchable), threshold_budget,
+            len(searchable) * threshold_budget)
         found = _chance_schedule(thresholds, start) if schedule == "chance" else None
         if found is not None:
             final_k, kept, res, size, skipped = found
