@@ -392,3 +392,15 @@ def test_kohya_sdxl_lora_in_original_unet_naming_matches_diffusers(folders, load
     assert np.abs(np.asarray(base_context) - ref_context).max() > 1e-2
     assert np.abs(np.asarray(context) - ref_context).max() <= 1e-4
     assert np.abs(np.asarray(pooled) - ref_pooled).max() <= 1e-4
+
+
+def test_sdxl_single_files_extract(files, tmp_path):
+    """The extract entry point with an SDXL single file as --pretrained (configs off its shapes,
+    tokenizers beside it) and as --finetuned: a complete SDXL run."""
+    from finextract_jax.sampling.run import ExtractConfig, extract
+
+    record = extract(ExtractConfig(pretrained=files["sdxl"], finetuned=files["sdxl"], prompt="a photo of sks dog",
+                                   guidance_scale=3.0, num_images=2, batch_size=2, steps=2),
+                     str(tmp_path / "run"), progress=False)
+    assert record["status"] == "complete" and record["sdxl"]["unconditional"] == "zeros"
+    assert sorted(os.listdir(tmp_path / "run" / "images")) == ["00000.png", "00001.png"]
