@@ -17,23 +17,29 @@ reference's: the 25th percentile of 1000 seeded entries, floored to 0.01):
   of a dense graph is never searched. Stop at the first threshold k with at least one
   significant clique where their number is the same at k, k + 1 and k + 2: copy groups
   persist over grid steps, while chance cliques (topic clusters, coincidences) appear and
-  vanish as the density changes. Keep the significant cliques of k (``select="topk"``: the
-  N0 largest cliques of k, which are the significant ones and, if there are fewer than N0 of
-  those, the next largest of its peel). If no threshold qualifies, the reference rule decides
-  (logged).
+  vanish as the density changes. The count is of *groups*, not cliques: one copied image can
+  give several significant cliques (a large group of copies splits into pieces at a high
+  threshold), so cliques joined by more edges than chance allows are one group
+  (``Graph.joined_groups``: at least a quarter of their pairs, and 5 standard deviations above
+  the count at edge density p_k), and each group keeps its first, largest clique. Keep those
+  cliques (``select="topk"``: the N0 first of them and, if there are fewer than N0, the next
+  largest of the peel). If no window passes, the threshold with the most groups is taken (the
+  lower on ties, logged; a blob of thousands of copies keeps every count changing); if no
+  threshold has a group, the reference rule decides (logged).
 
 Both rules skip a threshold that is over a budget (edges, work: ``cliques.py``), as the
 reference skips one after its 30 s timeout.
 
 Time, by design (counts, no clock): the similarity is one pass, N^2 D / 2 multiply-adds. Each
-threshold is visited at most once (peels are memoised), and a visit costs O(E_k) array passes
-over its graph (E_k <= ``edge_budget`` edges: filter, core) plus at most ``threshold_budget``
-work units of search (one unit per vertex coloured and per search node). The visited
-thresholds are at most final - start + STABLE_STEPS <= 203 grid levels, so
-T <= T_similarity + 203 x (a * edge_budget + b * threshold_budget), with a ~ 40 ns and
-b ~ 1 us on a 2-core CI machine. This bound is loose (with the defaults, hours); in practice a
-dense threshold fails at its first hard subproblem (``subproblem_budget`` units) and the chance
-schedule's window check skips most dense thresholds outright (benchmarks/RESULTS.md).
+threshold is searched at most once (peels are memoised), and only those from max(start,
+``min_level``) up: V <= 101 - min_level of them. A search costs O(E_k) array passes over its
+graph (filter, core, groups; E_k <= ``edge_budget`` and known from the edge counts before any
+search) plus at most ``threshold_budget`` work units, which count the subproblems' construction
+and overheads too (``cliques.py``). So T <= T_similarity + a sum_k E_k + b V threshold_budget,
+with a ~ 10-50 ns and b ~ 10-40 ns on a 2-core CPU; ``cluster_graph`` logs V, sum_k E_k and
+V threshold_budget. A dense or hard threshold usually fails at its first hard subproblem
+(``subproblem_budget`` units), so the actual time is far below the bound
+(benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
