@@ -24,9 +24,10 @@ class ClusterConfig:
     num_train: int = option(help="N0: the number of fine-tuning images sought.")
     select: str = option("reference", "reference: keep every clique at the final threshold; topk: the N0 largest.",
                          choices=SELECTS)
-    schedule: str = option(DEFAULT_SCHEDULE, "chance: stop where the cliques larger than chance at the threshold's "
-                           "edge density persist over 3 grid steps, keep those; reference: stop at the first "
-                           "threshold with >= N0 cliques, keep all (the reference implementation).",
+    schedule: str = option(DEFAULT_SCHEDULE, "chance: stop where the groups of cliques larger than chance at the "
+                           "threshold's edge density persist over 3 grid steps (else: the threshold with the most "
+                           "groups), keep one clique per group; reference: stop at the first threshold with >= N0 "
+                           "cliques, keep all (the reference implementation).",
                            choices=SCHEDULES)
     threshold: float | None = option(None, "Use this similarity threshold instead of the schedule.")
     seed: int = option(0, "Seed of the 1000 sampled entries for the start threshold.")
