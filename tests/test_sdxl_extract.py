@@ -110,3 +110,46 @@ def test_sdxl_pair_extracts_like_pytorch(sdxl_torch_pair, tmp_path, kind, w, k, 
     assert record["fusion"] == fusion
     assert record["sdxl"] == {"original_size": [16, 16], "crops_coords_top_left": [0, 0], "target_size": [16, 16],
                               "unconditional": "zeros"}
+
+
+_SHARDED = """
+import sys, jax
+from finextract_jax.sampling.run import ExtractConfig, extract
+pre, ft, out = sys.argv[1:4]
+assert len(jax.devices()) == 2
+base = dict(pretrained=pre, finetuned=ft, prompt="a photo of sks dog", num_images=4, steps=3, seed=5,
+            guidance_scale=5.0, correction=0.0)
+extract(ExtractConfig(**base, batch_size=4), out + "/two", progress=False)  # 2 per device
+extract(ExtractConfig(**base, batch_size=2), out + "/one", progress=False, devices=jax.devices()[:1])
+extract(ExtractConfig(**base, batch_size=2, sdxl_original_size=("8", "12"), sdxl_crops_coords_top_left=(2, 4)),
+        out + "/micro", progress=False, devices=jax.devices()[:1])
+"""
+
+
+def test_sdxl_sharded_run_equals_one_device_and_micro_conditioning_is_a_setting(sdxl_torch_pair, tmp_path):
+    """The SDXL LoRA pair (one doubled-batch pass) on 2 devices gives one device's images bit for bit;
+    other micro-conditioning settings give other images and are recorded in run.json."""
+    env = dict(os.environ, FINEXTRACT_CACHE="", JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    subprocess.run([sys.executable, "-c", _SHARDED, sdxl_torch_pair["base"], sdxl_torch_pair["lora"], str(tmp_path)],
+                   check=True, cwd=ROOT, env=env, capture_output=True)
+    read = lambda name: [(tmp_path / name / "images" / f"{i:05d}.png").read_bytes() for i in range(4)]
+    record = lambda name: json.loads((tmp_path / name / "run.json").read_text())
+    assert read("two") == read("one")
+    assert record("two")["devices"]["count"] == 2 and record("two")["fusion"] == "lora_batch"
+    assert read("micro") != read("one")
+    assert record("micro")["sdxl"] == {"original_size": [8, 12], "crops_coords_top_left": [2, 4],
+                                       "target_size": [16, 16], "unconditional": "zeros"}
+    assert record("micro")["settings"]["sdxl_original_size"] == [8, 12]
+
+
+def test_micro_conditioning_settings_are_checked(tiny_pipe):
+    from finextract_jax.errors import InputError
+    from finextract_jax.models import sdxl
+    from finextract_jax.sampling.run import ExtractConfig
+
+    assert sdxl.micro_conditioning_setting(tiny_pipe("sd1")) is None
+    with pytest.raises(InputError, match="SDXL models only"):
+        sdxl.micro_conditioning_setting(tiny_pipe("sd1"), original_size=(8, 8))
+    assert ExtractConfig("a", "b", sdxl_target_size=["32", "48"]).sdxl_target_size == (32, 48)
+    with pytest.raises(InputError, match="two integers"):
+        ExtractConfig("a", "b", sdxl_original_size=("big", "1"))

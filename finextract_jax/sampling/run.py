@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import logging
 import math
 import os
@@ -28,6 +29,7 @@ from finextract_jax.guidance import METHODS as GUIDANCE_METHODS
 from finextract_jax.guidance import get_guidance
 from finextract_jax.models.pipeline import FINETUNED_FORMATS
 from finextract_jax.options import DTYPES, check_choices, option
+from finextract_jax.models import sdxl
 from finextract_jax.sampling import engine
 from finextract_jax.sampling.schedulers import SAMPLERS
 from finextract_jax.sampling.noise import batch_start_noise, load_init_latents
@@ -62,9 +64,24 @@ class ExtractConfig:
     finetuned_format: str = option("auto", "How to read --finetuned.", choices=FINETUNED_FORMATS)
     fusion: str = option("auto", "How the two UNet evaluations of a step are fused in the compiled loop.",
                          choices=engine.FUSIONS)
+    # SDXL's micro-conditioning (models/sdxl.py), pixels; unset: diffusers' defaults, the generated
+    # (height, width), crop (0, 0) and the generated size. Refused for other models.
+    sdxl_original_size: tuple | None = option(None, "SDXL only: original_size HEIGHT,WIDTH the UNet is told "
+                                              "(default: the generated size).")
+    sdxl_crops_coords_top_left: tuple | None = option(None, "SDXL only: crop top-left TOP,LEFT (default 0,0).")
+    sdxl_target_size: tuple | None = option(None, "SDXL only: target_size HEIGHT,WIDTH (default: the generated "
+                                            "size).")
 
     def __post_init__(self):
         check_choices(self)
+        for name in SDXL_SETTINGS:
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    value = tuple(int(v) for v in value)
+                except (TypeError, ValueError):
+                    raise InputError(f"--{name} takes two integers, e.g. 1024,1024, not {value!r}") from None
+                object.__setattr__(self, name, value)
 
     def normalized(self) -> "ExtractConfig":
         from finextract_jax.models.hub import as_recorded  # hub ids stay as given
@@ -72,6 +89,9 @@ class ExtractConfig:
         absolute = lambda p: os.path.abspath(p) if p else p
         return dataclasses.replace(self, pretrained=as_recorded(self.pretrained),
                                    finetuned=as_recorded(self.finetuned), init_latents=absolute(self.init_latents))
+
+
+SDXL_SETTINGS = ("sdxl_original_size", "sdxl_crops_coords_top_left", "sdxl_target_size")
 
 
 def image_name(index: int) -> str:
@@ -235,7 +255,7 @@ def extract(config: ExtractConfig, workdir: str, progress: bool = True, devices=
     check_output_dir(workdir, "--workdir")
     check_not_inside(workdir, "--workdir", {"--pretrained": config.pretrained, "--finetuned": config.finetuned,
                                             "--init_latents": config.init_latents}, both_ways=True)
-    settings = dataclasses.asdict(config)
+    settings = json.loads(json.dumps(dataclasses.asdict(config)))  # as run.json holds them (tuples as lists)
     previous = _previous_run(workdir, settings)
     start_over = previous.pop("start_over", False)
     previous = {} if start_over else {k: v for k, v in previous.items() if k != "error"}
@@ -265,6 +285,7 @@ def extract(config: ExtractConfig, workdir: str, progress: bool = True, devices=
                          "@<commit> or use another --workdir")
     record.update({"hub": pinned} if pinned else {})
     check_finite_weights(pretrained, finetuned)
+    micro = sdxl.micro_conditioning_setting(pretrained, *(getattr(config, name) for name in SDXL_SETTINGS))
     shape = pretrained.sample_shape
     init_latents = load_init_latents(config.init_latents, config.num_images, shape) if config.init_latents else None
     # Only now, with every input loaded and checked, does the workdir get written.
@@ -279,7 +300,7 @@ def extract(config: ExtractConfig, workdir: str, progress: bool = True, devices=
             prompt = recover_caption(pretrained, finetuned)
             record["caption"] = prompt
         warn_if_truncated(pretrained.tokenizer, prompt, "--prompt")
-        model = engine.prepare(pretrained, finetuned, config.method, prompt, config.fusion)
+        model = engine.prepare(pretrained, finetuned, config.method, prompt, config.fusion, micro)
         sampler = engine.build_sampler(config.sampler, pretrained.scheduler_config, config.steps)
         sample = engine.make_batch_sampler(model, sampler, mesh)
         decode = engine.make_decoder(pretrained, mesh)
