@@ -7,8 +7,8 @@
 --size=cpu: an 18M-parameter SD-like UNet at 32x32 latents (the UNet dominates the step).
 --size=sd1: the SD 1.x UNet (860M) at 64x64x4 latents, for accelerators.
 --variants: fusion strategies (two_applies, vmap, lora_batch, lora_merged), each optionally with an
-attention implementation after a colon (`two_applies:plain`, `two_applies:cudnn`; default: the library's
-per-backend choice, `auto`).
+attention implementation after a colon (`two_applies:fused`, `two_applies:chunked`, `two_applies:plain`,
+`two_applies:cudnn`; default: the library's per-backend choice, `auto`: chunked on CPU, fused elsewhere).
 --flag_sets: named XLA flag sets (FLAG_SETS; `default` = none), each compiled in its own process (XLA reads
 its flags once) for the first variant. XLA_FLAGS from the environment applies to every row.
 Every row, the PyTorch loop's and the flag sets' included, is timed in --rounds round-robin passes (best
@@ -248,7 +248,7 @@ def main():
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--torch", action="store_true", help="also time the PyTorch reference loop")
     parser.add_argument("--mfu", action="store_true")
-    parser.add_argument("--variants", default="two_applies,vmap,lora_batch,lora_merged,two_applies:plain")
+    parser.add_argument("--variants", default="two_applies,vmap,lora_batch,lora_merged,two_applies:fused")
     parser.add_argument("--flag_sets", default="", help="named XLA flag sets (FLAG_SETS), each in a child process")
     parser.add_argument("--profile", default="", help="folder for a trace of the first variant (and torch)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing passes over all rows")

@@ -78,7 +78,7 @@ def _check_config(config: dict, fields, default_only: dict, ignored, source: str
                                   "this architecture would be built wrongly")
 
 
-def unet_from_config(config: dict, dtype=jnp.float32, attention: str = "fused", source: str = "unet") -> UNet2DConditionModel:
+def unet_from_config(config: dict, dtype=jnp.float32, attention: str = "auto", source: str = "unet") -> UNet2DConditionModel:
     """Our UNet for a diffusers config.json, built from the config diffusers would resolve (its
     defaults for missing keys: an SD 1.4 config and a current save of it build the same module)."""
     config = resolve_unet(config)

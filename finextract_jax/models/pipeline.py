@@ -176,7 +176,7 @@ def _cache_save(cache_dir: str, key: str, tree: dict):
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def load_component(folder: str, kind: str, dtype="float32", attention: str = "fused", allow_pickle: bool = False,
+def load_component(folder: str, kind: str, dtype="float32", attention: str = "auto", allow_pickle: bool = False,
                    cache_dir: str | None = None, pending_cache: list | None = None) -> Component:
     """One of unet/, text_encoder/, vae/ as (module, params); weights checked against the config.
 
@@ -215,7 +215,7 @@ def _build(kind: str, config: dict, compute_dtype, attention: str, source: str):
 
 
 def component_from_state(kind: str, config: dict, pt_state: dict, source: str, dtype="float32",
-                         attention: str = "fused") -> Component:
+                         attention: str = "auto") -> Component:
     """A component from a diffusers/transformers-named PyTorch state dict (numpy) and its config."""
     compute_dtype = parse_dtype(dtype)
     module = _build(kind, config, compute_dtype, attention, source)
@@ -251,7 +251,7 @@ def _require_folder(path: str, what: str):
         raise CheckpointError(f"{path}: is a file; the {what} must be a diffusers folder")
 
 
-def load_pipeline(path: str, dtype="float32", attention: str = "fused", allow_pickle: bool = False,
+def load_pipeline(path: str, dtype="float32", attention: str = "auto", allow_pickle: bool = False,
                   cache_dir: str | None = "default") -> Pipeline:
     """A diffusers-layout SD folder (weights as Flax msgpack, safetensors or .bin), or a hub id (models/hub.py)."""
     cache_dir = default_cache_dir() if cache_dir == "default" else cache_dir
@@ -362,7 +362,7 @@ def detect_format(path: str) -> str:
 
 
 def load_finetuned(pretrained: Pipeline, path: str, finetuned_format: str = "auto", lora_mode: str = "merged",
-                   lora_scale: float = 1.0, dtype="float32", attention: str = "fused", allow_pickle: bool = False,
+                   lora_scale: float = 1.0, dtype="float32", attention: str = "auto", allow_pickle: bool = False,
                    cache_dir: str | None = "default") -> Pipeline:
     """The fine-tuned model as a Pipeline sharing the pretrained parts it does not replace.
 

@@ -9,9 +9,10 @@ This module loads exactly the parameter tree diffusers' Flax UNet uses (same nam
 a test checks it), so Flax msgpack checkpoints and diffusers' PyTorch->Flax mapping apply, and
 adds:
 - exact GELU and the PyTorch epsilons (parity with diffusers PyTorch to ~1e-6 in float32);
-- attention through `jax.nn.dot_product_attention` (XLA's formulation; `attention="cudnn"` asks for
-  cuDNN flash attention on GPU where its shapes allow) or the plain einsum formulation
-  (`attention="plain"`, kept for parity tests); "auto" is the per-backend default;
+- attention through `jax.nn.dot_product_attention` (`"fused"`, XLA's formulation; `"cudnn"` asks for
+  cuDNN flash attention on GPU where its shapes allow), in query blocks over all keys (`"chunked"`,
+  for CPU, where the whole score matrix does not stay in cache) or the plain einsum formulation
+  (`"plain"`, kept for parity tests); "auto", the default, is "chunked" on CPU and "fused" elsewhere;
 - unmerged LoRA: a `lora` variable collection holding factors for any Dense layer, applied only
   to the batch rows whose `lora_gate` is 1, so a (pretrained, LoRA fine-tuned) pair runs as one
   pass over a doubled batch with one copy of the base weights.
@@ -58,11 +59,12 @@ class LoraDense(nn.Module):
 
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "fused", "plain", "cudnn", "chunked")
-# "chunked": score bytes per query block (all batch rows and heads together). Measured on a 2-vCPU AMD EPYC
-# (benchmarks/RESULTS.md, issue 18): blocks of a few MiB stay in cache; the whole 1024x1024 score matrix
-# of a 32x32 latent does not, and XLA:CPU then spends most of a sampling step streaming it through memory.
-CHUNK_SCORE_BYTES = 4 << 20
-MIN_QUERY_CHUNK = 16
+# "chunked": score bytes per query block (all batch rows and heads together), and the fewest queries per
+# block. Measured on a 2-vCPU AMD EPYC (benchmarks/RESULTS.md, issue 18): blocks of 16-64 queries were
+# equally fast within noise, 128 and more slower; the whole 1024x1024 score matrix of a 32x32 latent does
+# not stay in cache, and XLA:CPU then spends most of a sampling step streaming it through memory.
+CHUNK_SCORE_BYTES = 2 << 20
+MIN_QUERY_CHUNK = 32
 
 
 def attention_implementation(implementation: str, dtype, head_dim: int) -> str:
@@ -142,7 +144,7 @@ class Attention(nn.Module):
     heads: int
     dim_head: int
     dtype: Dtype = jnp.float32
-    attention: str = "fused"
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, hidden_states, context=None, gate=None):
@@ -183,7 +185,7 @@ class BasicTransformerBlock(nn.Module):
     dim_head: int
     only_cross_attention: bool = False
     dtype: Dtype = jnp.float32
-    attention: str = "fused"
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x, context, gate=None):
@@ -204,7 +206,7 @@ class Transformer2D(nn.Module):
     only_cross_attention: bool = False
     norm_num_groups: int = 32
     dtype: Dtype = jnp.float32
-    attention: str = "fused"
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x, context, gate=None):
@@ -321,7 +323,7 @@ class DownBlock(nn.Module):
     groups: int = 32
     eps: float = 1e-5
     dtype: Dtype = jnp.float32
-    attention: str = "fused"
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x, temb, context, gate=None):
@@ -348,7 +350,7 @@ class UpBlock(nn.Module):
     groups: int = 32
     eps: float = 1e-5
     dtype: Dtype = jnp.float32
-    attention: str = "fused"
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x, skips, temb, context, gate=None):
@@ -367,7 +369,7 @@ class MidBlock(nn.Module):
     groups: int = 32
     eps: float = 1e-5
     dtype: Dtype = jnp.float32
-    attention: str = "fused"
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x, temb, context, gate=None):
@@ -408,7 +410,7 @@ class UNet2DConditionModel(nn.Module):
     addition_time_embed_dim: int | None = None
     projection_class_embeddings_input_dim: int | None = None
     dtype: Dtype = jnp.float32
-    attention: str = "fused"
+    attention: str = "auto"
 
     def added_cond_shapes(self) -> dict | None:
         """{"text_embeds": dim, "time_ids": count} the text_time embedding expects, else None.
