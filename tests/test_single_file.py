@@ -306,29 +306,40 @@ def test_extract_cli_with_single_file_finetuned(files, tiny_dir, tmp_path):
 
 @pytest.mark.parametrize("family,unet,vae,text", [
     ("sd1", "sd15_unet.json", "sd14_vae.json", "sd14_text_encoder.json"),
-    ("sd2", "sd21_unet.json", "sd21_vae.json", "sd21_text_encoder.json")])
-def test_configs_inferred_from_real_shapes(family, unet, vae, text):
-    """A full-size SD 1.5 / 2.1 single file (shapes from the published configs, diffusers' models on
-    torch's meta device, no memory): the configs read off it are the published architectures."""
+    ("sd2base", "sd20base_unet.json", "sd20base_vae.json", "sd20base_text_encoder.json"),
+    ("sd2", "sd21_unet.json", "sd21_vae.json", "sd21_text_encoder.json"),
+    ("sdxl", "sdxl_unet.json", "sdxl_vae.json", "sdxl_text_encoder.json")])
+def test_configs_inferred_from_real_shapes(family, unet, vae, text, tmp_path):
+    """A full-size SD 1.5 / 2.0-base (its LDM config beside it: epsilon) / 2.1 / SDXL single file
+    (shapes from published configs, diffusers' models on torch's meta device, no memory): the
+    configs read off it are the published architectures."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     data = os.path.join(os.path.dirname(__file__), "data", "configs")
     load = lambda name: json.load(open(os.path.join(data, name)))
     shapes = lambda model: {k: np.broadcast_to(np.float16(0), tuple(v.shape)) for k, v in model.state_dict().items()}
+    open_clip = family.startswith("sd2")
+    text_2 = "sdxl_text_encoder_2.json" if family == "sdxl" else None
     with torch.device("meta"):
         state = to_ldm(shapes(UNet2DConditionModel.from_config(load(unet))), load(unet),
                        shapes(AutoencoderKL.from_config(load(vae))), load(vae),
-                       shapes(CLIPTextModel(CLIPTextConfig.from_dict(load(text)))), open_clip=family == "sd2",
-                       extra_layer_rng=np.random.default_rng(0) if family == "sd2" else None)
-    inferred = single_file_configs.infer_configs("model.safetensors", state)
+                       shapes(CLIPTextModel(CLIPTextConfig.from_dict(load(text)))), open_clip=open_clip,
+                       extra_layer_rng=np.random.default_rng(0) if open_clip else None,
+                       text_2=shapes(CLIPTextModelWithProjection(CLIPTextConfig.from_dict(load(text_2))))
+                       if text_2 else None)
+    if family == "sd2base":
+        (tmp_path / "model.yaml").write_text("model:\n  params:\n    parameterization: eps\n")
+    inferred = single_file_configs.infer_configs(str(tmp_path / "model.safetensors"), state)
     assert configs.differences("unet", load(unet), inferred["unet"]) == []
     assert configs.differences("text_encoder", load(text), inferred["text_encoder"]) == []
+    if text_2:
+        assert configs.differences("text_encoder", load(text_2), inferred["text_encoder_2"]) == []
     assert inferred["unet"]["sample_size"] == load(unet)["sample_size"]
     for key in ("block_out_channels", "layers_per_block", "latent_channels", "in_channels", "out_channels",
-                "sample_size", "down_block_types", "up_block_types"):
-        assert inferred["vae"][key] == load(vae)[key], key
+                "sample_size", "down_block_types", "up_block_types", "scaling_factor"):
+        assert inferred["vae"][key] == load(vae).get(key, 0.18215), key
     assert inferred["scheduler"]["prediction_type"] == ("v_prediction" if family == "sd2" else "epsilon")
 
 

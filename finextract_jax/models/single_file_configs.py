@@ -82,7 +82,7 @@ def _vae_config(vae: dict, sample_size: int, scale: float) -> dict:
     }
 
 
-def _text_encoder_config(text: dict, open_clip: bool) -> dict:
+def _text_encoder_config(text: dict, open_clip: bool, projection_dim: int = 512) -> dict:
     keys = list(text)
     hidden = int(text["text_model.embeddings.token_embedding.weight"].shape[1])
     config = {
@@ -92,7 +92,8 @@ def _text_encoder_config(text: dict, open_clip: bool) -> dict:
         "intermediate_size": int(text["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0]),
         "num_hidden_layers": _count(keys, r"text_model\.encoder\.layers\.(\d+)\."),
         "num_attention_heads": max(1, hidden // 64), "hidden_act": "gelu" if open_clip else "quick_gelu",
-        "layer_norm_eps": 1e-5, "projection_dim": 512,  # unused by CLIPTextModel; transformers' default
+        # Unused by CLIPTextModel, compared all the same: transformers' default; SDXL's CLIP-L 768, as published.
+        "layer_norm_eps": 1e-5, "projection_dim": projection_dim,
     }
     if "text_projection.weight" in text:
         config.update(architectures=["CLIPTextModelWithProjection"],
@@ -148,7 +149,7 @@ def infer_configs(path: str, state: dict) -> dict:
             else f"{single_file.CLIP_PREFIX}* or {single_file.OPEN_CLIP_PREFIX}*"
         raise CheckpointError(f"{path}: has no text encoder ({prefixes}); as the pretrained model a single file "
                               "must hold the whole pipeline")
-    text_config = _text_encoder_config(text, family == "sd2")
+    text_config = _text_encoder_config(text, family == "sd2", 768 if family == "sdxl" else 512)
     if family == "sd2":  # SD 2.x conditions on OpenCLIP's penultimate layer
         text_config["num_hidden_layers"] -= 1
     text_2_config = _text_encoder_config(text_2, True) if text_2 else None
