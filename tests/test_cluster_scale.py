@@ -145,6 +145,18 @@ def test_chance_schedule_finds_the_copy_groups(copy_groups):
     assert ref_scores["precision"] < 0.5 < scores["precision"], ref_scores
 
 
+def test_a_large_copy_group_is_found_whole():
+    # 2,000 images, 600 copies of 20 images with Zipf counts: 183 copies of the first. At the
+    # chosen threshold that group is one clique: a greedy clique meets the colouring bound, so
+    # proving it maximum costs one colouring instead of a descent through all its members.
+    feats, labels = copy_group_features(2000, num_train=20, copy_fraction=0.3, zipf=1.0, seed=0)
+    res = C.cluster(features=feats, num_train=20)
+    scores = copy_group_scores(res.cliques, res.representatives, labels)
+    assert scores["precision"] >= 0.9 and scores["recall"] >= 0.9, scores
+    blob = np.flatnonzero(labels == np.bincount(labels[labels >= 0]).argmax())
+    assert len(np.intersect1d(res.cliques[0], blob)) >= 0.9 * len(blob)
+
+
 _TWO_DEVICES = """
 import numpy as np, jax
 from finextract_jax import cluster as C
