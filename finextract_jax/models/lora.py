@@ -1,9 +1,11 @@
 """Low-rank adapter files (LoRA, LoCon, DoRA, LoHa, LoKr) onto our Flax parameter trees.
 
 Key spellings, per module (`<prefix><module><factor>`):
-- prefixes: PEFT / diffusers `unet.`, `text_encoder.`, `text_encoder_2.` (none: UNet; an inner
-  `base_model.model.` is dropped); kohya / LyCORIS `lora_unet_`, `lora_te_` and `lora_te1_` (the
-  first text encoder), `lora_te2_` (SDXL's second), with the module path written with `_`;
+- prefixes: PEFT / diffusers `unet.`, `text_encoder.`, `text_encoder_2.` (none: one model's own
+  save, a text encoder's modules starting `text_model.`, a UNet's not; an inner `base_model.model.`
+  is dropped); kohya / LyCORIS `lora_unet_`, `lora_te_` and `lora_te1_` (the first text encoder),
+  `lora_te2_` (SDXL's second), with the module path written with `_`, the UNet's in diffusers'
+  naming or (kohya's SDXL trainer) the original UNet's, `input_blocks_4_1_...` (single_file.py maps it);
 - LoRA (and LoCon, its convolution form: down a kxk conv, up a 1x1 conv): `.lora_A[.<adapter>].weight`
   / `.lora_B...`, `.lora.down.weight` / `.lora.up.weight`, `.lora_down.weight` / `.lora_up.weight`,
   and diffusers' attention processors `<attn>.processor.to_q_lora.down.weight`;
@@ -13,10 +15,12 @@ Key spellings, per module (`<prefix><module><factor>`):
 - `.alpha`: the module's alpha.
 Other adapter kinds (OFT, GLoRA, LyCORIS' lora_mid / diff / norm modules, LoRA biases) are refused
 by name. The scale of a module is `lora_scale * alpha / rank`; alpha from its `.alpha` key, else
-from the file's `lora_adapter_metadata` (diffusers writes PEFT's `unet.lora_alpha`, `unet.alpha_pattern`,
-`unet.use_rslora`), else assumed equal to the rank (diffusers' silent assumption; we log it). A LoKr
-module with neither factor decomposed has no rank and scale `lora_scale` (as LyCORIS loads it).
-The updates themselves are computed in lora_deltas.py.
+from the PEFT settings: the file's `lora_adapter_metadata` (diffusers writes PEFT's `unet.lora_alpha`,
+`unet.alpha_pattern`, `unet.use_rslora`, or, for one model's save, the same keys bare) or PEFT's
+adapter_config.json (lora_files.py turns it into that metadata), else assumed equal to the rank
+(diffusers' silent assumption; we log it). A LoKr module with neither factor decomposed has no
+rank and scale `lora_scale` (as LyCORIS loads it), or alpha / r when PEFT settings give r (as PEFT
+does). The updates themselves are computed in lora_deltas.py; files and folders are found by lora_files.py.
 """
 from __future__ import annotations
 

@@ -87,8 +87,8 @@ def read_adapter(path: str, allow_pickle: bool = False) -> tuple[dict, dict, str
     """(tensors, metadata, the file to name in messages) of a LoRA file or folder, in diffusers' pipeline
     spelling: PEFT saves get component-prefixed keys and their adapter_config.json as lora_adapter_metadata."""
     if os.path.isfile(path):
-        base = os.path.basename(path)
-        saves = [(None, path)] if base in ADAPTER_FILES else []
+        folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+        saves = [(folder if folder in COMPONENTS else None, path)] if os.path.basename(path) in ADAPTER_FILES else []
     elif os.path.isfile(os.path.join(path, LORA_FILE)):
         saves, path = [], os.path.join(path, LORA_FILE)
     else:
