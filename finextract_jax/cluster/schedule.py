@@ -36,7 +36,7 @@ threshold is searched at most once (peels are memoised), and only those from max
 graph (filter, core, groups; E_k <= ``edge_budget`` and known from the edge counts before any
 search) plus at most ``threshold_budget`` work units, which count the subproblems' construction
 and overheads too (``cliques.py``). So T <= T_similarity + a sum_k E_k + b V threshold_budget,
-with a ~ 10-50 ns and b ~ 10-40 ns on a 2-core CPU; ``cluster_graph`` logs V, sum_k E_k and
+with a ~ 10-50 ns and b ~ 10-50 ns on a 2-core CPU; ``cluster_graph`` logs V, sum_k E_k and
 V threshold_budget. A dense or hard threshold usually fails at its first hard subproblem
 (``subproblem_budget`` units), so the actual time is far below the bound
 (benchmarks/RESULTS.md).
