@@ -6,6 +6,11 @@
 --size=tiny: a small UNet at 8x8 latents, for dry runs of every code path.
 --size=cpu: an 18M-parameter SD-like UNet at 32x32 latents (the UNet dominates the step).
 --size=sd1: the SD 1.x UNet (860M) at 64x64x4 latents, for accelerators.
+--size=sdxl_tiny / sdxl_cpu / sdxl: SDXL-shaped pairs (make_tiny --kind=sdxl: two text encoders, text_time
+UNet, SDXL conditioning in both loops): the tiny test UNet at 8x8, an SDXL-shaped UNet at 32x32 latents
+(channels 64/128/256, no attention at the first level, transformer depths 1/1/2), and the SDXL base UNet
+(2.6B) at 128x128x4 latents for accelerators (its add-embedding input is 1568 wide instead of 2816: the
+tiny text encoders' pooled width; everything else is SDXL base's config).
 --variants: fusion strategies (two_applies, vmap, lora_batch, lora_merged), each optionally with an
 attention implementation after a colon (`two_applies:fused`, `two_applies:chunked`, `two_applies:plain`,
 `two_applies:cudnn`; default: the library's per-backend choice, `auto`: chunked on CPU, fused elsewhere).
@@ -45,6 +50,21 @@ SIZES = {
                 cross_attention_dim=768, down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
                 up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, sample_size=64),
 }
+# SDXL-shaped sizes: overrides of models/tiny.py's SDXL_UNET (its text encoders fix the context width at 80
+# for the small ones; the full-size one widens the first text encoder to reach SDXL's 2048).
+SDXL_SIZES = {
+    "sdxl_tiny": {},
+    "sdxl_cpu": dict(block_out_channels=[64, 128, 256], layers_per_block=2, attention_head_dim=[2, 4, 8],
+                     transformer_layers_per_block=[1, 1, 2], sample_size=32,
+                     down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                     up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]),
+    "sdxl": dict(block_out_channels=[320, 640, 1280], layers_per_block=2, attention_head_dim=[5, 10, 20],
+                 transformer_layers_per_block=[1, 2, 10], cross_attention_dim=2048, addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=32 + 6 * 256, sample_size=128,
+                 down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                 up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]),
+}
+SIZES.update(SDXL_SIZES)
 PEAK_FLOPS = {"bfloat16": {"H100": 989e12, "H200": 989e12, "A100": 312e12},
               "float32": {"H100": 67e12, "H200": 67e12, "A100": 19.5e12}}
 # XLA flag sets worth a row (--flag_sets). None changes the arithmetic asked for (no fast-math). On CPU
@@ -76,9 +96,13 @@ def make_models(root, size):
     overrides = SIZES[size]
     base, full, lora = (os.path.join(root, name) for name in ("base", "full", "lora.safetensors"))
     if os.path.exists(lora):
-        return base, full, lora
-    make_tiny(base, unet_overrides=overrides)
-    make_tiny(full, seed=1, unet_overrides=overrides)
+        return base, full if os.path.isdir(full) else base, lora
+    kind = "sdxl" if size in SDXL_SIZES else "latent"
+    make_tiny(base, kind=kind, unet_overrides=overrides)
+    if size == "sdxl":  # 10 GB of float32 weights: the fine-tune is the same folder (the timing does not
+        full = base     # depend on the weights' values; both UNets are still evaluated every step)
+    else:
+        make_tiny(full, kind=kind, seed=1, unet_overrides=overrides)
     rng = np.random.default_rng(0)
     tensors = {}
     for key, value in flatten_dict(load_pipeline(base, cache_dir=None).unet.params).items():
@@ -177,8 +201,9 @@ def unet_forward_flops(pipe):
     shapes = jax.eval_shape(lambda p: p, pipe.unet.params)
     x = jax.ShapeDtypeStruct((1, *pipe.sample_shape), jnp.float32)
     context = jax.ShapeDtypeStruct((1, 77, module.cross_attention_dim), jnp.float32)
-    lowered = jax.jit(lambda p, x, c: module.apply({"params": p}, x, jnp.ones((1,), jnp.int32), c)).lower(
-        shapes, x, context)
+    added = {k: jax.ShapeDtypeStruct((1, n), jnp.float32) for k, n in (module.added_cond_shapes() or {}).items()}
+    lowered = jax.jit(lambda p, x, c, a: module.apply({"params": p}, x, jnp.ones((1,), jnp.int32), c,
+                                                      added_cond_kwargs=a or None)).lower(shapes, x, context, added)
     analysis = lowered.cost_analysis()
     return (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
 
@@ -195,11 +220,26 @@ def torch_loop(base, full, batch, steps, dtype="float32"):
     torch_dtype = getattr(torch, dtype)
     unet_pre = UNet2DConditionModel.from_pretrained(os.path.join(base, "unet")).eval().to(device, torch_dtype)
     unet_ft = UNet2DConditionModel.from_pretrained(os.path.join(full, "unet")).eval().to(device, torch_dtype)
-    tok = CLIPTokenizer.from_pretrained(os.path.join(base, "tokenizer"))
-    text = CLIPTextModel.from_pretrained(os.path.join(base, "text_encoder")).eval()
-    ids = tok(["", "a photo of sks dog"], padding="max_length", max_length=77, return_tensors="pt").input_ids
-    empty, cond = text(ids)[0].chunk(2)
-    empty, cond = (c.expand(batch, -1, -1).to(device, torch_dtype) for c in (empty, cond))
+    rows = lambda c: c.expand(batch, *c.shape[1:]).to(device, torch_dtype)
+    if os.path.isdir(os.path.join(base, "text_encoder_2")):  # SDXL: the pipeline's own conditioning
+        from diffusers import StableDiffusionXLPipeline
+
+        pipe = StableDiffusionXLPipeline.from_pretrained(base, unet=unet_pre)
+        cond, empty, pooled, empty_pooled = pipe.encode_prompt("a photo of sks dog", device="cpu",
+                                                               do_classifier_free_guidance=True)
+        size = unet_pre.config.sample_size * pipe.vae_scale_factor
+        time_ids = pipe._get_add_time_ids((size, size), (0, 0), (size, size), dtype=torch.float32,
+                                          text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+        kwargs_pre = dict(encoder_hidden_states=rows(empty), added_cond_kwargs={
+            "text_embeds": rows(empty_pooled), "time_ids": rows(time_ids)})
+        kwargs_ft = dict(encoder_hidden_states=rows(cond), added_cond_kwargs={
+            "text_embeds": rows(pooled), "time_ids": rows(time_ids)})
+    else:
+        tok = CLIPTokenizer.from_pretrained(os.path.join(base, "tokenizer"))
+        text = CLIPTextModel.from_pretrained(os.path.join(base, "text_encoder")).eval()
+        ids = tok(["", "a photo of sks dog"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        empty, cond = text(ids)[0].chunk(2)
+        kwargs_pre, kwargs_ft = dict(encoder_hidden_states=rows(empty)), dict(encoder_hidden_states=rows(cond))
     sched = DDIMScheduler.from_pretrained(os.path.join(base, "scheduler"))
     sched.set_timesteps(steps)
     size = unet_pre.config.sample_size
@@ -208,8 +248,8 @@ def torch_loop(base, full, batch, steps, dtype="float32"):
     def loop():
         latents = x
         for t in sched.timesteps:
-            eps_pre = unet_pre(latents, t, empty).sample
-            eps_ft = unet_ft(latents, t, cond).sample
+            eps_pre = unet_pre(latents, t, **kwargs_pre).sample
+            eps_ft = unet_ft(latents, t, **kwargs_ft).sample
             eps = eps_pre + 3.0 * (eps_ft - eps_pre) - 0.02 * eps_pre
             latents = sched.step(eps, t, latents).prev_sample
         if device == "cuda":

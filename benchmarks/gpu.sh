@@ -8,6 +8,11 @@
 #   bench_sampling.py, e.g. gpu_autotune_0,gpu_no_triton_gemm; none by default), STEPS (5), ROUNDS (3),
 #   PROFILE (1: XLA trace of the first variant and torch.profiler of the loop, as kernel tables),
 #   SAMPLING_S (300), FINETUNE_S (0), TESTBED_S (the rest). XLA_FLAGS passes through to every row.
+# SDXL (optional, off by default so the budget above is unchanged): SDXL_S seconds for the SDXL base UNet
+#   (2.6B, random weights) at 128x128x4 latents in bfloat16, ours (SDXL_VARIANTS: two_applies) vs diffusers
+#   PyTorch, batch SDXL_BATCH (4); building and loading its 10 GB of weights and compiling it take minutes, so
+#   give it most of the run:
+#   SDXL_S=420 SAMPLING_S=0 TESTBED_S=0 bash benchmarks/gpu.sh
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 FINEXTRACT_CACHE= XLA_PYTHON_CLIENT_MEM_FRACTION=.9
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
@@ -27,6 +32,12 @@ if [ "$S" -gt 30 ]; then
         --steps=${STEPS:-5} --rounds=${ROUNDS:-3} --variants=${VARIANTS:-two_applies,two_applies:cudnn} \
         --flag_sets=${FLAG_SETS:-} $([ "${PROFILE:-1}" = 1 ] && echo --profile=/tmp/profile) \
         2>&1 | grep -v -E "Warning|USDT" | tee $OUT/sampling.txt
+fi
+S=$(budget ${SDXL_S:-0})
+if [ "$S" -gt 30 ]; then
+    timeout $S python3 benchmarks/bench_sampling.py --size=sdxl --dtype=bfloat16 --batch=${SDXL_BATCH:-4} --mfu \
+        --torch --steps=3 --rounds=2 --variants=${SDXL_VARIANTS:-two_applies} \
+        2>&1 | grep -v -E "Warning|USDT" | tee $OUT/sampling_sdxl.txt
 fi
 S=$(budget ${FINETUNE_S:-0})
 if [ "$S" -gt 30 ]; then
