@@ -88,10 +88,9 @@ def make_models(root, size):
     """base/ and full/ pipelines and a rank-64 attention LoRA under root (reused when already there)."""
     from safetensors.numpy import save_file
 
+    from finextract_jax.models import components
     from finextract_jax.models.convert import flax_to_pytorch_key
-    from finextract_jax.models.pipeline import load_pipeline
     from finextract_jax.models.tiny import make_tiny
-    from flax.traverse_util import flatten_dict
 
     overrides = SIZES[size]
     base, full, lora = (os.path.join(root, name) for name in ("base", "full", "lora.safetensors"))
@@ -105,7 +104,11 @@ def make_models(root, size):
         make_tiny(full, kind=kind, seed=1, unet_overrides=overrides)
     rng = np.random.default_rng(0)
     tensors = {}
-    for key, value in flatten_dict(load_pipeline(base, cache_dir=None).unet.params).items():
+    with open(os.path.join(base, "unet", "config.json")) as f:
+        config = json.load(f)
+    # The attention layers' shapes from the config alone: loading a 2.6B UNet just to name them costs minutes.
+    shapes = components.expected_shapes("unet", components.unet_from_config(config), config)
+    for key, value in shapes.items():
         if key[-1] == "kernel" and key[-2] in ("to_q", "to_k", "to_v", "to_out_0"):
             name = "unet." + flax_to_pytorch_key(key)[: -len(".weight")]
             tensors[name + ".lora_A.weight"] = rng.standard_normal((64, value.shape[0]), dtype=np.float32) * 0.01
