@@ -25,7 +25,7 @@ depends on the order in which the work is done.
 
 Work budget (deterministic, replaces the reference's 30 s timeout). Work is counted in
 "units": one unit per vertex coloured, per colouring, per candidate a greedy clique scans, per
-CSR entry read to build a subproblem, and SUBPROBLEM_UNITS per subproblem (about 10-40 ns
+CSR entry read to build a subproblem, and SUBPROBLEM_UNITS per subproblem (about 10-50 ns
 each on a 2-core CI machine; the count, not the clock, decides), so that a threshold's
 search, overheads included, is bounded by its budget. One subproblem may use at most
 ``subproblem_budget`` units and one threshold at most ``threshold_budget`` units; and the
@@ -34,7 +34,8 @@ of what the reference's timeout covers; networkx needs minutes for 50M edges). I
 threshold schedule, a threshold that exceeds any of them is abandoned and the schedule moves
 on to the next, as the reference does when its 30 s run out (logged, and recorded in
 ``skipped_thresholds``); this happens on the dense graphs of low thresholds, where the exact
-partition is not computable in reasonable time by any method. The edge budget is decided
+partition is not computable in reasonable time by any method, and where a large group of
+copies is a near-clique with a noisy fringe (docs/method.md §4). The edge budget is decided
 from edge counts alone, without building or searching such a graph; with the default
 (50M edges) it can only act when N > 10,000 (N (N - 1) / 2 < 50M below), so smaller runs
 are decided by the search budgets alone. With a fixed threshold there is no next threshold
