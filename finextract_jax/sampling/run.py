@@ -28,8 +28,8 @@ from finextract_jax.fileio import (atomic_write_json, atomic_write_png, changed_
 from finextract_jax.guidance import METHODS as GUIDANCE_METHODS
 from finextract_jax.guidance import get_guidance
 from finextract_jax.models.pipeline import FINETUNED_FORMATS
-from finextract_jax.options import DTYPES, check_choices, option
 from finextract_jax.models import sdxl
+from finextract_jax.options import DTYPES, check_choices, option
 from finextract_jax.sampling import engine
 from finextract_jax.sampling.schedulers import SAMPLERS
 from finextract_jax.sampling.noise import batch_start_noise, load_init_latents
@@ -46,7 +46,8 @@ class ExtractConfig:
     pretrained: str = option(help="Pretrained SD model: a diffusers folder, a single-file checkpoint, or a hub "
                              "id org/name[@revision].")
     finetuned: str = option(help="Fine-tuned model: SD folder, unet/ folder, single-file checkpoint, LoRA "
-                            "file/folder, or a hub id org/name[/FILE][@revision].")
+                            "file/folder (diffusers, kohya, LyCORIS, or a PEFT adapter folder), or a hub id "
+                            "org/name[/FILE][@revision].")
     prompt: str = option("", "Fine-tuning caption; empty for unconditional extraction; 'auto' recovers it from "
                          "the two models first (kept in workdir/caption.json, as the caption binary writes).")
     method: str = option("finextract", "Guidance method.", choices=GUIDANCE_METHODS)
