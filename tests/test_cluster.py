@@ -358,6 +358,26 @@ def test_sparse_graph_operations_match_a_dense_matrix():
             assert C._count_before(mask, pos, chunk=7).tolist() == [mask[:q].sum() for q in pos]
 
 
+def test_compiled_tile_edges_match_level_of():
+    # Values on the 0.01 grid and one float32 step either side of it, cut-offs on and off it.
+    rng = np.random.default_rng(8)
+    from finextract_jax.cluster.graph import _TAU, _tile_edges
+    for trial in range(100):
+        rows, cols = (int(x) for x in rng.integers(1, 30, 2))
+        tile = np.where(rng.random((rows, cols)) < 0.5,
+                        np.float32(rng.integers(-101, 101, (rows, cols)) / 100),
+                        rng.uniform(-1.01, 1, (rows, cols))).astype(np.float32)
+        nudge = rng.random((rows, cols)) < 0.3
+        tile[nudge] = np.nextafter(tile[nudge], np.float32(rng.choice([-2, 2])))
+        r0, c0 = int(rng.integers(0, 40)), int(rng.integers(0, 50))
+        cut = np.float32(rng.choice([-np.inf, rng.uniform(-1, 1), C.tau(int(rng.integers(-50, 90)))]))
+        keep = (tile >= cut) & ((c0 + np.arange(cols))[None, :] > (r0 + np.arange(rows))[:, None])
+        ii, jj = np.nonzero(keep)
+        got = _tile_edges(tile, r0, c0, cut, _TAU, 1 - C._MIN_LEVEL)
+        assert got[0].tolist() == ii.tolist() and got[1].tolist() == jj.tolist(), trial
+        assert got[2].tolist() == C.level_of(tile[ii, jj]).tolist(), trial
+
+
 def test_tiles_give_each_pair_once_at_its_level():
     f = ternary_features(300, seed=1)
     sim = C.cosine_similarity(f)

@@ -16,8 +16,8 @@ import numpy as np
 
 from finextract_jax.cluster.similarity import (
     COL_CHUNK, NUM_THRESHOLD_SAMPLES, ROW_BLOCK, THRESHOLD_QUANTILE, _MAX_LEVEL, _MIN_LEVEL,
-    _check_features, _tile_shape, check_similarity, feature_tiles, level_of, matrix_tiles, tau,
-    tile_share)
+    _TAU, _check_features, _tile_shape, check_similarity, feature_tiles, level_of, matrix_tiles,
+    tau, tile_share)
 from finextract_jax.errors import InputError
 
 DEFAULT_EDGE_BUDGET = 50_000_000
@@ -128,6 +128,37 @@ class Graph:
         ab = sizes[a] * sizes[b]
         joined = (links > p * ab + z * np.sqrt(p * (1 - p) * ab)) & (links >= min_density * ab)
         return _first_of_groups(a[joined], b[joined], count).tolist()
+
+@numba.njit(cache=True, nogil=True)
+def _tile_edges(tile, r0, c0, cut, tau_table, off):
+    """(i, j, level) of the tile's pairs j > i with sim >= cut, row-major; the level as
+    ``similarity.level_of`` computes it (the float64 floor, then the float32 grid's
+    corrections). One pass to count, one to fill."""
+    rows, cols = tile.shape
+    count = 0
+    for a in range(rows):
+        for b in range(max(0, r0 + a + 1 - c0), cols):
+            if tile[a, b] >= cut:
+                count += 1
+    ii = np.empty(count, np.int32)
+    jj = np.empty(count, np.int32)
+    lv = np.empty(count, np.int8)
+    count = 0
+    for a in range(rows):
+        for b in range(max(0, r0 + a + 1 - c0), cols):
+            x = tile[a, b]
+            if x >= cut:
+                k = min(max(np.int64(np.floor(np.float64(x) * 100)), _MIN_LEVEL), _MAX_LEVEL)
+                if x >= tau_table[k + 1 + off]:
+                    k += 1
+                if x < tau_table[k + off]:
+                    k -= 1
+                ii[count] = a
+                jj[count] = b
+                lv[count] = min(max(k, _MIN_LEVEL), _MAX_LEVEL)
+                count += 1
+    return ii, jj, lv
+
 
 @numba.njit(cache=True, nogil=True)
 def _core(indptr, indices, min_degree):
@@ -297,11 +328,8 @@ class _EdgeCollector:
         a, b = self.sample_a, self.sample_b
         hit = (a >= r0) & (a < r0 + rows) & (b >= c0) & (b < c0 + cols) & (a < b)
         self.samples[hit] = tile[a[hit] - r0, b[hit] - c0]
-        sel = tile >= self.cut_value
-        if c0 < r0 + rows:  # the tile reaches the diagonal: keep j > i only
-            sel &= (c0 + np.arange(cols))[None, :] > (r0 + np.arange(rows))[:, None]
-        ii, jj = np.nonzero(sel)
-        lv = level_of(tile[ii, jj]).astype(np.int8)
+        ii, jj, lv = _tile_edges(np.asarray(tile, np.float32), r0, c0,
+                                 np.float32(self.cut_value), _TAU, -(_MIN_LEVEL - 1))
         self.counts += np.bincount(lv.astype(np.int64) - _MIN_LEVEL,
                                    minlength=self.counts.shape[0])
         self.kept += ii.shape[0]
