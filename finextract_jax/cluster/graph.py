@@ -64,14 +64,7 @@ class Graph:
         upper = None
         for own, other in ((1, 0), (0, 1)):
             for chunk in chunks:
-                rows, nbrs, lv = chunk[own], chunk[other], chunk[2]
-                order = np.argsort(rows, kind="stable")
-                rows_sorted = rows[order]
-                rank = np.arange(rows.shape[0]) - np.searchsorted(rows_sorted, rows_sorted)
-                pos = fill[rows_sorted] + rank
-                indices[pos] = nbrs[order]
-                levels[pos] = lv[order]
-                fill += np.bincount(rows, minlength=n)
+                _fill_rows(chunk[own], chunk[other], chunk[2], fill, indices, levels)
             if upper is None:
                 upper = fill.copy()  # the smaller neighbours are in: later ones start here
         return cls(indptr, upper, indices, levels)
@@ -128,6 +121,16 @@ class Graph:
         ab = sizes[a] * sizes[b]
         joined = (links > p * ab + z * np.sqrt(p * (1 - p) * ab)) & (links >= min_density * ab)
         return _first_of_groups(a[joined], b[joined], count).tolist()
+
+@numba.njit(cache=True, nogil=True)
+def _fill_rows(rows, nbrs, lv, fill, indices, levels):
+    """Append each pair, in order, to its row: a stable counting sort's placement."""
+    for t in range(rows.shape[0]):
+        p = fill[rows[t]]
+        indices[p] = nbrs[t]
+        levels[p] = lv[t]
+        fill[rows[t]] = p + 1
+
 
 @numba.njit(cache=True, nogil=True)
 def _tile_edges(tile, r0, c0, cut, tau_table, off):
