@@ -101,11 +101,11 @@ def to_uint8_array(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"), np.uint8)
 
 
-def resize_shorter(image: Image.Image, size: int) -> Image.Image:
-    """Shorter side to `size` (bilinear), aspect kept."""
+def resize_shorter(image: Image.Image, size: int, resample=Image.BILINEAR) -> Image.Image:
+    """Shorter side to `size`, aspect kept (the other side truncated, as torchvision and HF processors do)."""
     w, h = image.size
     new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
-    return image if new == (w, h) else image.resize(new, Image.BILINEAR)
+    return image if new == (w, h) else image.resize(new, resample)
 
 
 def center_crop_origin(width: int, height: int, size: int) -> tuple[int, int]:

@@ -16,6 +16,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
+from finextract_jax import imageio
 from finextract_jax.errors import CheckpointError, InputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -134,17 +135,8 @@ class VisionEncoder:
         self._apply = jax.jit(apply)
 
     def preprocess(self, img: Image.Image) -> np.ndarray:
-        img = img.convert("RGB")
-        w, h = img.size
-        size = self.pre["resize"]
-        if w <= h:
-            nw, nh = size, int(size * h / w)
-        else:
-            nw, nh = int(size * w / h), size
-        img = img.resize((nw, nh), self.pre["resample"])
-        c = self.pre["crop"]
-        left, top = int(round((nw - c) / 2.0)), int(round((nh - c) / 2.0))
-        img = img.crop((left, top, left + c, top + c))
+        img = imageio.center_crop(imageio.resize_shorter(img.convert("RGB"), self.pre["resize"], self.pre["resample"]),
+                                  self.pre["crop"])
         x = np.asarray(img, np.float32) / 255.0
         return (x - np.asarray(self.pre["mean"], np.float32)) / np.asarray(self.pre["std"],
                                                                             np.float32)
