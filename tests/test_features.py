@@ -285,3 +285,44 @@ def test_vision_encoders_from_local_folders(tmp_path):
         F.get_extractor("dino", None)
     with pytest.raises(InputError, match="config.json"):
         F.get_extractor("dino", str(tmp_path))
+
+
+_SHARDED_FEATURES = """
+import sys, jax, numpy as np
+from finextract_jax import features as F
+assert jax.local_device_count() == 4
+dino = F.get_extractor("dino", sys.argv[1])
+assert dino._forward.mesh.size == 4
+for batch_size in (4, 8, 3):  # split over the 4 devices; 3 runs replicated
+    np.save(f"{sys.argv[3]}/b{batch_size}.npy", F.compute_features(sys.argv[2], dino, batch_size, cache=False)[1])
+"""
+
+
+def test_features_split_over_local_devices_equal_one_device(tmp_path):
+    """Embedders run their batches over every local device (models/data_parallel.py); the features
+    do not depend on the device count or the batch size."""
+    import subprocess
+    import sys
+
+    import transformers
+
+    vit_cfg = transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, image_size=32, patch_size=16)
+    transformers.FlaxViTModel(vit_cfg, seed=0).save_pretrained(str(tmp_path / "dino"))
+    with open(tmp_path / "dino" / "preprocessor_config.json", "w") as f:
+        json.dump({"size": {"shortest_edge": 36}, "crop_size": {"height": 32, "width": 32}}, f)
+    images = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        _save_png(images / f"{i:05d}.png", rng.integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    subprocess.run([sys.executable, "-c", _SHARDED_FEATURES, str(tmp_path / "dino"), str(images), str(tmp_path)],
+                   check=True, env=env, capture_output=True, timeout=600)
+    one_device = F.compute_features(str(images), F.get_extractor("dino", str(tmp_path / "dino")), 5, cache=False)[1]
+    for batch_size in (4, 8, 3):
+        np.testing.assert_allclose(np.load(tmp_path / f"b{batch_size}.npy"), one_device, rtol=0, atol=1e-6)
+
+
+def _save_png(path, pixels):
+    path.parent.mkdir(exist_ok=True)
+    Image.fromarray(pixels).save(path)

@@ -40,6 +40,7 @@ from PIL import Image
 
 from finextract_jax import imageio
 from finextract_jax.errors import CheckpointError, InputError
+from finextract_jax.models.data_parallel import DataParallel
 
 BN_EPS = 1e-5
 # Input transforms: the reference's (Resize 256, CenterCrop 224, mean/std 0.5) or SSCD's own (320x320, ImageNet).
@@ -334,8 +335,6 @@ class SSCDFeatures:
 
     def __init__(self, weights: str, preprocessing: str = "reference",
                  cache_dir: Optional[str] = None):
-        import jax
-
         if preprocessing not in SSCD_PREPROCESSINGS:
             raise InputError(f"SSCD preprocessing must be one of {', '.join(SSCD_PREPROCESSINGS)}, got "
                              f"{preprocessing!r}")
@@ -343,11 +342,10 @@ class SSCDFeatures:
         self.preprocessing = preprocessing
         self.fingerprint = f"sscd:{digest}:{preprocessing}:v1"
         module = sscd_module(self.config)
-        self._params = jax.device_put(params)
-        self._apply = jax.jit(lambda p, x: module.apply({"params": p}, x))
+        self._forward = DataParallel(lambda p, x: module.apply({"params": p}, x), params)
 
     def preprocess(self, img: Image.Image) -> np.ndarray:
         return preprocess(img, self.preprocessing)
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
-        return np.asarray(self._apply(self._params, batch))
+        return self._forward(batch)

@@ -18,6 +18,7 @@ from PIL import Image
 
 from finextract_jax import imageio
 from finextract_jax.errors import CheckpointError, InputError
+from finextract_jax.models.data_parallel import DataParallel
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -91,8 +92,6 @@ class VisionEncoder:
     """A jitted transformers Flax vision encoder: preprocess(PIL) and embed(batch)."""
 
     def __init__(self, folder: str, kind: str):
-        import jax
-
         if kind not in ("dino", "clip"):
             raise InputError(f"vision encoder kind must be 'dino' or 'clip', got {kind!r}")
         if not folder:
@@ -121,7 +120,6 @@ class VisionEncoder:
         self.model_type = model_type
         self.pre = _preprocessing(folder, kind)
         self.fingerprint = f"{kind}:{model_type}:{_folder_digest(folder)}:v1"
-        self._params = model.params
 
         def apply(params, pixels):  # pixels: [B, H, W, 3] -> NCHW, as transformers expects
             pixels = pixels.transpose(0, 3, 1, 2)
@@ -132,7 +130,7 @@ class VisionEncoder:
                 return out.pooler_output
             return out.last_hidden_state[:, 0]
 
-        self._apply = jax.jit(apply)
+        self._forward = DataParallel(apply, model.params)
 
     def preprocess(self, img: Image.Image) -> np.ndarray:
         img = imageio.center_crop(imageio.resize_shorter(img.convert("RGB"), self.pre["resize"], self.pre["resample"]),
@@ -142,4 +140,4 @@ class VisionEncoder:
                                                                             np.float32)
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
-        return np.asarray(self._apply(self._params, batch))
+        return self._forward(batch)
