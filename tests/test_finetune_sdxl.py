@@ -2,13 +2,12 @@
 diffusers' train_dreambooth_lora_sdxl.py computes (its conditioning: both encoders' penultimate
 states, the pooled projection, time ids from each image's original size and crop), the LoRA export
 (UNet and both text encoders) loads with StableDiffusionXLPipeline.load_lora_weights and gives our
-merged model's outputs, and a DreamBooth run through the binary exports a folder that
-StableDiffusionXLPipeline.from_pretrained loads."""
+merged model's outputs, and the DreamBooth export of both text encoders loads with
+StableDiffusionXLPipeline.from_pretrained. (The finetune binary adds nothing SDXL-specific to the
+library call; its SD 1.x tests cover it, and an SDXL run through it costs a minute of compilation.)"""
 import functools
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +20,6 @@ from finextract_jax.finetune import FinetuneConfig, Trainer, load_train_set
 from finextract_jax.finetune import lora as ft_lora
 from finextract_jax.finetune.train import denoising_loss
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAPTION = "a photo of sks dog"
 SIZES = {"astronaut": (48, 40), "coffee": (40, 56)}  # (width, height): a crop on each axis
 LORA = FinetuneConfig(method="lora", steps=2, learning_rate=1e-3, rank=4, lora_alpha=8, train_text_encoder=True,
@@ -196,21 +194,3 @@ def test_sdxl_dreambooth_export_of_both_text_encoders(pipes, tmp_path):
                               ours[("text_model", "final_layer_norm", "bias")]), name
     np.testing.assert_array_equal(loaded.text_encoder_2.state_dict()["text_projection.weight"].numpy(),
                                   np.asarray(text["text_encoder_2"]["text_projection"]["kernel"]).T)
-
-
-def test_sdxl_dreambooth_through_the_binary(tiny_sdxl_dir, train_dir, pipes, tmp_path):
-    from diffusers import StableDiffusionXLPipeline
-
-    out = tmp_path / "victim"
-    result = subprocess.run(
-        [sys.executable, "-m", "experiments.finetune", f"--pretrained={tiny_sdxl_dir}", f"--train_dir={train_dir}",
-         f"--out={out}", f"--caption={CAPTION}", "--method=dreambooth", "--steps=1", "--learning_rate=1e-3"],
-        cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu", FINEXTRACT_CACHE=""), capture_output=True, text=True,
-        timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    loaded = StableDiffusionXLPipeline.from_pretrained(out)
-    base = pipes[1]
-    trained, before = loaded.unet.state_dict(), base.unet.state_dict()
-    assert trained.keys() == before.keys()
-    assert any(not torch.equal(trained[k], before[k]) for k in before)
-    assert all(torch.equal(loaded.text_encoder_2.state_dict()[k], v) for k, v in base.text_encoder_2.state_dict().items())
