@@ -39,10 +39,6 @@ def second_rows(rows: np.ndarray, eos_id: int, pad_id: int) -> np.ndarray:
     return np.where(np.arange(rows.shape[1])[None] > first_eos[:, None], pad_id, rows).astype(np.int32)
 
 
-def _text_encoders(pipe) -> tuple[str, ...]:
-    return ("text_encoder", "text_encoder_2") if sdxl.is_sdxl(pipe) else ("text_encoder",)
-
-
 def _check_shared_vocabulary(pipe):
     first, second = pipe.tokenizer, pipe.tokenizer_2
     if first.get_vocab() != second.get_vocab() or first.eos_token_id != second.eos_token_id:
@@ -58,7 +54,7 @@ class PromptScorer:
         self.noisy, self.t, self.target = (jnp.asarray(a) for a in pairs)
         self.batch_size = batch_size
         self.need_pretrained = need_pretrained
-        names = _text_encoders(finetuned)
+        names = sdxl.text_encoder_names(finetuned)
         self.shared_text = all(getattr(finetuned, n) is getattr(pretrained, n) for n in names)
         self.text = {"ft": tuple(getattr(finetuned, n).params for n in names)}
         if need_pretrained and not self.shared_text:

@@ -29,11 +29,6 @@ TEXT_ENCODERS = {"text_encoder": ("text", "text_lora", "input_ids", "tokenizer")
                  "text_encoder_2": ("text_2", "text_2_lora", "input_ids_2", "tokenizer_2")}
 
 
-def text_encoders(pipe: Pipeline) -> tuple[str, ...]:
-    """The pipeline's text encoders, in the order their outputs are concatenated."""
-    return tuple(TEXT_ENCODERS) if sdxl.is_sdxl(pipe) else ("text_encoder",)
-
-
 class Static:
     """Hash/eq by the identity of each module: lets the CLIP wrappers be part of a static jit argument
     (equal Trainer specs on the same pipeline then share one compiled step)."""
@@ -51,7 +46,7 @@ class Static:
 
 def text_modules(pipe: Pipeline, compute_dtype) -> Static:
     """The trained text encoders' modules in the compute dtype (the pipeline's own in float32)."""
-    parts = [getattr(pipe, name) for name in text_encoders(pipe)]
+    parts = [getattr(pipe, name) for name in sdxl.text_encoder_names(pipe)]
     return Static(tuple(part.module if compute_dtype == jnp.float32 else
                         components.text_encoder_from_config(part.config, compute_dtype) for part in parts))
 
@@ -69,7 +64,7 @@ def caption_data(pipe: Pipeline, train_set: TrainSet, train_text_encoder: bool) 
     captions = train_set.captions
     if train_text_encoder:
         data = {TEXT_ENCODERS[name][2]: tokenize(getattr(pipe, TEXT_ENCODERS[name][3]), captions)
-                for name in text_encoders(pipe)}
+                for name in sdxl.text_encoder_names(pipe)}
     else:
         unique = sorted(set(captions))
         rows = [unique.index(c) for c in captions]
@@ -86,7 +81,7 @@ def caption_data(pipe: Pipeline, train_set: TrainSet, train_text_encoder: bool) 
 def init_trainable(pipe: Pipeline, method: str, rank: int, key) -> dict:
     """The text encoders' trainable parameters: their own (DreamBooth) or LoRA factors with B = 0."""
     out = {}
-    for i, name in enumerate(text_encoders(pipe)):
+    for i, name in enumerate(sdxl.text_encoder_names(pipe)):
         full, factors, _, _ = TEXT_ENCODERS[name]
         params = getattr(pipe, name).params
         out[full if method == "dreambooth" else factors] = params if method == "dreambooth" else \
@@ -96,7 +91,7 @@ def init_trainable(pipe: Pipeline, method: str, rank: int, key) -> dict:
 
 def frozen_text(pipe: Pipeline) -> dict:
     """What a LoRA of the text encoders is added to: {"text": params[, "text_2": params]}."""
-    return {TEXT_ENCODERS[name][0]: getattr(pipe, name).params for name in text_encoders(pipe)}
+    return {TEXT_ENCODERS[name][0]: getattr(pipe, name).params for name in sdxl.text_encoder_names(pipe)}
 
 
 def trained_text(trainable: dict) -> dict:

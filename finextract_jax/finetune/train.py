@@ -42,6 +42,7 @@ from finextract_jax.finetune import lora as lora_lib
 from finextract_jax.finetune.config import FinetuneConfig
 from finextract_jax.finetune.data import TrainSet
 from finextract_jax.finetune.inputs import check_resolution, encode_latent_moments
+from finextract_jax.models import sdxl
 from finextract_jax.models.pipeline import JNP_DTYPES, Pipeline, vae_posterior
 from finextract_jax.noise_schedule import add_noise, alphas_cumprod_from_config, training_target
 
@@ -416,7 +417,7 @@ def dreambooth_components(pipe: Pipeline, unet_params, text: dict | None = None)
     diffusers PyTorch can load the export)."""
     text = text or {}
     components = {"unet": (pipe.unet.config, unet_params)}
-    for name in conditioning.text_encoders(pipe):
+    for name in sdxl.text_encoder_names(pipe):
         part = getattr(pipe, name)
         if name in text or part.source.endswith(".msgpack"):
             components[name] = (part.config, text.get(name, part.params))

@@ -279,10 +279,11 @@ def resolve(tensors: dict, metadata: dict, unet_params: dict, text_params: dict,
     indices = {c: _module_index(f) for c, f in flats.items()}
     resolved = {c: {} for c in trees}
     unmatched, assumed_alpha = [], []
+    layers_per_block = _layers_per_block(flats["unet"])
     for (component, module), factors in modules.items():
         path = indices[component].get(module)
         if path is None and component == "unet":  # kohya's SDXL spelling: the original (SGM) UNet's names
-            sgm = single_file.kohya_sgm_module(module, _layers_per_block(flats["unet"]))
+            sgm = single_file.kohya_sgm_module(module, layers_per_block)
             path = indices["unet"].get(sgm) if sgm else None
         if path is None:
             unmatched.append(f"{component}:{module}")

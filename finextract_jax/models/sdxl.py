@@ -14,6 +14,7 @@ As StableDiffusionXLPipeline.encode_prompt (clip_skip unset) computes it:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import jax
@@ -64,6 +65,11 @@ def micro_conditioning(pipe: Pipeline, original_size: Sequence[int] | None = Non
     return MicroConditioning(*values)
 
 
+def text_encoder_names(pipe: Pipeline) -> tuple[str, ...]:
+    """The pipeline's text encoders (attribute names), in the order their outputs are concatenated."""
+    return ("text_encoder", "text_encoder_2") if is_sdxl(pipe) else ("text_encoder",)
+
+
 def micro_conditioning_setting(pipe: Pipeline, original_size=None, crops_coords_top_left=None,
                                target_size=None) -> MicroConditioning | None:
     """The micro-conditioning of an SDXL pipeline from the settings given (None: the default), or
@@ -99,8 +105,14 @@ def encode_prompts(pipe: Pipeline, prompts: Sequence[str]) -> tuple[jax.Array, j
     """(context [n, 77, d1 + d2], pooled [n, projection_dim]) for each prompt, float32."""
     text_1, text_2 = pipe.text_encoder, pipe.text_encoder_2
     ids_1, ids_2 = token_ids(pipe, prompts)
-    run = jax.jit(lambda p1, i1, p2, i2: encode_ids(text_1.module, p1, i1, text_2.module, p2, i2))
-    return run(text_1.params, jnp.asarray(ids_1), text_2.params, jnp.asarray(ids_2))
+    return _jitted_encoder(text_1.module, text_2.module)(text_1.params, jnp.asarray(ids_1), text_2.params,
+                                                         jnp.asarray(ids_2))
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_encoder(text_1, text_2):
+    """One compiled `encode_ids` per pair of text modules (a run encodes its prompt and "" with it)."""
+    return jax.jit(lambda p1, i1, p2, i2: encode_ids(text_1, p1, i1, text_2, p2, i2))
 
 
 def unconditional(pipe: Pipeline) -> tuple[jax.Array, jax.Array]:
