@@ -14,8 +14,8 @@ tiny text encoders' pooled width; everything else is SDXL base's config).
 --variants: fusion strategies (two_applies, vmap, lora_batch, lora_merged), each optionally with an
 attention implementation after a colon (`two_applies:fused`, `two_applies:chunked`, `two_applies:plain`,
 `two_applies:cudnn`; default: the library's per-backend choice, `auto`: chunked on CPU, fused elsewhere).
---flag_sets: named XLA flag sets (FLAG_SETS; `default` = none), each compiled in its own process (XLA reads
-its flags once) for the first variant. XLA_FLAGS from the environment applies to every row.
+--flag_sets: named XLA flag sets (FLAG_SETS; `default`: the library's, `ynn`: jaxlib's own), each compiled in
+its own process (XLA reads its flags once) for the first variant. XLA_FLAGS from the environment applies to every row.
 Every row, the PyTorch loop's and the flag sets' included, is timed in --rounds round-robin passes (best
 of each), so a shared machine's changing load falls on all rows alike.
 --profile=DIR: a jax.profiler trace of the first variant's compiled sampler (and with --torch a PyTorch
@@ -68,10 +68,12 @@ SIZES.update(SDXL_SIZES)
 PEAK_FLOPS = {"bfloat16": {"H100": 989e12, "H200": 989e12, "A100": 312e12},
               "float32": {"H100": 67e12, "H200": 67e12, "A100": 19.5e12}}
 # XLA flag sets worth a row (--flag_sets). None changes the arithmetic asked for (no fast-math). On CPU
-# XLA hands convolutions, dots and reductions to YNNPACK fusions by default (jaxlib 0.10); the sets choose
-# who else runs them: XLA's own emitters and Eigen, oneDNN, or XNNPACK's greedy graph fusion.
+# jaxlib 0.10 hands convolutions, dots and reductions to YNNPACK fusions; finextract_jax turns that off on
+# import (finextract_jax/__init__.py), so `default` is XLA's own emitters and Eigen and `ynn` is jaxlib's
+# default; the other sets choose who else runs them: oneDNN, or XNNPACK's greedy graph fusion.
 FLAG_SETS = {
     "default": "",
+    "ynn": "--xla_cpu_experimental_ynn_fusion_type=+reduce",
     "no_ynn": "--xla_cpu_experimental_ynn_fusion_type=",
     "ynn_no_reduce": "--xla_cpu_experimental_ynn_fusion_type=-reduce",
     "onednn": "--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_use_onednn=true",
@@ -154,6 +156,15 @@ def timed(run):
     return timer
 
 
+def _with_flags(inherited: str, flag_set: str) -> str:
+    """`inherited` XLA flags plus a set's; the set's YNNPACK choice replaces the inherited one (the library's)."""
+    from finextract_jax import YNN_FLAG
+
+    if YNN_FLAG in flag_set:
+        inherited = " ".join(f for f in inherited.split() if not f.startswith(YNN_FLAG))
+    return f"{inherited} {flag_set}".strip()
+
+
 class FlagSetChild:
     """Our first variant compiled under one named XLA flag set, in a child process (XLA reads its flags
     once per process) that times one sampler call each time it is asked, so it joins the interleaved rounds."""
@@ -161,7 +172,7 @@ class FlagSetChild:
     def __init__(self, args, models_root, name, batch):
         if name not in FLAG_SETS:
             raise SystemExit(f"unknown flag set {name}; choose from {', '.join(FLAG_SETS)}")
-        env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {FLAG_SETS[name]}".strip())
+        env = dict(os.environ, XLA_FLAGS=_with_flags(os.environ.get("XLA_FLAGS", ""), FLAG_SETS[name]))
         command = [sys.executable, os.path.abspath(__file__), f"--size={args.size}", f"--batch={batch}",
                    f"--steps={args.steps}", f"--dtype={args.dtype}", f"--variants={args.variants.split(',')[0]}",
                    f"--models_dir={models_root}", "--serve"]
