@@ -5,7 +5,8 @@
 Rows: 8 training captions and 3 held-out-concept captions (each beside its real image), then
 the empty caption; columns: samples from the same start noise (cfg, --scale). Also logs the
 eps-MSE of 16 training and 16 held-out-concept images under their own caption, another one's
-and "" (finextract_jax/testbed/samples.py).
+and "" (finextract_jax/testbed/samples.py), and how often a caption's cfg samples are nearest (pixel
+cosine) to that caption's own image among --retrieval_captions training captions' images.
 """
 import numpy as np
 from absl import flags, logging
@@ -18,6 +19,7 @@ flags.DEFINE_string("data", None, "The testbed's images as .npz (testbed_base --
 flags.DEFINE_integer("per_caption", 6, "Samples per caption.")
 flags.DEFINE_float("scale", 3.0, "cfg scale.")
 flags.DEFINE_integer("seed", 0, "Start-noise seed.")
+flags.DEFINE_integer("retrieval_captions", 64, "Captions of the retrieval probe (4 samples each; 0: skip it).")
 FLAGS = flags.FLAGS
 
 
@@ -32,6 +34,13 @@ def main(_):
         errors = samples.caption_dependence(model, splits[split])
         logging.info("%s eps-MSE: own caption %.5f, another image's %.5f, empty %.5f (%d noisy pairs)", split,
                      errors["own"], errors["other"], errors["empty"], errors["pairs"])
+    if FLAGS.retrieval_captions:
+        for split in ("train", "held_out_concept"):
+            rates = samples.caption_retrieval(model, splits[split], FLAGS.retrieval_captions, scale=FLAGS.scale,
+                                              seed=FLAGS.seed)
+            logging.info("%s retrieval (%d captions x 4 cfg samples, pixel cosine): own image nearest %.3f "
+                         "(chance %.3f), in the 5 nearest %.3f (chance %.3f)", split, rates["captions"],
+                         rates["top1"], rates["chance_top1"], rates["top5"], rates["chance_top5"])
     grid = samples.probe_grid(model, splits, FLAGS.per_caption, FLAGS.scale, FLAGS.seed)
     atomic_write_png(FLAGS.out, np.asarray(grid))
     logging.info("wrote %s", FLAGS.out)

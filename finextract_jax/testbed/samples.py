@@ -1,4 +1,4 @@
-"""Does the base read its captions? Two probes.
+"""Does the base read its captions? Three probes.
 
 - `probe_grid`: samples for fixed captions beside their training images. Every caption is
   sampled from the same start noise (image i from (seed, i)), so a row that differs from its
@@ -8,6 +8,9 @@
   another image's caption and with "" on the same noisy inputs (caption.PromptScorer). A
   model that reads its captions has own < other and own < empty; one that ignores them has all
   three equal.
+- `caption_retrieval`: do a caption's samples look like that caption's image? Each cfg sample's
+  nearest real image among the probed captions' images (cosine of an embedding); the rate at
+  which it is its own caption's image, against chance. The number to watch while training.
 """
 from __future__ import annotations
 
@@ -88,3 +91,35 @@ def caption_dependence(model, split: tuple, count: int = 16, timesteps=(300, 500
     return {"own": float(errors[image_of, columns].mean()),
             "other": float(errors[(image_of + 1) % count, columns].mean()),
             "empty": float(errors[count, columns].mean()), "images": count, "pairs": int(len(image_of))}
+
+
+def retrieval_rates(sample_features: np.ndarray, real_features: np.ndarray) -> dict:
+    """Samples [K, P, D] of K >= 5 captions against their K real images [K, D]: the fraction of samples
+    whose nearest real image (cosine) is their own caption's (top1), or among the 5 nearest (top5)."""
+    from finextract_jax.errors import InputError
+
+    count, per_caption = sample_features.shape[:2]
+    if count < 5:
+        raise InputError(f"the retrieval probe needs at least 5 captions, got {count}")
+    unit = lambda f: f / np.maximum(np.linalg.norm(f, axis=-1, keepdims=True), 1e-12)
+    similarity = unit(sample_features.reshape(count * per_caption, -1)) @ unit(real_features).T  # [K*P, K]
+    own = np.repeat(np.arange(count), per_caption)
+    closer = (similarity > similarity[np.arange(len(own)), own][:, None]).sum(axis=1)  # real images nearer than own
+    return {"top1": float(np.mean(closer == 0)), "top5": float(np.mean(closer < 5)), "chance_top1": 1.0 / count,
+            "chance_top5": 5.0 / count, "captions": count, "samples": count * per_caption}
+
+
+def caption_retrieval(model, split: tuple, count: int = 64, per_caption: int = 4, scale: float = 3.0,
+                      seed: int = 0, steps: int = 25, features: str = "pixel") -> dict:
+    """`retrieval_rates` of cfg samples for `count` captions of `split` (probe_rows) against their
+    images, embedded with `features` (finextract_jax.features)."""
+    from PIL import Image
+
+    from finextract_jax.features import embed_images, get_extractor
+
+    rows = probe_rows(split, count)
+    samples = sample_captions(_pipeline(model), [c for _, c in rows], per_caption, steps, scale, seed)
+    extractor = get_extractor(features)
+    embed = lambda images: embed_images([Image.fromarray(i) for i in images], extractor, batch_size=64)
+    sample_features = embed(samples.reshape(-1, *samples.shape[2:])).reshape(count, per_caption, -1)
+    return retrieval_rates(sample_features, embed(np.stack([image for image, _ in rows])))
