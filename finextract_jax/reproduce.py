@@ -86,6 +86,10 @@ class Settings:
     dtype: str = same_as(FinetuneConfig, "dtype", help="Fine-tuning and sampling compute dtype.")
     devices: int = option(0, "Use the first N devices (0: all).")
     allow_pickle: bool = option(False, ALLOW_PICKLE_HELP)
+    # Where the fine-tune stages live (default: workdir). Another run's workdir shares its finished
+    # fine-tunes (checked against their settings as always), so that extraction settings (w, k) can
+    # be swept in new workdirs without fine-tuning again (finextract_jax/testbed/curve.py).
+    finetune_workdir: str | None = option(None, flag=False)
 
     def __post_init__(self):
         check_choices(self)
@@ -180,7 +184,11 @@ def extract_config(s: Settings, ds: Dataset, finetune: str, method: str):
 
 
 def finetune_dir(s: Settings, ds: Dataset, finetune: str) -> str:
-    return os.path.join(s.workdir, ds.name, finetune)
+    return os.path.join(s.finetune_workdir or s.workdir, ds.name, finetune)
+
+
+def method_dir(s: Settings, ds: Dataset, finetune: str, method: str) -> str:
+    return os.path.join(s.workdir, ds.name, finetune, method)
 
 
 def model_path(s: Settings, ds: Dataset, finetune: str) -> str:
@@ -267,7 +275,7 @@ def plan(s: Settings) -> list:
         num_train = len(list_images(ds.train_dir))
         for finetune in s.finetunes:
             folder = finetune_dir(s, ds, finetune)
-            names = [("finetune", folder, None)] + [(stage, os.path.join(folder, method), method)
+            names = [("finetune", folder, None)] + [(stage, method_dir(s, ds, finetune, method), method)
                                                     for method in s.methods for stage in STAGES[1:]]
             for stage, stage_folder, method in names:
                 settings = stage_settings(s, stage, ds, finetune, method, num_train)

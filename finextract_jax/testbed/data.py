@@ -10,6 +10,15 @@ Sources (installed with `npm pack`, a pinned version each; nothing from them is 
 
 Apple and Facebook images in the same family of packages are not licensed for reuse: not used.
 
+The style-driven private set comes from a third vendor that never enters base training at all:
+OpenMoji (npm `openmoji` 17.0.0, `color/svg/`; graphics by the OpenMoji project, HfG
+Schwaebisch Gmuend, licensed CC BY-SA 4.0: attribute it, and whatever is made from its images
+and shared carries the same licence). The package ships SVGs only; they are rasterised at 64 px
+with resvg (`resvg-py`, the `testbed` extra), then rendered like the others. STYLE_COUNT concepts
+that the base trained on (their code point is in the train split), chosen by a hash of the code
+point, each captioned "sks <the base's name for it>": the rare identifier stands where the
+vendor word stands in training captions.
+
 Splits (fixed; they depend only on each emoji's code point string, never on list order):
 
 - private concept: the nine cat-face smileys (`subcategory == "cat-face"`) of every vendor never
@@ -23,8 +32,10 @@ Splits (fixed; they depend only on each emoji's code point string, never on list
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import re
@@ -50,6 +61,12 @@ PRIVATE_OBJECT_CAPTION = "twemoji sks cat face"
 EXCLUDED_SUBCATEGORIES = ("country-flag", "subdivision-flag")
 HELD_OUT_CONCEPT_PERCENT = 4
 HELD_OUT_IMAGE_PERCENT = 3
+STYLE_PACKAGE = ("openmoji", "17.0.0", "color/svg")  # never in PACKAGES: no image of it is trained on
+STYLE_VENDOR = "openmoji"
+STYLE_LICENCE = "CC BY-SA 4.0 (OpenMoji, the open-source emoji and icon project; openmoji.org)"
+STYLE_IDENTIFIER = "sks"
+STYLE_COUNT = 8
+STYLE_SOURCE_PX = 64  # the SVGs are rasterised at the size the other vendors' PNGs come in
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,11 +160,21 @@ def all_emoji(root: str | None = None) -> list:
     return sorted(out, key=lambda e: e.key)
 
 
+def _rasterise_svg(path: str):
+    try:
+        import resvg_py
+    except ImportError:
+        raise InputError(f"{path}: rasterising the style set's SVGs needs resvg-py: pip install "
+                         "'finextract_jax[testbed]'") from None
+    return io.BytesIO(resvg_py.svg_to_bytes(svg_path=path, width=STYLE_SOURCE_PX, height=STYLE_SOURCE_PX))
+
+
 def render(path: str, resolution: int = RESOLUTION) -> np.ndarray:
-    """The PNG composited on white and downsampled (area average) to uint8 [R, R, 3]."""
+    """The PNG (or SVG, rasterised first) composited on white and downsampled (area average) to
+    uint8 [R, R, 3]."""
     from PIL import Image
 
-    with Image.open(path) as image:
+    with Image.open(_rasterise_svg(path) if path.endswith(".svg") else path) as image:
         rgba = image.convert("RGBA")
     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     rgb = Image.alpha_composite(white, rgba).convert("RGB")
@@ -187,11 +214,84 @@ def load_splits(data_file: str | None = None, root: str | None = None) -> tuple:
         for split, (images, captions, keys) in splits.items():
             arrays.update({f"{split}/images": images, f"{split}/captions": np.array(captions),
                            f"{split}/keys": np.array(keys)})
-        os.makedirs(os.path.dirname(os.path.abspath(data_file)), exist_ok=True)
-        tmp = data_file + ".tmp.npz"
-        np.savez_compressed(tmp, **arrays)
-        os.replace(tmp, data_file)
+        _save_npz(data_file, arrays)
     return splits, words
+
+
+def _save_npz(path: str, arrays: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.npz"
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+# ---- the style-driven private set (a vendor the base never sees) ---------------------------------
+
+
+def read_style_emoji(package_dir: str) -> list:
+    """OpenMoji's emoji (data/openmoji.csv: hexcode, annotation = name) that have a colour SVG,
+    without skin-tone variants; sorted by key."""
+    out = []
+    with open(os.path.join(package_dir, "data", "openmoji.csv"), newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            path = os.path.join(package_dir, STYLE_PACKAGE[2], row["hexcode"] + ".svg")
+            if row.get("skintone") or not os.path.isfile(path):
+                continue
+            out.append(Emoji(STYLE_VENDOR, row["hexcode"], clean_name(row["annotation"]), row["subgroups"], path))
+    return sorted(out, key=lambda e: e.key)
+
+
+def concept_code(code: str) -> str:
+    """A code point string without variation selectors, lower case: '2764-FE0F' -> '2764' (vendors
+    differ in whether they write them)."""
+    return "-".join(p for p in code.lower().split("-") if p != "fe0f")
+
+
+def training_concepts(train: tuple) -> dict:
+    """{concept code: the base's name for it} over a train split (keys VENDOR_CODE, captions
+    'VENDOR NAME'), so that the rule works on the .npz as well as on the packages."""
+    out = {}
+    for caption, key in zip(train[1], train[2]):
+        vendor, code = key.split("_", 1)
+        out.setdefault(concept_code(code), caption.removeprefix(vendor + " "))
+    return out
+
+
+def style_set(style_emoji: list, train: tuple, count: int = STYLE_COUNT, resolution: int = RESOLUTION) -> tuple:
+    """(images uint8 [count, R, R, 3], captions "sks <name>", keys) of the style vendor's images of
+    `count` concepts the base trained on: the lowest sha256('style:' + concept code), a rule that
+    depends on neither list order nor the vendor's names. Reads `train`, never changes it."""
+    concepts = training_concepts(train)
+    candidates = {}
+    for e in style_emoji:
+        if concept_code(e.code) in concepts:
+            candidates.setdefault(concept_code(e.code), e)
+    chosen = sorted(candidates, key=lambda c: hashlib.sha256(f"style:{c}".encode()).hexdigest())[:count]
+    if len(chosen) < count:
+        raise InputError(f"the style set needs {count} concepts that the base trained on; "
+                         f"{len(candidates)} of the style vendor's emoji are")
+    chosen.sort()
+    return (np.stack([render(candidates[c].path, resolution) for c in chosen]),
+            [f"{STYLE_IDENTIFIER} {concepts[c]}" for c in chosen], [candidates[c].key for c in chosen])
+
+
+def load_style_set(style_file: str | None, train: tuple, root: str | None = None) -> tuple:
+    """The style set: from `style_file` (.npz) when it exists, else built from the npm package
+    (and written to `style_file` when given, so a machine without npm gets it: carry the file).
+    A file of its own, so that the base's data file (and its hash) never changes."""
+    if style_file and os.path.isfile(style_file):
+        with np.load(style_file, allow_pickle=False) as f:
+            return f["images"], f["captions"].tolist(), f["keys"].tolist()
+    try:
+        package = install_package(*STYLE_PACKAGE[:2], root)
+    except InputError as err:
+        raise InputError(f"{err}; or build the style set where npm works (the curve with --sets=style "
+                         "--style_data=FILE) and carry FILE here") from None
+    images, captions, keys = style_set(read_style_emoji(package), train)
+    if style_file:
+        _save_npz(style_file, {"images": images, "captions": np.array(captions), "keys": np.array(keys),
+                               "licence": np.array(STYLE_LICENCE)})
+    return images, captions, keys
 
 
 def write_private_object_set(folder: str, splits: dict) -> list:
@@ -203,3 +303,12 @@ def write_private_object_set(folder: str, splits: dict) -> list:
     chosen = {k: image for k, image in zip(keys, images) if k.startswith(PRIVATE_OBJECT_VENDOR + "_")}
     write_folder(folder, chosen, {k: PRIVATE_OBJECT_CAPTION for k in chosen})
     return [f"{k}.png" for k in chosen]
+
+
+def write_private_style_set(folder: str, style: tuple) -> list:
+    """The style set (from `load_style_set`) as a fine-tuning folder, each image its own caption."""
+    from finextract_jax.demo.data import write_folder
+
+    images, captions, keys = style
+    write_folder(folder, dict(zip(keys, images)), dict(zip(keys, captions)))
+    return [f"{k}.png" for k in keys]
