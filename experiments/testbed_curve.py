@@ -1,13 +1,19 @@
 """The fine-tuning-strength curve on the testbed base (finextract_jax/testbed/curve.py).
 
     python -m experiments.testbed_curve --pretrained=testbed_work/base --workdir=curve
-        [--data=testbed_work/testbed_data.npz] [--points="dreambooth:5e-4:50,200,800;lora:2e-3:50,200,800"]
-        [--num_images=64] [--steps=25] [--features=pixel] [--rank=16] [--seed=0]
+        [--data=testbed_work/testbed_data.npz] [--style_data=WORKDIR/style_data.npz] [--sets=object,style]
+        [--points="dreambooth:5e-4:50,200,800;lora:2e-3:50,200,800;dreambooth:5e-4:200:cutout"]
+        [--seeds=0,1,2] [--sweep_point=dreambooth:5e-4:200] [--sweep=1:0,2:0,3:0,5:0,3:-0.02,3:-0.05]
+        [--num_images=64] [--steps=25] [--features=pixel] [--rank=16]
 
-Fine-tunes on the object-driven private set (Twemoji's cat faces, "twemoji sks cat face") at each
-point, extracts with FineXtract / cfg / text2img (reference w, k; cfg s=3) from the same start
-noise, clusters (`--select=topk`: every method hands back as many guesses as there are private
-images) and scores. Writes WORKDIR/curve.csv, curve.md and curve.png; resumable per stage.
+Private sets: `object` is Twemoji's nine cat faces, "twemoji sks cat face"; `style` is eight
+OpenMoji images (a vendor the base never saw) of concepts it trained on, "sks <name>" each
+(testbed/data.py; built with npm into --style_data, which a machine without npm needs carried).
+For each set, point (FINETUNE:LR:STEPS[:AUGMENT], AUGMENT a defence) and seed: fine-tune,
+extract with FineXtract / cfg / text2img (reference w, k; cfg s=3) from the same start noise,
+cluster (`select=topk`) and score. Then FineXtract alone at --sweep_point for each W:K of
+--sweep, on that point's fine-tunes. Writes WORKDIR/curve.csv (one row per seed), curve.md (mean
+[min, max] over seeds), curve.png, sweep.csv and sweep.md; every run resumes per stage.
 """
 import csv
 import io
@@ -18,51 +24,110 @@ from absl import flags, logging
 from experiments import _app
 from finextract_jax.features import FeatureConfig
 
+SETS = ("object", "style")
 flags.DEFINE_string("pretrained", None, "The testbed base (SD layout).", required=True)
-flags.DEFINE_string("workdir", None, "Output folder (one reproduce run per point inside).", required=True)
+flags.DEFINE_string("workdir", None, "Output folder (one reproduce run per set, point and seed inside).",
+                    required=True)
 flags.DEFINE_string("data", None, "The testbed's images as .npz (testbed_base --data); default: from npm.")
+flags.DEFINE_string("style_data", None, "The style set as .npz: read when it exists, else built from npm "
+                    "(openmoji) and written there; default WORKDIR/style_data.npz.")
+flags.DEFINE_list("sets", list(SETS), f"Private sets: {', '.join(SETS)}.")
 flags.DEFINE_string("points", "dreambooth:5e-4:50,200,800;lora:2e-3:50,200,800",
-                    "FINETUNE:LR:STEPS[,STEPS...] groups separated by ';'.")
-flags.DEFINE_integer("num_images", 64, "Images extracted per method and point.")
+                    "FINETUNE:LR:STEPS[,STEPS...][:AUGMENT] groups separated by ';' (AUGMENT: a defence, "
+                    "cutout or randaugment; default none).")
+flags.DEFINE_string("seeds", "0,1,2", "Seeds (of fine-tuning, start noise and clustering); one run each.")
+flags.DEFINE_string("sweep_point", "dreambooth:5e-4:200", "The point at which FineXtract's w and k are swept.")
+flags.DEFINE_string("sweep", "1:0,2:0,3:0,5:0,3:-0.02,3:-0.05",
+                    "W:K pairs (guidance scale, correction) for FineXtract at --sweep_point; '' for none.")
+flags.DEFINE_integer("num_images", 64, "Images extracted per method, point and seed.")
 flags.DEFINE_integer("steps", 25, "DDIM steps.")
 _app.define_flags(FeatureConfig, only=("features",), defaults={"features": "pixel"}, helps={"features": "Scoring features."})
 flags.DEFINE_integer("rank", 16, "LoRA rank.")
-flags.DEFINE_integer("seed", 0, "Seed of fine-tuning and start noise.")
 FLAGS = flags.FLAGS
-COLUMNS = ("finetune", "finetune_steps", "learning_rate", "seed", "method", "AS", "A_ESR", "num_extracted",
-           "num_train")
+COLUMNS = ("set", "finetune", "finetune_steps", "learning_rate", "augment", "seed", "method", "AS", "A_ESR",
+           "num_extracted", "num_train")
+SWEEP_COLUMNS = COLUMNS[:6] + ("guidance_scale", "correction") + COLUMNS[6:]
+
+
+def private_set(name: str, workdir: str, splits):
+    """The private set's fine-tuning folder (written once, whole) and its Dataset."""
+    from finextract_jax.reproduce import Dataset
+    from finextract_jax.testbed import data
+
+    folder = os.path.join(workdir, "private", name)
+    if not os.path.isfile(os.path.join(folder, "metadata.csv")):
+        tmp = folder + ".partial"
+        if name == "object":
+            data.write_private_object_set(tmp, splits())
+        else:
+            style_file = FLAGS.style_data or os.path.join(workdir, "style_data.npz")
+            data.write_private_style_set(tmp, data.load_style_set(style_file, splits()["train"]))
+        os.replace(tmp, folder)
+    return Dataset(name, folder, data.PRIVATE_OBJECT_CAPTION if name == "object" else None)
+
+
+def write_csv(path: str, rows: list, columns: tuple) -> None:
+    from finextract_jax.fileio import atomic_write_bytes
+
+    out = io.StringIO()
+    writer = csv.DictWriter(out, columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(path, out.getvalue().encode())
+
+
+def write_outputs(workdir: str, rows: list, sweep_rows: list) -> None:
+    """The tables and the plot of everything run so far (rewritten after each run)."""
+    import numpy as np
+
+    from finextract_jax.fileio import atomic_write_bytes, atomic_write_png
+    from finextract_jax.reproduce import REFERENCE_CFG_SCALE, REFERENCE_GUIDANCE
+    from finextract_jax.testbed import curve
+
+    setup = (f"{FLAGS.features} features, N={FLAGS.num_images}, {FLAGS.steps} DDIM steps, seeds {FLAGS.seeds}; "
+             f"FineXtract (w, k) = {REFERENCE_GUIDANCE}, cfg s = {REFERENCE_CFG_SCALE:g}")
+    if rows:
+        summary = curve.aggregate(rows, curve.POINT_KEYS)
+        write_csv(os.path.join(workdir, "curve.csv"), rows, COLUMNS)
+        atomic_write_bytes(os.path.join(workdir, "curve.md"),
+                           curve.markdown(summary, curve.POINT_KEYS, f"AS and A-ESR over seeds ({setup}).").encode())
+        title = f"AS vs fine-tuning strength ({FLAGS.features}, N={FLAGS.num_images}, seeds {FLAGS.seeds})"
+        atomic_write_png(os.path.join(workdir, "curve.png"), np.asarray(curve.plot(summary, title)))
+    if sweep_rows:
+        write_csv(os.path.join(workdir, "sweep.csv"), sweep_rows, SWEEP_COLUMNS)
+        text = curve.markdown(curve.aggregate(sweep_rows, curve.SWEEP_KEYS), curve.SWEEP_KEYS,
+                              f"FineXtract's w and k at {FLAGS.sweep_point} ({setup.split(';')[0]}).")
+        atomic_write_bytes(os.path.join(workdir, "sweep.md"), text.encode())
 
 
 def main(_):
-    from finextract_jax.fileio import atomic_write_bytes, atomic_write_png
-    from finextract_jax.reproduce import Dataset
+    from finextract_jax.fileio import claimed
+    from finextract_jax.reproduce import parse_choices
     from finextract_jax.testbed import curve, data
 
-    import numpy as np
-
     points = curve.parse_points(FLAGS.points)
-    workdir = os.path.abspath(FLAGS.workdir)
-    private = os.path.join(workdir, "cat_faces")
-    if not os.path.isfile(os.path.join(private, "metadata.csv")):
-        data.write_private_object_set(private, data.load_splits(FLAGS.data)[0])
-    dataset = Dataset("cat_faces", private, data.PRIVATE_OBJECT_CAPTION)
-    rows = []
-    for point in points:
-        logging.info("point %s", point.name)
-        rows += curve.run_point(point, os.path.abspath(FLAGS.pretrained), dataset, workdir, FLAGS.num_images,
-                                FLAGS.steps, FLAGS.features, FLAGS.rank, FLAGS.seed)
-    out = io.StringIO()
-    writer = csv.DictWriter(out, COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_bytes(os.path.join(workdir, "curve.csv"), out.getvalue().encode())
-    lines = ["| fine-tune | steps | lr | method | AS | A-ESR |", "|---|---:|---:|---|---:|---:|"]
-    lines += [f"| {r['finetune']} | {r['finetune_steps']} | {r['learning_rate']:g} | {r['method']} | {r['AS']:.3f} | "
-              f"{r['A_ESR']:.2f} |" for r in rows]
-    atomic_write_bytes(os.path.join(workdir, "curve.md"), ("\n".join(lines) + "\n").encode())
-    title = f"AS vs fine-tuning strength ({FLAGS.features} features, N={FLAGS.num_images}, seed {FLAGS.seed})"
-    atomic_write_png(os.path.join(workdir, "curve.png"), np.asarray(curve.plot(rows, title)))
-    logging.info("wrote %s", os.path.join(workdir, "curve.md"))
+    seeds = curve.parse_seeds(FLAGS.seeds)
+    sweep_point, sweep = curve.parse_point(FLAGS.sweep_point), curve.parse_sweep(FLAGS.sweep)
+    sets = parse_choices(FLAGS.sets, SETS, "sets")
+    pretrained, workdir = os.path.abspath(FLAGS.pretrained), os.path.abspath(FLAGS.workdir)
+    run = dict(num_images=FLAGS.num_images, steps=FLAGS.steps, features=FLAGS.features, rank=FLAGS.rank)
+    cache = []
+    splits = lambda: cache[0] if cache else cache.append(data.load_splits(FLAGS.data)[0]) or cache[0]
+    rows, sweep_rows = [], []
+    with claimed(workdir, "--workdir"):
+        datasets = {name: private_set(name, workdir, splits) for name in sets}
+    for name, dataset in datasets.items():
+        for point in points:
+            for seed in seeds:
+                logging.info("%s: point %s, seed %d", name, point.name, seed)
+                rows += curve.run_point(point, seed, name, dataset, pretrained, workdir, run)
+                write_outputs(workdir, rows, sweep_rows)
+        for w, k in sweep:
+            for seed in seeds:
+                logging.info("%s: sweep at %s, w=%g k=%g, seed %d", name, sweep_point.name, w, k, seed)
+                sweep_rows += curve.run_sweep(sweep_point, seed, w, k, name, dataset, pretrained, workdir, run)
+                write_outputs(workdir, rows, sweep_rows)
+    logging.info("wrote %s", ", ".join(os.path.join(workdir, f) for f in ("curve.md", "curve.png", "sweep.md")))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The testbed's data recipe (on a package-shaped fixture, no npm) and its caption-dropout sampler."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -97,22 +98,158 @@ def test_caption_dropout_sampler(tiny_pipe):
         DropoutTrainer(tiny_pipe("pixel"), train_set, config, caption_dropout=1.0)
 
 
-def test_curve_points_and_plot():
+def test_curve_points_seeds_and_sweep_parse():
     from finextract_jax.errors import InputError
     from finextract_jax.testbed import curve
 
-    points = curve.parse_points("dreambooth:5e-4:50,200; lora:2e-3:100")
+    points = curve.parse_points("dreambooth:5e-4:50,200; lora:2e-3:100;dreambooth:5e-4:200:cutout;lora:2e-3:100")
     assert points == [curve.Point("dreambooth", 50, 5e-4), curve.Point("dreambooth", 200, 5e-4),
-                      curve.Point("lora", 100, 2e-3)]
-    assert points[0].name == "dreambooth_s50_lr0.0005"
-    for bad in ("", "dreambooth:5e-4", "full:1e-3:10", "lora:x:10"):
+                      curve.Point("lora", 100, 2e-3), curve.Point("dreambooth", 200, 5e-4, "cutout")]
+    assert points[0].name == "dreambooth_s50_lr0.0005" and points[3].name == "dreambooth_s200_lr0.0005_cutout"
+    for bad in ("", "dreambooth:5e-4", "full:1e-3:10", "lora:x:10", "lora:1e-3:10:blur", "lora:1e-3:0",
+                "lora:1e-3:10:cutout:x", "lora:-1:10"):
         with pytest.raises(InputError, match="--points"):
             curve.parse_points(bad)
-    rows = [dict(finetune=f, finetune_steps=s, learning_rate=1e-3, method=m, AS=a)
-            for f in ("dreambooth", "lora") for s in (50, 200) for m, a in (("finextract", 0.6), ("cfg", 0.3))]
-    image = np.asarray(curve.plot(rows, "t"))
-    assert image.shape == (340, 840, 3)
+    assert curve.parse_point("lora:1e-3:10:randaugment") == curve.Point("lora", 10, 1e-3, "randaugment")
+    with pytest.raises(InputError, match="--sweep_point must name one point"):
+        curve.parse_point("lora:1e-3:10,20")
+    assert curve.parse_sweep("3:-0.02, 1:0,3:-0.02") == [(3.0, -0.02), (1.0, 0.0)] and curve.parse_sweep("") == []
+    for bad in ("3", "3:x", "1:2:3"):
+        with pytest.raises(InputError, match="--sweep"):
+            curve.parse_sweep(bad)
+    assert curve.parse_seeds("0, 2,0") == [0, 2]
+    for bad in ("", "a", "-1"):
+        with pytest.raises(InputError, match="--seeds"):
+            curve.parse_seeds(bad)
+
+
+def _rows(values, **fields):
+    base = dict(set="object", finetune="dreambooth", finetune_steps=50, learning_rate=5e-4, augment="none")
+    return [dict(base, **fields, seed=seed, method=m, AS=a, A_ESR=e) for seed, (m, a, e) in enumerate(values)]
+
+
+def test_curve_aggregates_seeds_and_plots():
+    from finextract_jax.testbed import curve
+
+    rows = (_rows([("finextract", 0.2, 0.0), ("finextract", 0.5, 0.5), ("finextract", 0.8, 1.0)])
+            + _rows([("cfg", 0.3, 0.25)]) + _rows([("finextract", 0.4, 0.0)], augment="cutout")
+            + _rows([("finextract", 0.7, 0.5), ("finextract", 0.1, 0.0)], finetune_steps=200))
+    summary = curve.aggregate(rows, curve.POINT_KEYS)
+    assert [(r["finetune_steps"], r["augment"], r["method"], r["n"]) for r in summary] == [
+        (50, "none", "finextract", 3), (50, "none", "cfg", 1), (50, "cutout", "finextract", 1),
+        (200, "none", "finextract", 2)]
+    first, last = summary[0], summary[-1]
+    assert first["AS_mean"] == pytest.approx(0.5) and (first["AS_min"], first["AS_max"]) == (0.2, 0.8)
+    assert first["A_ESR_mean"] == pytest.approx(0.5) and (first["A_ESR_min"], first["A_ESR_max"]) == (0.0, 1.0)
+    assert last["AS_mean"] == pytest.approx(0.4) and (last["AS_min"], last["AS_max"]) == (0.1, 0.7)
+    table = curve.markdown(summary, curve.POINT_KEYS, "t")
+    assert "| object | dreambooth | 50 | 0.0005 | none | finextract | 0.500 [0.200, 0.800] | 0.50 [0.00, 1.00] | 3 |" \
+        in table
+    sweep = curve.aggregate([dict(r, guidance_scale=3.0, correction=-0.02) for r in rows[:3]], curve.SWEEP_KEYS)
+    assert len(sweep) == 1 and sweep[0]["correction"] == -0.02 and sweep[0]["n"] == 3
+    lora = [dict(r, finetune="lora", set="style") for r in rows]
+    image = np.asarray(curve.plot(summary + curve.aggregate(lora, curve.POINT_KEYS), "t"))
+    assert image.shape == (340, 840, 3)  # one panel per (set, fine-tune)
     assert (np.abs(image.astype(int) - curve.COLORS["finextract"]).sum(-1) == 0).sum() > 50  # its line is drawn
+
+
+def test_sweep_reuses_the_points_finetune(tiny_dir, tmp_path):
+    """The sweep's FineXtract runs on the point's finished fine-tune: nothing of it is trained or
+    written again. The point's fine-tune is stood in for by the base itself (a DreamBooth model of
+    zero steps) with the done record reproduce writes for it, so that only one extraction runs."""
+    from finextract_jax import reproduce
+    from finextract_jax.demo.data import write_folder
+    from finextract_jax.testbed import curve
+
+    rng = np.random.default_rng(0)
+    images = {f"im{i}": rng.integers(0, 255, (16, 16, 3), dtype=np.uint8) for i in range(2)}
+    write_folder(str(tmp_path / "private"), images, {k: "sks cat" for k in images})
+    dataset = reproduce.Dataset("object", str(tmp_path / "private"), "sks cat")
+    point, run, work = curve.Point("dreambooth", 2, 1e-4), dict(num_images=2, steps=2, features="pixel"), str(tmp_path)
+    settings = curve.point_settings(point, 1, "object", dataset, tiny_dir["pixel"], work, run)
+    stage = reproduce.plan(settings)[0]
+    assert stage.name == "finetune" and stage.record is None
+    shutil.copytree(tiny_dir["pixel"], reproduce.model_path(settings, dataset, "dreambooth"))
+    reproduce.mark_done(stage.folder, "finetune", stage.settings, 1.0)
+    before = {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
+              for d, _, files in os.walk(stage.folder) for f in files}
+    sweep = curve.run_sweep(point, 1, 2.0, 0.0, "object", dataset, tiny_dir["pixel"], work, run)
+    after = {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
+             for d, _, files in os.walk(stage.folder) for f in files}
+    assert after == before  # the fine-tune untouched, nothing written into the point's folder
+    assert [(r["method"], r["guidance_scale"], r["correction"], r["seed"], r["set"]) for r in sweep] == [
+        ("finextract", 2.0, 0.0, 1, "object")]
+    folder = os.path.join(work, "object", "sweep", point.name, "w2_k0", "seed1", "object", "dreambooth")
+    assert os.listdir(folder) == ["finextract"]  # no fine-tune of its own
+    with open(os.path.join(folder, "finextract", "extract.done.json")) as f:
+        assert json.load(f)["settings"]["guidance_scale"] == 2.0
+    with open(os.path.join(folder, "finextract", "run.json")) as f:
+        assert reproduce.model_path(settings, dataset, "dreambooth") in f.read()
+
+
+def _svg(color):
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 72 72"><rect x="18" y="18" width="36" '
+            f'height="36" fill="{color}"/></svg>')
+
+
+def test_style_set_from_a_vendor_the_base_never_sees(fake_root, tmp_path):
+    import hashlib
+
+    from finextract_jax.errors import InputError
+
+    # A train split as the base's .npz holds it, and the style vendor's images as fabricated PNGs.
+    codes = ["1f600", "1f34e", "2764-fe0f", "1f436", "1f431", "1f680"]
+    train = (np.zeros((len(codes), 32, 32, 3), np.uint8), [f"noto name {c}" for c in codes],
+             [f"noto_{c}" for c in codes])
+    kept = (train[0].copy(), list(train[1]), list(train[2]))
+    style = []
+    for i, code in enumerate(["1F600", "1F34E", "2764", "1F436", "1F431", "1F680", "1F9FF"]):
+        path = str(tmp_path / f"{code}.png")
+        Image.fromarray(np.full((64, 64, 4), (10 * i, 100, 200, 255), np.uint8)).save(path)
+        style.append(data.Emoji(data.STYLE_VENDOR, code, f"openmoji words {i}", "x", path))
+    images, captions, keys = data.style_set(style, train, count=4)
+    ranked = sorted(["1f600", "1f34e", "2764", "1f436", "1f431", "1f680"],
+                    key=lambda c: hashlib.sha256(f"style:{c}".encode()).hexdigest())[:4]
+    assert keys == sorted(f"openmoji_{c}" for c in ranked)  # 1F9FF: not a trained concept, never chosen
+    assert captions == [f"sks name {c.replace('2764', '2764-fe0f')}" for c in sorted(ranked)]  # the base's name
+    assert images.shape == (4, 32, 32, 3) and images.dtype == np.uint8
+    again = data.style_set(style[::-1], train, count=4)
+    assert np.array_equal(again[0], images) and again[1:] == (captions, keys)  # order does not matter
+    assert np.array_equal(train[0], kept[0]) and train[1:] == kept[1:]
+    assert data.concept_code("2764-FE0F") == "2764" and data.training_concepts(train)["2764"] == "name 2764-fe0f"
+    assert "sks name 2764-fe0f" in data.style_set(style, train, count=6)[1]  # matched without its FE0F
+    with pytest.raises(InputError, match="needs 7 concepts"):
+        data.style_set(style, train, count=7)
+    assert data.STYLE_VENDOR not in data.PACKAGES  # never in base training
+
+    # The package reader and SVG rasteriser, then the .npz a machine without npm reads.
+    package = tmp_path / "npm" / "-".join(data.STYLE_PACKAGE[:2])
+    os.makedirs(package / data.STYLE_PACKAGE[2])
+    os.makedirs(package / "data")
+    (package / "package.json").write_text("{}")
+    codes = [f"1F6{i:02X}" for i in range(9)]
+    rows = [f"x,{c},g,s,Name {i},\n" for i, c in enumerate(codes)]
+    rows += ["x,1F600-1F3FB,g,s,name light skin tone,1F3FB\n", "x,1F9FF,g,s,no svg,\n"]
+    (package / "data" / "openmoji.csv").write_text("emoji,hexcode,group,subgroups,annotation,skintone\n" + "".join(rows))
+    for i, code in enumerate(codes + ["1F600-1F3FB"]):
+        (package / data.STYLE_PACKAGE[2] / f"{code}.svg").write_text(_svg(f"#{20 * i:02x}0000"))
+    emoji = data.read_style_emoji(str(package))
+    assert [(e.code, e.name) for e in emoji] == [(c, f"name {i}") for i, c in enumerate(codes)]
+    rendered = data.render(emoji[4].path)  # rasterised at 64 px, then like every PNG
+    assert tuple(rendered[0, 0]) == (255, 255, 255) and tuple(rendered[16, 16]) == (80, 0, 0)
+    train = (np.zeros((9, 32, 32, 3), np.uint8), [f"twemoji base {i}" for i in range(9)],
+             [f"twemoji_{c.lower()}" for c in codes])
+    data_file = tmp_path / "d.npz"
+    data.load_splits(str(data_file), fake_root)
+    before = data_file.read_bytes()
+    built = data.load_style_set(str(tmp_path / "style.npz"), train, str(tmp_path / "npm"))
+    assert len(built[2]) == data.STYLE_COUNT and all(c.startswith("sks base ") for c in built[1])
+    read = data.load_style_set(str(tmp_path / "style.npz"), train, "/nonexistent")
+    assert np.array_equal(read[0], built[0]) and read[1:] == built[1:]
+    assert data_file.read_bytes() == before  # the base's data file is never written
+    files = data.write_private_style_set(str(tmp_path / "style"), built)
+    with open(tmp_path / "style" / "metadata.csv") as f:
+        assert f.read().count("sks base ") == len(files) == data.STYLE_COUNT
 
 
 def test_caption_dependence_compares_the_same_noise(tiny_dir):
@@ -125,3 +262,17 @@ def test_caption_dependence_compares_the_same_noise(tiny_dir):
     mixed = caption_dependence(tiny_dir["pixel"], (images, ["a dog", "a cat", "red", "blue"], list("abcd")),
                                count=4, timesteps=(500,), draws=1)
     assert mixed["own"] != mixed["other"] and mixed["empty"] == same["empty"]
+
+
+def test_curve_binary_bad_input_is_one_line_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-m", "experiments.testbed_curve", f"--pretrained={tmp_path}",
+                             f"--workdir={tmp_path / 'work'}", "--points=dreambooth:5e-4:200:blur"], cwd=root,
+                            capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --points: augment 'blur'"), result.stderr
+    assert not (tmp_path / "work").exists()

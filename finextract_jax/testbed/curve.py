@@ -1,9 +1,12 @@
 """The fine-tuning-strength curve: extraction AS per method against how far the fine-tune moved.
 
-Each point is one `reproduce` run (fine-tune the testbed base on a private set for `steps` at
-`learning_rate`, then extract with FineXtract / cfg / text2img from the same start noise, cluster
-and score) in its own folder, so points resume and can be added. The curve is table rows plus a
-PNG drawn with PIL (no plotting dependency).
+Each (point, seed) is one `reproduce` run (fine-tune the testbed base on a private set for `steps`
+at `learning_rate`, optionally under a defence augment, then extract with FineXtract / cfg /
+text2img from the same start noise, cluster and score) in its own folder, so points and seeds
+resume and can be added. The guidance sweep runs FineXtract alone at one point for several (w, k),
+each in its own workdir whose fine-tunes are the point's (`Settings.finetune_workdir`): the
+fine-tune is trained once per seed, and reproduce's settings check still guards it. Tables give
+the mean and min-max spread over seeds; the plot is drawn with PIL (no plotting dependency).
 """
 from __future__ import annotations
 
@@ -11,7 +14,12 @@ import dataclasses
 import math
 import os
 
+from finextract_jax.errors import InputError
+
 COLORS = {"finextract": (200, 30, 30), "cfg": (30, 90, 200), "text2img": (40, 150, 40)}
+POINT_KEYS = ("set", "finetune", "finetune_steps", "learning_rate", "augment")
+SWEEP_KEYS = POINT_KEYS + ("guidance_scale", "correction")
+SCORES = ("AS", "A_ESR")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,76 +27,196 @@ class Point:
     finetune: str  # dreambooth | lora
     steps: int
     learning_rate: float
+    augment: str = "none"  # a defence (finetune/augment.py AUGMENTS)
 
     @property
     def name(self) -> str:
-        return f"{self.finetune}_s{self.steps}_lr{self.learning_rate:g}"
+        name = f"{self.finetune}_s{self.steps}_lr{self.learning_rate:g}"
+        return name if self.augment == "none" else f"{name}_{self.augment}"
 
 
-def parse_points(text: str) -> list:
-    """'dreambooth:5e-4:50,200,800;lora:2e-3:50,200' -> [Point, ...]."""
-    from finextract_jax.errors import InputError
+def parse_points(text: str, flag: str = "points") -> list:
+    """'dreambooth:5e-4:50,200,800;lora:2e-3:50,200;dreambooth:5e-4:200:cutout' -> [Point, ...]."""
+    from finextract_jax.finetune.augment import AUGMENTS
     from finextract_jax.finetune.config import METHODS as FINETUNE_METHODS
 
     points = []
     for group in filter(None, (g.strip() for g in text.split(";"))):
+        fields = group.split(":")
         try:
-            finetune, lr, steps = group.split(":")
-            points += [Point(finetune, int(s), float(lr)) for s in steps.split(",")]
+            finetune, lr, steps, augment = fields + ["none"] if len(fields) == 3 else fields
+            mine = [Point(finetune, int(s), float(lr), augment) for s in steps.split(",")]
         except ValueError:
-            raise InputError(f"--points: {group!r} is not FINETUNE:LR:STEPS[,STEPS...]") from None
+            raise InputError(f"--{flag}: {group!r} is not FINETUNE:LR:STEPS[,STEPS...][:AUGMENT]") from None
         if finetune not in FINETUNE_METHODS:
-            raise InputError(f"--points: {finetune!r} is not one of {', '.join(FINETUNE_METHODS)}")
+            raise InputError(f"--{flag}: {finetune!r} is not one of {', '.join(FINETUNE_METHODS)}")
+        if augment not in AUGMENTS:
+            raise InputError(f"--{flag}: augment {augment!r} is not one of {', '.join(AUGMENTS)}")
+        if any(p.steps < 1 for p in mine) or not float(lr) > 0:
+            raise InputError(f"--{flag}: {group!r} needs steps >= 1 and a learning rate > 0")
+        points += [p for p in mine if p not in points]
     if not points:
-        raise InputError("--points is empty")
+        raise InputError(f"--{flag} is empty")
     return points
 
 
-def run_point(point: Point, pretrained: str, dataset, workdir: str, num_images: int, steps: int, features: str,
-              rank: int, seed: int) -> list:
-    """reproduce() for one point; returns its table rows with the point's fields added."""
-    from finextract_jax.reproduce import Settings, reproduce
-
-    lr = {"dreambooth_learning_rate": point.learning_rate} if point.finetune == "dreambooth" else \
-        {"lora_learning_rate": point.learning_rate}
-    settings = Settings(pretrained=pretrained, workdir=os.path.join(workdir, point.name), datasets=(dataset,),
-                        finetunes=(point.finetune,), num_images=num_images, steps=steps, features=features,
-                        select="topk", finetune_steps=point.steps, rank=rank, checkpoint_every=0, seed=seed, **lr)
-    return [dict(row, finetune_steps=point.steps, learning_rate=point.learning_rate, seed=seed)
-            for row in reproduce(settings)]
+def parse_point(text: str, flag: str = "sweep_point") -> Point:
+    points = parse_points(text, flag)
+    if len(points) != 1:
+        raise InputError(f"--{flag} must name one point (FINETUNE:LR:STEPS[:AUGMENT]), got {len(points)}")
+    return points[0]
 
 
-def plot(rows: list, title: str, width: int = 420, height: int = 300):
-    """PIL image: AS against fine-tuning steps (log x), one panel per fine-tune, one line per method."""
+def parse_sweep(text: str) -> list:
+    """'3:-0.02,1:0' -> [(3.0, -0.02), (1.0, 0.0)]: FineXtract's (w, k) pairs; '' -> no sweep."""
+    pairs = []
+    for item in filter(None, (i.strip() for i in text.split(","))):
+        try:
+            w, k = (float(v) for v in item.split(":"))
+        except ValueError:
+            raise InputError(f"--sweep: {item!r} is not W:K (guidance scale w, correction k)") from None
+        if (w, k) not in pairs:
+            pairs.append((w, k))
+    return pairs
+
+
+def parse_seeds(text: str) -> list:
+    """'0,1,2' -> [0, 1, 2] (duplicates dropped)."""
+    try:
+        seeds = list(dict.fromkeys(int(s) for s in text.split(",") if s.strip()))
+    except ValueError:
+        raise InputError(f"--seeds: {text!r} is not a comma list of integers") from None
+    if not seeds or min(seeds) < 0:
+        raise InputError(f"--seeds: {text!r}: give one or more seeds >= 0")
+    return seeds
+
+
+# ---- running ------------------------------------------------------------------------------------
+
+
+def point_dir(workdir: str, set_name: str, point: Point, seed: int) -> str:
+    return os.path.join(workdir, set_name, point.name, f"seed{seed}")
+
+
+def _settings(point: Point, seed: int, dataset, pretrained: str, workdir: str, run: dict, **extra):
+    from finextract_jax.reproduce import Settings
+
+    return Settings(pretrained=pretrained, workdir=workdir, datasets=(dataset,), finetunes=(point.finetune,),
+                    select="topk", finetune_steps=point.steps, augment=point.augment, checkpoint_every=0, seed=seed,
+                    **{f"{point.finetune}_learning_rate": point.learning_rate}, **run, **extra)
+
+
+def _rows(settings, set_name: str, point: Point, seed: int, **fields) -> list:
+    from finextract_jax.reproduce import reproduce
+
+    return [dict(row, set=set_name, finetune_steps=point.steps, learning_rate=point.learning_rate,
+                 augment=point.augment, seed=seed, **fields) for row in reproduce(settings)]
+
+
+def point_settings(point: Point, seed: int, set_name: str, dataset, pretrained: str, workdir: str, run: dict):
+    """The reproduce Settings of one (point, seed). `run`: the Settings fields every point shares
+    (num_images, steps, features, rank, ...)."""
+    return _settings(point, seed, dataset, pretrained, point_dir(workdir, set_name, point, seed), run)
+
+
+def run_point(point: Point, seed: int, set_name: str, dataset, pretrained: str, workdir: str, run: dict) -> list:
+    """reproduce() for one (point, seed) in its own folder; its rows with the point's fields added."""
+    settings = point_settings(point, seed, set_name, dataset, pretrained, workdir, run)
+    return _rows(settings, set_name, point, seed)
+
+
+def run_sweep(point: Point, seed: int, w: float, k: float, set_name: str, dataset, pretrained: str, workdir: str,
+              run: dict) -> list:
+    """FineXtract alone at (w, k), in a workdir of its own that uses the point's fine-tune (trained
+    there first if the point has not run yet)."""
+    folder = os.path.join(workdir, set_name, "sweep", point.name, f"w{w:g}_k{k:g}", f"seed{seed}")
+    settings = _settings(point, seed, dataset, pretrained, folder, run, methods=("finextract",), guidance_scale=w,
+                         correction=k, finetune_workdir=point_dir(workdir, set_name, point, seed))
+    return _rows(settings, set_name, point, seed, guidance_scale=w, correction=k)
+
+
+# ---- tables -------------------------------------------------------------------------------------
+
+
+def aggregate(rows: list, keys: tuple) -> list:
+    """One row per distinct `keys` (+ method), in first-seen order: n and the mean, min and max of
+    AS and A-ESR over the seeds."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in keys + ("method",)), []).append(r)
+    out = []
+    for key, members in groups.items():
+        row = dict(zip(keys + ("method",), key), n=len(members))
+        for score in SCORES:
+            values = [m[score] for m in members]
+            row.update({f"{score}_mean": sum(values) / len(values), f"{score}_min": min(values),
+                        f"{score}_max": max(values)})
+        out.append(row)
+    return out
+
+
+def _spread(row: dict, score: str, digits: int) -> str:
+    return (f"{row[f'{score}_mean']:.{digits}f} [{row[f'{score}_min']:.{digits}f}, "
+            f"{row[f'{score}_max']:.{digits}f}]")
+
+
+def markdown(summary: list, keys: tuple, header: str) -> str:
+    """A table: the keys, the method, then AS and A-ESR as mean [min, max] over n seeds."""
+    names = {"set": "set", "finetune": "fine-tune", "finetune_steps": "steps", "learning_rate": "lr",
+             "augment": "augment", "guidance_scale": "w", "correction": "k"}
+    lines = [header, "", "| " + " | ".join([names[k] for k in keys] + ["method", "AS mean [min, max]",
+                                                                         "A-ESR mean [min, max]", "n"]) + " |",
+             "|" + "---|" * (len(keys) + 1) + "---:|" * 3]
+    for r in summary:
+        cells = [f"{r[k]:g}" if isinstance(r[k], float) else str(r[k]) for k in keys]
+        cells += [r["method"], _spread(r, "AS", 3), _spread(r, "A_ESR", 2), str(r["n"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ---- the plot -----------------------------------------------------------------------------------
+
+
+def plot(summary: list, title: str, width: int = 420, height: int = 300):
+    """PIL image, one panel per (set, fine-tune): mean AS against fine-tuning strength (steps x lr,
+    log x) per method, a min-max bar over seeds at each point; a defence's points hollow, joined
+    by their own line."""
     from PIL import Image, ImageDraw, ImageFont
 
-    finetunes = list(dict.fromkeys(r["finetune"] for r in rows))
-    canvas = Image.new("RGB", (width * len(finetunes), height + 40), "white")
+    panels = list(dict.fromkeys((r["set"], r["finetune"]) for r in summary))
+    canvas = Image.new("RGB", (width * len(panels), height + 40), "white")
     draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
     draw.text((8, 4), title, fill="black", font=font)
     left, top, bottom = 40, 30, height - 30
-    for p, finetune in enumerate(finetunes):
+    for p, (set_name, finetune) in enumerate(panels):
         ox = p * width
-        mine = [r for r in rows if r["finetune"] == finetune]
-        xs = sorted({r["finetune_steps"] for r in mine})
-        lo, hi = math.log(xs[0]), math.log(xs[-1]) if xs[-1] > xs[0] else math.log(xs[0]) + 1
-        x_of = lambda s: ox + left + (math.log(s) - lo) / (hi - lo) * (width - left - 20)
+        mine = [r for r in summary if (r["set"], r["finetune"]) == (set_name, finetune)]
+        xs = sorted({r["finetune_steps"] * r["learning_rate"] for r in mine})
+        lo, hi = math.log(xs[0]), math.log(xs[-1])
+        lo, hi = (lo, hi) if hi > lo else (lo - 0.5, lo + 0.5)
+        x_at = lambda strength: ox + left + 10 + (math.log(strength) - lo) / (hi - lo) * (width - left - 40)
+        x_of = lambda r: x_at(r["finetune_steps"] * r["learning_rate"])
         y_of = lambda a: bottom - a * (bottom - top)
         draw.rectangle([ox + left, top, ox + width - 20, bottom], outline="black")
-        draw.text((ox + left, top - 14), f"{finetune} (lr {mine[0]['learning_rate']:g})", fill="black", font=font)
+        draw.text((ox + left, top - 14), f"{set_name}: {finetune}", fill="black", font=font)
         for a in (0.0, 0.5, 1.0):
             draw.text((ox + 8, y_of(a) - 6), f"{a:.1f}", fill="black", font=font)
-        for s in xs:
-            draw.text((x_of(s) - 8, bottom + 4), str(s), fill="black", font=font)
-        draw.text((ox + width // 2 - 40, bottom + 18), "fine-tuning steps", fill="black", font=font)
-        for m, method in enumerate(COLORS):
-            line = sorted((r["finetune_steps"], r["AS"]) for r in mine if r["method"] == method)
-            if not line:
-                continue
-            pts = [(x_of(s), y_of(a)) for s, a in line]
+        for x in xs:
+            draw.text((x_at(x) - 10, bottom + 4), f"{x:.2g}", fill="black", font=font)
+        draw.text((ox + width // 2 - 60, bottom + 18), "steps x learning rate", fill="black", font=font)
+        lines = list(dict.fromkeys((r["method"], r["augment"]) for r in mine if r["method"] in COLORS))
+        for m, (method, augment) in enumerate(lines):
+            color = COLORS[method]
+            line = sorted((r for r in mine if (r["method"], r["augment"]) == (method, augment)), key=x_of)
+            pts = [(x_of(r), y_of(r["AS_mean"])) for r in line]
             if len(pts) > 1:
-                draw.line(pts, fill=COLORS[method], width=2)
-            for x, y in pts:
-                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=COLORS[method])
-            draw.text((ox + left + 8, top + 6 + 12 * m), f"AS {method}", fill=COLORS[method], font=font)
+                draw.line(pts, fill=color, width=2 if augment == "none" else 1)
+            for r, (x, y) in zip(line, pts):
+                draw.line([(x, y_of(r["AS_min"])), (x, y_of(r["AS_max"]))], fill=color, width=1)
+                for a in (r["AS_min"], r["AS_max"]):
+                    draw.line([(x - 3, y_of(a)), (x + 3, y_of(a))], fill=color, width=1)
+                draw.ellipse([x - 3, y - 3, x + 3, y + 3], outline=color,
+                             fill=color if augment == "none" else "white")
+            label = f"AS {method}" + ("" if augment == "none" else f" +{augment}")
+            draw.text((ox + left + 8, top + 6 + 12 * m), label, fill=color, font=font)
     return canvas
