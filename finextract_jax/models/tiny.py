@@ -150,7 +150,7 @@ def _write_text_encoder(folder: str, config: dict, vocab_size: int, seed: int, f
 
 def make_tiny(out: str, kind: str = "latent", fmt: str = "pt", seed: int = 0,
               prediction_type: str = "epsilon", family: str | None = None, unet_overrides: dict | None = None,
-              words=None, text_overrides: dict | None = None) -> str:
+              words=None, text_overrides: dict | None = None, scheduler_overrides: dict | None = None) -> str:
     """Write a tiny random SD pipeline to `out` (atomically: built in a temp folder, then renamed).
 
     kind: 'latent' (with a tiny VAE), 'pixel' (no VAE) or 'sdxl' (StableDiffusionXLPipeline's
@@ -158,7 +158,8 @@ def make_tiny(out: str, kind: str = "latent", fmt: str = "pt", seed: int = 0,
     family: 'sd1' (conv projections, epsilon, PNDM scheduler) or 'sd2' (linear projections,
     per-block heads, DDIM scheduler); by default sd2 when prediction_type is v_prediction.
     `words`: the tokenizer's whole-word vocabulary (default tokenizer.WORDS); `text_overrides`:
-    text-encoder config fields (its width always follows the UNet's cross_attention_dim).
+    text-encoder config fields (its width always follows the UNet's cross_attention_dim);
+    `scheduler_overrides`: scheduler config fields (e.g. a pixel-space noise schedule).
     """
     if kind not in ("latent", "pixel", "sdxl"):
         raise ValueError(f"kind must be latent, pixel or sdxl, not {kind!r}")
@@ -179,7 +180,8 @@ def make_tiny(out: str, kind: str = "latent", fmt: str = "pt", seed: int = 0,
                         **(text_overrides or {}), hidden_size=width)
         _write_text_encoder(os.path.join(staging, "text_encoder"), t_config, vocab_size, seed, fmt)
         scheduler = dict({"sd2": SCHEDULER_SD2, "sdxl": SCHEDULER_SDXL}.get(family, SCHEDULER_SD1),
-                         prediction_type=prediction_type, _diffusers_version=DIFFUSERS_VERSION)
+                         prediction_type=prediction_type, **(scheduler_overrides or {}),
+                         _diffusers_version=DIFFUSERS_VERSION)
         os.makedirs(os.path.join(staging, "scheduler"))
         with open(os.path.join(staging, "scheduler", "scheduler_config.json"), "w") as f:
             json.dump(scheduler, f, indent=2)
