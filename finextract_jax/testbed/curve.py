@@ -206,9 +206,9 @@ def plot(summary: list, title: str, width: int = 420, height: int = 300):
         draw.text((ox + width // 2 - 60, bottom + 18), "steps x learning rate", fill="black", font=font)
         lines = list(dict.fromkeys((r["method"], r["augment"]) for r in mine if r["method"] in COLORS))
         for m, (method, augment) in enumerate(lines):
-            color = COLORS[method]
+            color, dx = COLORS[method], 4 * (list(COLORS).index(method) - 1)  # bars side by side, not on top
             line = sorted((r for r in mine if (r["method"], r["augment"]) == (method, augment)), key=x_of)
-            pts = [(x_of(r), y_of(r["AS_mean"])) for r in line]
+            pts = [(x_of(r) + dx, y_of(r["AS_mean"])) for r in line]
             if len(pts) > 1:
                 draw.line(pts, fill=color, width=2 if augment == "none" else 1)
             for r, (x, y) in zip(line, pts):
