@@ -1,13 +1,16 @@
 """Train the demo's base model and write it into the package (finextract_jax/demo/base/).
 
-    python -m experiments.demo_base [--out=finextract_jax/demo/base] [--steps=2000] [--seed=0]
+    python -m experiments.demo_base [--out=finextract_jax/demo/base] [--steps=2000] [--seed=0] [--noise_schedule=pixel]
 
 A pixel-space SD-family model (diffusers UNet with cross-attention + CLIP text encoder +
 tokenizer; no VAE, so the demo needs no VAE training) at 32x32, trained from random
 initialisation through the same `finetune` code path (full-UNet training) on random crops of
 scikit-image's bundled photos and procedural images. The private photos the demo later
 fine-tunes on are excluded. The result is committed (a few MB) so the demo runs in minutes;
-this script reproduces it.
+this script reproduces it. --noise_schedule=pixel (the default) trains with DDPM's pixel-space noise
+schedule (models/tiny.SCHEDULER_PIXEL); --noise_schedule=sd with SD 1.4's (the committed base's), under
+which a 32 px model learns to read an image's mean brightness off the noise, so that its samples from pure
+noise, which carries none, miss the data's brightness.
 """
 import os
 import shutil
@@ -32,19 +35,22 @@ flags.DEFINE_integer("batch_size", 16, "Images per step.")
 flags.DEFINE_integer("num_images", 2048, "Size of the generated training set.")
 flags.DEFINE_float("learning_rate", 5e-4, "AdamW learning rate.")
 flags.DEFINE_float("caption_dropout", 0.1, "Fraction of training images captioned \"\" (the unconditional model).")
+flags.DEFINE_enum("noise_schedule", "pixel", ["pixel", "sd"],
+                  "Noise schedule: pixel (DDPM's, models/tiny.SCHEDULER_PIXEL) or sd (SD 1.4's scaled_linear).")
 flags.DEFINE_integer("seed", 0, "Seed for the model, the training set and training.")
 FLAGS = flags.FLAGS
 
 
 def train_base(out: str, steps: int, batch_size: int, num_images: int, learning_rate: float, seed: int,
-               caption_dropout: float) -> str:
+               caption_dropout: float, noise_schedule: str = "pixel") -> str:
     from finextract_jax.demo.data import write_base_training_set
     from finextract_jax.finetune import FinetuneConfig, finetune
-    from finextract_jax.models.tiny import make_tiny
+    from finextract_jax.models.tiny import SCHEDULER_PIXEL, make_tiny
 
     work = tempfile.mkdtemp(prefix="demo_base.")
     try:
-        init = make_tiny(os.path.join(work, "init"), kind="pixel", seed=seed, unet_overrides=DEMO_UNET)
+        init = make_tiny(os.path.join(work, "init"), kind="pixel", seed=seed, unet_overrides=DEMO_UNET,
+                         scheduler_overrides=SCHEDULER_PIXEL if noise_schedule == "pixel" else None)
         train_dir = os.path.join(work, "train")
         write_base_training_set(train_dir, num_images, DEMO_UNET["sample_size"], seed, caption_dropout)
         config = FinetuneConfig(method="dreambooth", steps=steps, learning_rate=learning_rate,
@@ -62,7 +68,7 @@ def train_base(out: str, steps: int, batch_size: int, num_images: int, learning_
 
 def main(_):
     out = train_base(FLAGS.out, FLAGS.steps, FLAGS.batch_size, FLAGS.num_images, FLAGS.learning_rate, FLAGS.seed,
-                     FLAGS.caption_dropout)
+                     FLAGS.caption_dropout, FLAGS.noise_schedule)
     logging.info("wrote the demo base model to %s", out)
 
 

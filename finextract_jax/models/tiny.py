@@ -59,6 +59,16 @@ SCHEDULER_SD2 = {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_en
                  "steps_offset": 1, "trained_betas": None, "clip_sample": False, "prediction_type": "v_prediction",
                  "timestep_spacing": "leading"}
 
+# Overrides for pixel-space models (kind="pixel"): DDPM's schedule (linear betas 1e-4..0.02, as
+# google/ddpm-cifar10-32; DDIM with x0 clipped to [-1, 1]), not SD's scaled_linear 0.00085..0.012, made for
+# latents. SD's leaves sqrt(abar) = 0.085 of the image in x_t at the first DDIM step: at 32 px an image whose
+# mean is far from 0 (emoji on white: +0.54 in [-1, 1]) shows its mean at ~2.5 noise standard deviations, so
+# the model learns to read the brightness off the noise, and sampling from pure noise, which carries none,
+# draws dark, saturated, background-less textures (testbed base, step 1000: mean sample pixel 0.16 against
+# the data's 0.54). DDPM's schedule leaves 0.009 (0.3 standard deviations).
+SCHEDULER_PIXEL = {"_class_name": "DDIMScheduler", "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+                   "clip_sample": True, "clip_sample_range": 1.0, "timestep_spacing": "leading"}
+
 # SDXL base's scheduler (EulerDiscrete; our samplers read its schedule) and VAE scaling factor.
 SCHEDULER_SDXL = {"_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
                   "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,

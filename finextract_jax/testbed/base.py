@@ -3,7 +3,7 @@
 The base is a 32 px pixel-space model of the SD family (diffusers UNet2DConditionModel, 1.4M
 parameters, cross-attention at 8x8 and in the mid block, a 3-layer CLIP text encoder trained with
 it, the offline tokenizer
-with every caption word as one token, DDPM's pixel-space noise schedule: TESTBED_SCHEDULER), trained on
+with every caption word as one token, DDPM's pixel-space noise schedule: models/tiny.SCHEDULER_PIXEL), trained on
 the testbed's train split (finextract_jax/testbed/data.py).
 
 Caption dropout as SD trains it: each sample of each step independently gets the empty caption
@@ -20,6 +20,7 @@ import numpy as np
 from finextract_jax.errors import InputError
 from finextract_jax.finetune.data import TrainSet
 from finextract_jax.finetune.train import Trainer
+from finextract_jax.models.tiny import SCHEDULER_PIXEL, make_tiny
 
 # Sized for 2 CPU cores: 1.2 s per step of 32 images there, idle (2.5 s with YNNPACK, cores shared; attention at
 # 16x16 too, or 4M parameters, took 7 s). On one GPU 20,000 steps take minutes.
@@ -28,25 +29,15 @@ TESTBED_UNET = dict(sample_size=32, in_channels=3, out_channels=3, block_out_cha
                     down_block_types=["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"],
                     up_block_types=["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"])
 TESTBED_TEXT = dict(num_hidden_layers=3, num_attention_heads=4, intermediate_size=256)
-# DDPM's pixel-space schedule (linear betas 1e-4..0.02, as google/ddpm-cifar10-32; DDIM with x0 clipped to
-# [-1, 1]), not SD's scaled_linear 0.00085..0.012, made for latents. SD's leaves sqrt(abar) = 0.085 of the
-# image in x_t at the first DDIM step; emoji on white average +0.54 in [-1, 1], so at 32 px a model trained
-# on it reads the background's brightness off the noise's mean (2.5 standard deviations of it), and sampling
-# from pure noise, which has none, drew dark, saturated textures without backgrounds (measured on the base
-# at step 1000: mean sample pixel 0.16 against the data's 0.54; 0.63 when the mean image's share was put
-# into the start noise). DDPM's schedule leaves 0.009 at the first DDIM step (0.3 standard deviations).
-TESTBED_SCHEDULER = {"_class_name": "DDIMScheduler", "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
-                     "clip_sample": True, "clip_sample_range": 1.0, "timestep_spacing": "leading"}
 
 
 def make_init(out: str, words, seed: int = 0) -> str:
     """The randomly initialised testbed pipeline (SD layout, PyTorch-named safetensors)."""
-    from finextract_jax.models.tiny import make_tiny
     from finextract_jax.models.tokenizer import WORDS
 
     return make_tiny(out, kind="pixel", fmt="pt", seed=seed, unet_overrides=TESTBED_UNET,
                      words=list(dict.fromkeys(list(WORDS) + list(words))), text_overrides=TESTBED_TEXT,
-                     scheduler_overrides=TESTBED_SCHEDULER)
+                     scheduler_overrides=SCHEDULER_PIXEL)
 
 
 def dropout_train_set(images: np.ndarray, captions: list, keys: list) -> TrainSet:
