@@ -7,7 +7,7 @@
         [--num_images=64] [--steps=25] [--features=pixel] [--rank=16]
 
 Private sets: `object` is Twemoji's nine cat faces, "twemoji sks cat face"; `style` is eight
-OpenMoji images (a vendor the base never saw) of concepts it trained on, "sks <name>" each
+OpenMoji images (a vendor the base never saw) of concepts it trained on, all "sks style"
 (testbed/data.py; built with npm into --style_data, which a machine without npm needs carried).
 For each set, point (FINETUNE:LR:STEPS[:AUGMENT], AUGMENT a defence) and seed: fine-tune,
 extract with FineXtract / cfg / text2img (reference w, k; cfg s=3) from the same start noise,
@@ -63,7 +63,7 @@ def private_set(name: str, workdir: str, splits):
             style_file = FLAGS.style_data or os.path.join(workdir, "style_data.npz")
             data.write_private_style_set(tmp, data.load_style_set(style_file, splits()["train"]))
         os.replace(tmp, folder)
-    return Dataset(name, folder, data.PRIVATE_OBJECT_CAPTION if name == "object" else None)
+    return Dataset(name, folder, data.PRIVATE_OBJECT_CAPTION if name == "object" else data.PRIVATE_STYLE_CAPTION)
 
 
 def write_csv(path: str, rows: list, columns: tuple) -> None:

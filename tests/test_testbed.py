@@ -249,7 +249,7 @@ def test_style_set_from_a_vendor_the_base_never_sees(fake_root, tmp_path):
     assert data_file.read_bytes() == before  # the base's data file is never written
     files = data.write_private_style_set(str(tmp_path / "style"), built)
     with open(tmp_path / "style" / "metadata.csv") as f:
-        assert f.read().count("sks base ") == len(files) == data.STYLE_COUNT
+        assert f.read().count(data.PRIVATE_STYLE_CAPTION) == len(files) == data.STYLE_COUNT  # one shared caption
 
 
 def test_caption_dependence_compares_the_same_noise(tiny_dir):

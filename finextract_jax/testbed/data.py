@@ -16,8 +16,9 @@ Schwaebisch Gmuend, licensed CC BY-SA 4.0: attribute it, and whatever is made fr
 and shared carries the same licence). The package ships SVGs only; they are rasterised at 64 px
 with resvg (`resvg-py`, the `testbed` extra), then rendered like the others. STYLE_COUNT concepts
 that the base trained on (their code point is in the train split), chosen by a hash of the code
-point, each captioned "sks <the base's name for it>": the rare identifier stands where the
-vendor word stands in training captions.
+point, each named "sks <the base's name for it>" in the set's .npz (the rare identifier where the
+vendor word stands in training captions); fine-tuned and extracted with one shared caption,
+PRIVATE_STYLE_CAPTION, as style sets are.
 
 Splits (fixed; they depend only on each emoji's code point string, never on list order):
 
@@ -65,6 +66,7 @@ STYLE_PACKAGE = ("openmoji", "17.0.0", "color/svg")  # never in PACKAGES: no ima
 STYLE_VENDOR = "openmoji"
 STYLE_LICENCE = "CC BY-SA 4.0 (OpenMoji, the open-source emoji and icon project; openmoji.org)"
 STYLE_IDENTIFIER = "sks"
+PRIVATE_STYLE_CAPTION = "sks style"  # the style set's fine-tuning caption (both words are base tokens)
 STYLE_COUNT = 8
 STYLE_SOURCE_PX = 64  # the SVGs are rasterised at the size the other vendors' PNGs come in
 
@@ -306,9 +308,11 @@ def write_private_object_set(folder: str, splits: dict) -> list:
 
 
 def write_private_style_set(folder: str, style: tuple) -> list:
-    """The style set (from `load_style_set`) as a fine-tuning folder, each image its own caption."""
+    """The style set (from `load_style_set`) as a fine-tuning folder, every image captioned
+    PRIVATE_STYLE_CAPTION: a style fine-tune shares one caption, as the paper's WikiArt sets do ("art
+    style of <artist>"), and that caption is what FineXtract and cfg extract with."""
     from finextract_jax.demo.data import write_folder
 
-    images, captions, keys = style
-    write_folder(folder, dict(zip(keys, images)), dict(zip(keys, captions)))
+    images, _, keys = style
+    write_folder(folder, dict(zip(keys, images)), {k: PRIVATE_STYLE_CAPTION for k in keys})
     return [f"{k}.png" for k in keys]
