@@ -7,12 +7,16 @@
 # Env: BATCH (8,32), VARIANTS (two_applies,two_applies:cudnn), FLAG_SETS (XLA flag sets of
 #   bench_sampling.py, e.g. gpu_autotune_0,gpu_no_triton_gemm; none by default), STEPS (5), ROUNDS (3),
 #   PROFILE (1: XLA trace of the first variant and torch.profiler of the loop, as kernel tables),
-#   SAMPLING_S (300), FINETUNE_S (0), TESTBED_S (the rest). XLA_FLAGS passes through to every row.
+#   SAMPLING_S (300), FINETUNE_S (0), TESTBED_S (the rest), CURVE_S (0). XLA_FLAGS passes through to every row.
 # SDXL (optional, off by default so the budget above is unchanged): SDXL_S seconds for the SDXL base UNet
 #   (2.6B, random weights) at 128x128x4 latents in bfloat16, ours (SDXL_VARIANTS: two_applies) vs diffusers
 #   PyTorch, batch SDXL_BATCH (4); building and loading its 10 GB of weights and compiling it take minutes, so
 #   give it most of the run:
 #   SDXL_S=420 SAMPLING_S=0 TESTBED_S=0 bash benchmarks/gpu.sh
+# Issue 12 in two runs: train the testbed base (`SAMPLING_S=0 bash benchmarks/gpu.sh`), commit it to
+# testbed_work/base, then its curve (`SAMPLING_S=0 TESTBED_S=0 CURVE_S=430 bash benchmarks/gpu.sh`). The curve
+# clusters with numba: add numba and llvmlite wheels for the machine's Python (3.12) to .whl if its image lacks
+# them (`pip download --only-binary=:all: --python-version 3.12 numba==<setup.py's pin> -d .whl`).
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 FINEXTRACT_CACHE= XLA_PYTHON_CLIENT_MEM_FRACTION=.9
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
@@ -51,11 +55,25 @@ fi
 # and its probe grid come back in $OUT/testbed_base and $OUT/testbed_probe.png, also when the time runs out.
 S=$(budget ${TESTBED_S:-$TOTAL_S})
 if [ -f testbed_work/testbed_data.npz ] && [ "$S" -gt 120 ]; then
-    timeout $((S - 60)) python3 -m experiments.testbed_base --workdir=/tmp/testbed \
+    timeout $((S - 120)) python3 -m experiments.testbed_base --workdir=/tmp/testbed \
         --data=testbed_work/testbed_data.npz --out=$OUT/testbed_base --export_every=2500 --checkpoint_every=2500 \
         2>&1 | grep -v Warning | grep -v "^W" | tail -n 60 | tee $OUT/testbed.txt
     [ -d $OUT/testbed_base ] || cp -r /tmp/testbed/snapshot $OUT/testbed_base
-    timeout 60 python3 -m experiments.testbed_samples --model=$OUT/testbed_base --data=testbed_work/testbed_data.npz \
-        --out=$OUT/testbed_probe.png 2>&1 | tail -n 3
+    timeout 110 python3 -m experiments.testbed_samples --model=$OUT/testbed_base --data=testbed_work/testbed_data.npz \
+        --out=$OUT/testbed_probe.png 2>&1 | grep -E "eps-MSE|retrieval|wrote" | tee $OUT/testbed_probe.txt
+fi
+# The fine-tuning-strength curve (issue 12; README "The testbed") on a trained base: CURVE_BASE (default: the
+# base this run just trained, else testbed_work/base, carried), for CURVE_S seconds (0: skip). Carry
+# testbed_work/testbed_data.npz and testbed_work/style_data.npz (built where npm works:
+# `python -m experiments.testbed_curve ... --style_data=testbed_work/style_data.npz`). Runs go seed by seed
+# and the tables are rewritten after each, so a run cut short returns whole curves for its first seeds;
+# CURVE_FLAGS adds testbed_curve flags (e.g. --seeds=0 --sets=object). Results in $OUT/curve/.
+S=$(budget ${CURVE_S:-0})
+base=${CURVE_BASE:-$([ -d $OUT/testbed_base ] && echo $OUT/testbed_base || echo testbed_work/base)}
+if [ "$S" -gt 60 ] && [ -d "$base" ]; then
+    timeout $((S - 10)) python3 -m experiments.testbed_curve --pretrained=$base --workdir=/tmp/curve \
+        --data=testbed_work/testbed_data.npz --style_data=testbed_work/style_data.npz ${CURVE_FLAGS:-} \
+        2>&1 | grep -v Warning | grep -v "^W" | tail -n 40 | tee $OUT/curve.txt
+    mkdir -p $OUT/curve && cp /tmp/curve/*.md /tmp/curve/*.csv /tmp/curve/*.png $OUT/curve/ 2>/dev/null
 fi
 echo "gpu.sh: ${SECONDS}s of TOTAL_S=${TOTAL_S}"

@@ -116,14 +116,13 @@ def main(_):
     rows, sweep_rows = [], []
     with claimed(workdir, "--workdir"):
         datasets = {name: private_set(name, workdir, splits) for name in sets}
-    for name, dataset in datasets.items():
-        for point in points:
-            for seed in seeds:
+    for seed in seeds:  # seed-major: a run cut short still has whole curves for its first seeds
+        for name, dataset in datasets.items():
+            for point in points:
                 logging.info("%s: point %s, seed %d", name, point.name, seed)
                 rows += curve.run_point(point, seed, name, dataset, pretrained, workdir, run)
                 write_outputs(workdir, rows, sweep_rows)
-        for w, k in sweep:
-            for seed in seeds:
+            for w, k in sweep:
                 logging.info("%s: sweep at %s, w=%g k=%g, seed %d", name, sweep_point.name, w, k, seed)
                 sweep_rows += curve.run_sweep(sweep_point, seed, w, k, name, dataset, pretrained, workdir, run)
                 write_outputs(workdir, rows, sweep_rows)
