@@ -16,7 +16,7 @@
 # Issue 12 in two runs: train the testbed base (`SAMPLING_S=0 bash benchmarks/gpu.sh`), commit it to
 # testbed_work/base, then its curve (`SAMPLING_S=0 TESTBED_S=0 CURVE_S=430 bash benchmarks/gpu.sh`). The curve
 # clusters with numba: add numba and llvmlite wheels for the machine's Python (3.12) to .whl if its image lacks
-# them (`pip download --only-binary=:all: --python-version 3.12 numba==<setup.py's pin> -d .whl`).
+# them (`pip download --only-binary=:all: --python-version 3.12 "numba>=0.61,<0.70" -d .whl`, as setup.py pins it).
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 FINEXTRACT_CACHE= XLA_PYTHON_CLIENT_MEM_FRACTION=.9
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
