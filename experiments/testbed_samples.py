@@ -6,7 +6,8 @@ Rows: 8 training captions and 3 held-out-concept captions (each beside its real 
 the empty caption; columns: samples from the same start noise (cfg, --scale). Also logs the
 eps-MSE of 16 training and 16 held-out-concept images under their own caption, another one's
 and "" (finextract_jax/testbed/samples.py), and how often a caption's cfg samples are nearest (pixel
-cosine) to that caption's own image among --retrieval_captions training captions' images.
+cosine) to that caption's own image among --retrieval_captions training captions' images, and the
+mean pixel of unconditional samples against the data's (samples.start_noise_bias).
 """
 import numpy as np
 from absl import flags, logging
@@ -34,6 +35,10 @@ def main(_):
         errors = samples.caption_dependence(model, splits[split])
         logging.info("%s eps-MSE: own caption %.5f, another image's %.5f, empty %.5f (%d noisy pairs)", split,
                      errors["own"], errors["other"], errors["empty"], errors["pairs"])
+    bias = samples.start_noise_bias(model, splits["train"][0])
+    logging.info("mean pixel in [-1, 1]: training images %.3f, 64 unconditional samples from pure noise %.3f, from "
+                 "noise carrying sqrt(abar_%d) = %.4f of the mean image %.3f", bias["data"], bias["pure_noise"],
+                 bias["timestep"], bias["sqrt_alpha_bar"], bias["with_mean_image"])
     if FLAGS.retrieval_captions:
         for split in ("train", "held_out_concept"):
             rates = samples.caption_retrieval(model, splits[split], FLAGS.retrieval_captions, scale=FLAGS.scale,

@@ -28,3 +28,16 @@ def test_caption_retrieval_on_a_tiny_model(tiny_dir):
     first = samples.caption_retrieval(tiny_dir["pixel"], split, count=5, per_caption=2, steps=2)
     assert 0.0 <= first["top1"] <= first["top5"] <= 1.0 and first["samples"] == 10
     assert samples.caption_retrieval(tiny_dir["pixel"], split, count=5, per_caption=2, steps=2) == first
+
+
+def test_start_noise_bias_on_a_tiny_model(tiny_dir):
+    """The first DDIM timestep's share of the mean image (SD 1.4's schedule, 25 steps: t = 961), and that
+    it reaches the sampler."""
+    from finextract_jax.models.tiny import SCHEDULER_SD1
+    from finextract_jax.noise_schedule import alphas_cumprod_from_config
+
+    white = np.full((3, 16, 16, 3), 255, np.uint8)
+    bias = samples.start_noise_bias(tiny_dir["pixel"], white, count=2, steps=25)
+    assert bias["data"] == 1.0 and bias["timestep"] == 961
+    assert bias["sqrt_alpha_bar"] == pytest.approx(np.sqrt(alphas_cumprod_from_config(SCHEDULER_SD1)[961]))
+    assert -1.0 <= bias["pure_noise"] <= 1.0 and bias["with_mean_image"] != bias["pure_noise"]

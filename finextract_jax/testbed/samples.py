@@ -8,6 +8,9 @@
   another image's caption and with "" on the same noisy inputs (caption.PromptScorer). A
   model that reads its captions has own < other and own < empty; one that ignores them has all
   three equal.
+- `start_noise_bias`: does sampling from pure noise give images as bright as the data? A
+  schedule that leaves much of the image in the noisiest step lets a pixel model read the
+  background off the noise, which pure noise does not carry.
 - `caption_retrieval`: do a caption's samples look like that caption's image? Each cfg sample's
   nearest real image among the probed captions' images (cosine of an embedding); the rate at
   which it is its own caption's image, against chance. The number to watch while training.
@@ -31,8 +34,9 @@ def _pipeline(model):
 
 
 def sample_captions(model, captions: list, per_caption: int = 6, steps: int = 25, scale: float = 3.0,
-                    seed: int = 0) -> np.ndarray:
-    """uint8 [len(captions), per_caption, H, W, 3]: DDIM samples of `model` (Pipeline or folder)."""
+                    seed: int = 0, start=None) -> np.ndarray:
+    """uint8 [len(captions), per_caption, H, W, 3]: DDIM samples of `model` (Pipeline or folder) from
+    the start noise of images 0..per_caption-1 of `seed`, or from `start` [per_caption, C, H, W]."""
     from finextract_jax.sampling import engine
     from finextract_jax.sampling.noise import batch_start_noise
 
@@ -40,7 +44,7 @@ def sample_captions(model, captions: list, per_caption: int = 6, steps: int = 25
     mesh = engine.data_mesh()
     sampler = engine.build_sampler("ddim", pipe.scheduler_config, steps)
     decode = engine.make_decoder(pipe, mesh)
-    x_T = batch_start_noise(np.arange(per_caption), seed, pipe.sample_shape)
+    x_T = batch_start_noise(np.arange(per_caption), seed, pipe.sample_shape) if start is None else start
     compiled = {}
     out = []
     for caption in captions:
@@ -123,3 +127,27 @@ def caption_retrieval(model, split: tuple, count: int = 64, per_caption: int = 4
     embed = lambda images: embed_images([Image.fromarray(i) for i in images], extractor, batch_size=64)
     sample_features = embed(samples.reshape(-1, *samples.shape[2:])).reshape(count, per_caption, -1)
     return retrieval_rates(sample_features, embed(np.stack([image for image, _ in rows])))
+
+
+def start_noise_bias(model, images: np.ndarray, count: int = 64, steps: int = 25, seed: int = 0) -> dict:
+    """Mean pixel (in [-1, 1]) of a pixel model's data `images` (uint8 [N, H, W, 3]) and of `count`
+    unconditional samples of it from pure noise eps, and from sqrt(1 - abar_t) eps + sqrt(abar_t) x
+    the data's mean image (what the first DDIM step's x_t holds of the data on average). Data and
+    pure-noise means agree when the schedule hides the data from the noise; they differ when the
+    model learned to read the image's brightness off the noise."""
+    from finextract_jax.noise_schedule import alphas_cumprod_from_config
+    from finextract_jax.sampling import engine
+    from finextract_jax.sampling.noise import batch_start_noise
+
+    pipe = _pipeline(model)
+    data = images.astype(np.float32) / 127.5 - 1.0
+    first_t = int(np.asarray(engine.build_sampler("ddim", pipe.scheduler_config, steps).timesteps)[0])
+    alpha_bar = alphas_cumprod_from_config(pipe.scheduler_config)[first_t]
+    mean_image = data.mean(axis=0).transpose(2, 0, 1)
+    noise = batch_start_noise(np.arange(count), seed, pipe.sample_shape)
+    plain = sample_captions(pipe, [""], count, steps, start=noise)
+    carried = sample_captions(pipe, [""], count, steps, start=(np.sqrt(1.0 - alpha_bar) * noise + np.sqrt(
+        alpha_bar) * mean_image[None]).astype(np.float32))
+    to_unit = lambda x: float(x.astype(np.float64).mean() / 127.5 - 1.0)
+    return {"data": float(data.mean()), "pure_noise": to_unit(plain), "with_mean_image": to_unit(carried),
+            "timestep": first_t, "sqrt_alpha_bar": float(np.sqrt(alpha_bar))}
