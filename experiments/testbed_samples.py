@@ -36,9 +36,10 @@ def main(_):
         logging.info("%s eps-MSE: own caption %.5f, another image's %.5f, empty %.5f (%d noisy pairs)", split,
                      errors["own"], errors["other"], errors["empty"], errors["pairs"])
     bias = samples.start_noise_bias(model, splits["train"][0])
-    logging.info("mean pixel in [-1, 1]: training images %.3f, 64 unconditional samples from pure noise %.3f, from "
-                 "noise carrying sqrt(abar_%d) = %.4f of the mean image %.3f", bias["data"], bias["pure_noise"],
-                 bias["timestep"], bias["sqrt_alpha_bar"], bias["with_mean_image"])
+    logging.info("mean pixel in [-1, 1]: training images %.3f (spread of their means %.3f), 64 unconditional samples "
+                 "from pure noise %.3f (spread %.3f), from noise carrying sqrt(abar_%d) = %.4f of the mean image %.3f",
+                 bias["data"], bias["data_spread"], bias["pure_noise"], bias["pure_noise_spread"], bias["timestep"],
+                 bias["sqrt_alpha_bar"], bias["with_mean_image"])
     if FLAGS.retrieval_captions:
         for split in ("train", "held_out_concept"):
             rates = samples.caption_retrieval(model, splits[split], FLAGS.retrieval_captions, scale=FLAGS.scale,

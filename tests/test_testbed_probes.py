@@ -38,6 +38,6 @@ def test_start_noise_bias_on_a_tiny_model(tiny_dir):
 
     white = np.full((3, 16, 16, 3), 255, np.uint8)
     bias = samples.start_noise_bias(tiny_dir["pixel"], white, count=2, steps=25)
-    assert bias["data"] == 1.0 and bias["timestep"] == 961
+    assert bias["data"] == 1.0 and bias["data_spread"] == 0.0 and bias["timestep"] == 961 and bias["pure_noise_spread"] > 0
     assert bias["sqrt_alpha_bar"] == pytest.approx(np.sqrt(alphas_cumprod_from_config(SCHEDULER_SD1)[961]))
     assert -1.0 <= bias["pure_noise"] <= 1.0 and bias["with_mean_image"] != bias["pure_noise"]
