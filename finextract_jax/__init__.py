@@ -10,8 +10,9 @@ __version__ = "0.1.0"
 
 # XLA:CPU in jaxlib 0.10 hands convolutions, dots and reductions to YNNPACK fusions. On our UNets its
 # convolution gradients run up to 6x below XLA's own emitters (one weight gradient took a quarter of the
-# testbed base's training step), so without it a CPU training step is ~1.8x faster and guided sampling
-# no slower (benchmarks/RESULTS.md, "XLA:CPU without YNNPACK"). XLA reads its flags once, when JAX first
+# testbed base's training step), so without it a CPU training step is ~1.8x faster, while guided sampling
+# moves within this machine's noise (one run 9-31% faster, one 13% slower; benchmarks/RESULTS.md, "Fine-tuning
+# step on CPU: XLA without YNNPACK" and "Sampling with and without YNNPACK"). XLA reads its flags once, when JAX first
 # creates the CPU client, so this is set on import; a process that already computed keeps what it had.
 # Setting the flag yourself wins (`--xla_cpu_experimental_ynn_fusion_type=+reduce` keeps jaxlib's own
 # default). Only for the jaxlib versions it was measured on: XLA aborts on a flag it does not know.
