@@ -39,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_sampling import FLAG_SETS, FlagSetChild, _with_flags, interleaved_best  # noqa: E402
+from benchmarks.bench_sampling import FLAG_SETS, FlagSetChild, flag_set_env, interleaved_best  # noqa: E402
 
 # experiments/testbed_base.py's optimizer (its defaults); everything else is FinetuneConfig's default.
 TESTBED_CONFIG = dict(train_text_encoder=True, learning_rate=1e-3, weight_decay=0.0)
@@ -193,12 +193,6 @@ class FinetuneChild(FlagSetChild):
         ready, _, compile_s = self.process.stdout.readline().strip().partition(" ")
         self.ready = ready == "ready"
         self.compile_s = float(compile_s) if self.ready else None
-
-
-def flag_set_env(name: str) -> dict:
-    if name not in FLAG_SETS:
-        raise SystemExit(f"unknown flag set {name}; choose from {', '.join(FLAG_SETS)}")
-    return {"XLA_FLAGS": _with_flags(os.environ.get("XLA_FLAGS", ""), FLAG_SETS[name])}
 
 
 def serve(row):

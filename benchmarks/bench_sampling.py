@@ -165,14 +165,19 @@ def _with_flags(inherited: str, flag_set: str) -> str:
     return f"{inherited} {flag_set}".strip()
 
 
+def flag_set_env(name: str) -> dict:
+    """The environment changes that run a child under the named flag set."""
+    if name not in FLAG_SETS:
+        raise SystemExit(f"unknown flag set {name}; choose from {', '.join(FLAG_SETS)}")
+    return {"XLA_FLAGS": _with_flags(os.environ.get("XLA_FLAGS", ""), FLAG_SETS[name])}
+
+
 class FlagSetChild:
     """Our first variant compiled under one named XLA flag set, in a child process (XLA reads its flags
     once per process) that times one sampler call each time it is asked, so it joins the interleaved rounds."""
 
     def __init__(self, args, models_root, name, batch):
-        if name not in FLAG_SETS:
-            raise SystemExit(f"unknown flag set {name}; choose from {', '.join(FLAG_SETS)}")
-        env = dict(os.environ, XLA_FLAGS=_with_flags(os.environ.get("XLA_FLAGS", ""), FLAG_SETS[name]))
+        env = dict(os.environ, **flag_set_env(name))
         command = [sys.executable, os.path.abspath(__file__), f"--size={args.size}", f"--batch={batch}",
                    f"--steps={args.steps}", f"--dtype={args.dtype}", f"--variants={args.variants.split(',')[0]}",
                    f"--models_dir={models_root}", "--serve"]

@@ -16,6 +16,7 @@ cluster (`select=topk`) and score. Then FineXtract alone at --sweep_point for ea
 [min, max] over seeds), curve.png, sweep.csv and sweep.md; every run resumes per stage.
 """
 import csv
+import functools
 import io
 import os
 
@@ -50,19 +51,19 @@ SWEEP_COLUMNS = COLUMNS[:6] + ("guidance_scale", "correction") + COLUMNS[6:]
 
 
 def private_set(name: str, workdir: str, splits):
-    """The private set's fine-tuning folder (written once, whole) and its Dataset."""
+    """The private set's fine-tuning folder (written once, whole, inside the claimed workdir) and its Dataset."""
+    from finextract_jax.fileio import atomic_dir
     from finextract_jax.reproduce import Dataset
     from finextract_jax.testbed import data
 
     folder = os.path.join(workdir, "private", name)
     if not os.path.isfile(os.path.join(folder, "metadata.csv")):
-        tmp = folder + ".partial"
-        if name == "object":
-            data.write_private_object_set(tmp, splits())
-        else:
-            style_file = FLAGS.style_data or os.path.join(workdir, "style_data.npz")
-            data.write_private_style_set(tmp, data.load_style_set(style_file, splits()["train"]))
-        os.replace(tmp, folder)
+        with atomic_dir(folder, "--workdir", verified=True, marker=False) as staging:
+            if name == "object":
+                data.write_private_object_set(staging, splits())
+            else:
+                style_file = FLAGS.style_data or os.path.join(workdir, "style_data.npz")
+                data.write_private_style_set(staging, data.load_style_set(style_file, splits()["train"]))
     return Dataset(name, folder, data.PRIVATE_OBJECT_CAPTION if name == "object" else data.PRIVATE_STYLE_CAPTION)
 
 
@@ -111,8 +112,7 @@ def main(_):
     sets = parse_choices(FLAGS.sets, SETS, "sets")
     pretrained, workdir = os.path.abspath(FLAGS.pretrained), os.path.abspath(FLAGS.workdir)
     run = dict(num_images=FLAGS.num_images, steps=FLAGS.steps, features=FLAGS.features, rank=FLAGS.rank)
-    cache = []
-    splits = lambda: cache[0] if cache else cache.append(data.load_splits(FLAGS.data)[0]) or cache[0]
+    splits = functools.cache(lambda: data.load_splits(FLAGS.data)[0])  # read only if a private set is built
     rows, sweep_rows = [], []
     with claimed(workdir, "--workdir"):
         datasets = {name: private_set(name, workdir, splits) for name in sets}

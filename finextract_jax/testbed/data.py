@@ -221,10 +221,10 @@ def load_splits(data_file: str | None = None, root: str | None = None) -> tuple:
 
 
 def _save_npz(path: str, arrays: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
+    from finextract_jax.fileio import atomic_file
+
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:  # a file object: savez would append ".npz" to a name
+        np.savez_compressed(f, **arrays)
 
 
 # ---- the style-driven private set (a vendor the base never sees) ---------------------------------
