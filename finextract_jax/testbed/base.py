@@ -3,8 +3,16 @@
 The base is a 32 px pixel-space model of the SD family (diffusers UNet2DConditionModel, 1.4M
 parameters, cross-attention at 8x8 and in the mid block, a 3-layer CLIP text encoder trained with
 it, the offline tokenizer
-with every caption word as one token, DDPM's pixel-space noise schedule: models/tiny.SCHEDULER_PIXEL), trained on
-the testbed's train split (finextract_jax/testbed/data.py).
+with every caption word as one token, DDPM's pixel-space noise schedule: models/tiny.SCHEDULER_PIXEL, and
+v-prediction), trained on the testbed's train split (finextract_jax/testbed/data.py).
+
+Why v-prediction (SD 2.x's objective) and not epsilon: on DDPM's schedule the first DDIM step keeps
+sqrt(abar) = 0.0093 of the image in x_t. An epsilon model must predict the noise up to an offset of
+0.0093 x the image there, which costs it ~1e-5 of loss per pixel to get wrong, so it learns the image's
+brightness at high noise last; DDIM then divides its noise error by 0.0093, clips x0 to [-1, 1], and the
+samples come out grey (the epsilon run at step 250: spread of the samples' mean pixel 0.011 against the
+data's 0.207, mean 0.009 against 0.538). v = sqrt(abar) eps - sqrt(1 - abar) x0 is the image itself at high
+noise: the first thing the model learns is the first thing sampling needs.
 
 Caption dropout as SD trains it: each sample of each step independently gets the empty caption
 with probability `caption_dropout`, drawn from (seed, step), so that the base learns eps(x, "")
@@ -35,7 +43,8 @@ def make_init(out: str, words, seed: int = 0) -> str:
     """The randomly initialised testbed pipeline (SD layout, PyTorch-named safetensors)."""
     from finextract_jax.models.tokenizer import WORDS
 
-    return make_tiny(out, kind="pixel", fmt="pt", seed=seed, unet_overrides=TESTBED_UNET,
+    return make_tiny(out, kind="pixel", fmt="pt", seed=seed, prediction_type="v_prediction", family="sd1",
+                     unet_overrides=TESTBED_UNET,
                      words=list(dict.fromkeys(list(WORDS) + list(words))), text_overrides=TESTBED_TEXT,
                      scheduler_overrides=SCHEDULER_PIXEL)
 
