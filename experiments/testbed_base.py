@@ -1,14 +1,14 @@
 """Train the testbed's base model on emoji art (finextract_jax/testbed/), resumably.
 
     python -m experiments.testbed_base --workdir=testbed_work [--steps=20000] [--batch_size=32]
-        [--out=DIR] [--checkpoint_every=100] [--export_every=250]
+        [--ema_decay=0.999] [--out=DIR] [--checkpoint_every=100] [--export_every=250]
 
 Installs the emoji packages with npm on first use (finextract_jax/testbed/data.py), builds the
 random initial pipeline in WORKDIR/init, trains UNet and text encoder together with 10% caption
 dropout, checkpoints (orbax) into WORKDIR/checkpoints every --checkpoint_every steps, exports a
 loadable snapshot to WORKDIR/snapshot every --export_every steps (look at it with
 `python -m experiments.testbed_samples --model=WORKDIR/snapshot`), and the final model to --out
-(default WORKDIR/base). Rerun the same command to continue after an interruption, on any
+(default WORKDIR/base); both hold the running average of the weights (--ema_decay). Rerun the same command to continue after an interruption, on any
 number of devices; raise --steps to train further.
 """
 import os
@@ -24,6 +24,8 @@ flags.DEFINE_string("out", None, "Where to export the trained base (SD layout); 
 flags.DEFINE_integer("steps", 20000, "Total optimizer steps.")
 flags.DEFINE_integer("batch_size", 32, "Images per step.")
 flags.DEFINE_float("learning_rate", 1e-3, "AdamW learning rate (constant, after global-norm clipping at 1).")
+flags.DEFINE_float("ema_decay", 0.999, "Decay of the running average of the weights that snapshots and the "
+                   "final model export (diffusers' warm-up: min(decay, (1 + t) / (10 + t))); 0: the last weights.")
 flags.DEFINE_float("caption_dropout", 0.1, "Probability that a sample is trained with the empty caption.")
 flags.DEFINE_integer("checkpoint_every", 100, "Steps between orbax checkpoints.")
 flags.DEFINE_integer("export_every", 250, "Steps between snapshots in WORKDIR/snapshot (0: none).")
@@ -32,7 +34,7 @@ FLAGS = flags.FLAGS
 
 
 def train(workdir: str, data_file: str | None, out: str, steps: int, batch_size: int, learning_rate: float,
-          caption_dropout: float, checkpoint_every: int, export_every: int, seed: int) -> str:
+          ema_decay: float, caption_dropout: float, checkpoint_every: int, export_every: int, seed: int) -> str:
     from finextract_jax.finetune.train import FinetuneConfig
     from finextract_jax.models.pipeline import load_pipeline
     from finextract_jax.testbed import base, data
@@ -43,7 +45,8 @@ def train(workdir: str, data_file: str | None, out: str, steps: int, batch_size:
     if not os.path.isdir(init):
         base.make_init(init, words, seed)
     config = FinetuneConfig(method="dreambooth", steps=steps, learning_rate=learning_rate, batch_size=batch_size,
-                            train_text_encoder=True, seed=seed, weight_decay=0.0)
+                            train_text_encoder=True, seed=seed, weight_decay=0.0,
+                            ema_decay=ema_decay)
     trainer = base.DropoutTrainer(load_pipeline(init), base.dropout_train_set(images, captions, keys), config,
                                   caption_dropout=caption_dropout)
     logging.info("training the testbed base on %d images (%d distinct captions) for %d steps at batch %d",
@@ -61,7 +64,7 @@ def train(workdir: str, data_file: str | None, out: str, steps: int, batch_size:
 
 def main(_):
     out = train(FLAGS.workdir, FLAGS.data, FLAGS.out or os.path.join(FLAGS.workdir, "base"), FLAGS.steps,
-                FLAGS.batch_size, FLAGS.learning_rate, FLAGS.caption_dropout, FLAGS.checkpoint_every,
+                FLAGS.batch_size, FLAGS.learning_rate, FLAGS.ema_decay, FLAGS.caption_dropout, FLAGS.checkpoint_every,
                 FLAGS.export_every, FLAGS.seed)
     logging.info("wrote the testbed base model to %s", out)
 

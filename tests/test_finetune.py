@@ -12,6 +12,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax.traverse_util import flatten_dict
 
@@ -457,3 +458,38 @@ def test_binary_killed_mid_run_resumes_to_identical_export(tmp_path, tiny_dir, t
         assert ours[name].keys() == ref[name].keys(), name
         for key in ref[name]:
             assert np.array_equal(ours[name][key], ref[name][key]), (name, key)
+
+
+def test_weight_average_follows_diffusers_warm_up():
+    from finextract_jax.finetune.train import averaged_weights, weight_average
+
+    transform = weight_average(0.9)
+    params = {"w": jnp.array([1.0, -2.0])}
+    state = transform.init(params)
+    expected = np.array([1.0, -2.0])
+    for t, step in enumerate([np.array([0.5, 0.0]), np.array([-1.0, 3.0]), np.array([2.0, 2.0])]):
+        updates, state = transform.update({"w": jnp.asarray(step)}, state, params)
+        np.testing.assert_array_equal(updates["w"], step)  # passed through unchanged
+        params = {"w": params["w"] + step}
+        decay = min(0.9, (1 + t) / (10 + t))
+        expected = decay * expected + (1 - decay) * np.asarray(params["w"])
+    np.testing.assert_allclose(averaged_weights(state)["w"], expected, rtol=1e-6)
+    assert averaged_weights((optax.EmptyState(), ())) is None
+
+
+def test_export_writes_the_weight_average(tiny_pipe, train_dir, tmp_path):
+    from finextract_jax.finetune.train import TrainState, WeightAverage
+    from finextract_jax.models.pipeline import load_finetuned
+
+    config = FinetuneConfig(**{**DREAMBOOTH.__dict__, "ema_decay": 0.99})
+    assert "ema_decay" in config.identity() and "ema_decay" not in DREAMBOOTH.identity()
+    trainer = Trainer(tiny_pipe("sd1"), load_train_set(train_dir, 16, CAPTION), config)
+    state = trainer.init_state()
+    clip, adamw, average = state.opt_state
+    shifted = jax.tree_util.tree_map(lambda a: a + 1.0, average.average)
+    state = TrainState(state.step, state.trainable, (clip, adamw, WeightAverage(average.count, shifted)))
+    loaded = load_finetuned(tiny_pipe("sd1"), trainer.export(state, str(tmp_path / "averaged")), cache_dir=None)
+    np.testing.assert_array_equal(flatten_dict(loaded.unet.params)[("conv_in", "kernel")],
+                                  flatten_dict(shifted["unet"])[("conv_in", "kernel")])
+    with pytest.raises(InputError, match="ema_decay"):
+        FinetuneConfig(ema_decay=1.0)

@@ -41,6 +41,9 @@ class FinetuneConfig:
     weight_decay: float = option(1e-2, flag=False)
     max_grad_norm: float = option(1.0, flag=False)
     attention: str = option("auto", choices=ATTENTIONS, flag=False)
+    # Training a base from scratch (testbed/base.py) exports an average of the weights: at a high constant
+    # learning rate the last iterate is noisy, and a diffusion model's samples show it. Fine-tunes keep 0.
+    ema_decay: float = option(0.0, flag=False)
 
     def __post_init__(self):
         check_choices(self)
@@ -52,6 +55,8 @@ class FinetuneConfig:
             raise InputError(f"--batch_size and --grad_accum must be >= 1, got {self.batch_size}, {self.grad_accum}")
         if self.method == "lora":
             lora_lib.check_rank(self.rank, self.lora_alpha)
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise InputError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
     @property
     def lr(self) -> float:
@@ -73,6 +78,8 @@ class FinetuneConfig:
         out = dataclasses.asdict(self)
         out.pop("steps")
         out.pop("attention")
+        if not self.ema_decay:
+            out.pop("ema_decay")  # checkpoints written before the field existed still resume
         out["learning_rate"] = self.lr
         if self.method != "lora":
             out.pop("rank"), out.pop("lora_alpha")

@@ -25,7 +25,7 @@ import logging
 import os
 import shutil
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -72,7 +72,7 @@ class _StepSpec:
     lora_scale: float
     vae_scaling: float
     sample_shape: tuple
-    optimizer: tuple  # (lr, b1, b2, eps, weight_decay, max_grad_norm)
+    optimizer: tuple  # (lr, b1, b2, eps, weight_decay, max_grad_norm, ema_decay)
     mesh: Mesh
 
 
@@ -83,10 +83,45 @@ class TrainState:
     opt_state: Any
 
 
+class WeightAverage(NamedTuple):
+    """The optimizer state's running average of the weights (checkpointed with it; `export` writes it)."""
+
+    count: Any  # updates averaged so far
+    average: Any  # pytree like the trainable parameters
+
+
+def weight_average(decay: float) -> optax.GradientTransformation:
+    """Last link of the optimizer chain: an exponential moving average of the parameters after each
+    update, with diffusers' EMAModel warm-up (decay_t = min(decay, (1 + t) / (10 + t))) so that the
+    first steps' random weights fade out fast. It passes the updates through unchanged."""
+    def init(params):
+        return WeightAverage(jnp.zeros((), jnp.int32), jax.tree_util.tree_map(lambda p: jnp.array(p, copy=True), params))
+
+    def update(updates, state, params):
+        t = state.count.astype(jnp.float32)
+        decay_t = jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+        average = jax.tree_util.tree_map(lambda a, p, u: decay_t * a + (1.0 - decay_t) * (p + u),
+                                         state.average, params, updates)
+        return updates, WeightAverage(state.count + 1, average)
+
+    return optax.GradientTransformation(init, update)
+
+
+def averaged_weights(opt_state):
+    """The `weight_average` in an optimizer state, or None when the run keeps none."""
+    found = [s for s in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda s: isinstance(s, WeightAverage))
+             if isinstance(s, WeightAverage)]
+    return found[0].average if found else None
+
+
 def _optimizer(spec: _StepSpec) -> optax.GradientTransformation:
-    lr, b1, b2, eps, weight_decay, max_norm = spec.optimizer
-    adamw = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
-    return optax.chain(optax.clip_by_global_norm(max_norm), adamw) if max_norm > 0 else adamw
+    lr, b1, b2, eps, weight_decay, max_norm, ema_decay = spec.optimizer
+    chain = [optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)]
+    if max_norm > 0:
+        chain.insert(0, optax.clip_by_global_norm(max_norm))
+    if ema_decay > 0:
+        chain.append(weight_average(ema_decay))
+    return optax.chain(*chain) if len(chain) > 1 else chain[0]
 
 
 def _per_sample_loss(spec: _StepSpec, trainable, frozen, data, indices, keys):
@@ -200,7 +235,7 @@ class Trainer:
             sample_shape=(pipe.sample_shape[0], resolution // pipe.vae_scale_factor,
                           resolution // pipe.vae_scale_factor),
             optimizer=(config.lr, config.adam_beta1, config.adam_beta2, config.adam_epsilon, config.weight_decay,
-                       config.max_grad_norm),
+                       config.max_grad_norm, config.ema_decay),
             mesh=self.mesh)
         self.total_steps = config.total_steps(len(train_set))
         self._permutations = {}
@@ -288,7 +323,9 @@ class Trainer:
     # ---- outputs ------------------------------------------------------------------------
 
     def export(self, state: TrainState, out: str) -> str:
-        trainable = jax.device_get(state.trainable)
+        """Write the trained weights (their running average when the config keeps one)."""
+        average = averaged_weights(state.opt_state)
+        trainable = jax.device_get(state.trainable if average is None else average)
         pipe = self.pipe
         text = conditioning.trained_text(trainable)
         if self.config.method == "dreambooth":
