@@ -11,7 +11,6 @@ exact = the recovered string equals the caption. Prints one Markdown row per len
 from __future__ import annotations
 
 import argparse
-import collections
 import os
 import sys
 import tempfile
@@ -27,11 +26,6 @@ CAPTIONS = {
     5: ["a photo of sks dog", "oil painting of old castle"],
     7: ["a photo of sks dog on beach", "art style of impressionism claude monet painting"],
 }
-
-
-def recall(recovered: str, true: str) -> float:
-    got, want = collections.Counter(recovered.split()), collections.Counter(true.split())
-    return sum((got & want).values()) / sum(want.values())
 
 
 def main():
@@ -60,7 +54,7 @@ def main():
                                                  config=config)
             rows.append((true, result.caption, time.perf_counter() - start))
         mean = lambda xs: sum(xs) / len(xs)
-        print(f"| {length} | {len(rows)} | {mean([recall(r, t) for t, r, _ in rows]):.2f} | "
+        print(f"| {length} | {len(rows)} | {mean([caption_lib.word_recall(r, t) for t, r, _ in rows]):.2f} | "
               f"{mean([float(r == t) for t, r, _ in rows]):.2f} | {mean([s for _, _, s in rows]):.0f} | "
               + "; ".join(f"'{r}'" for _, r, _ in rows) + " |", flush=True)
 

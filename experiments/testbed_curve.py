@@ -50,23 +50,6 @@ COLUMNS = ("set", "finetune", "finetune_steps", "learning_rate", "augment", "see
 SWEEP_COLUMNS = COLUMNS[:6] + ("guidance_scale", "correction") + COLUMNS[6:]
 
 
-def private_set(name: str, workdir: str, splits):
-    """The private set's fine-tuning folder (written once, whole, inside the claimed workdir) and its Dataset."""
-    from finextract_jax.fileio import atomic_dir
-    from finextract_jax.reproduce import Dataset
-    from finextract_jax.testbed import data
-
-    folder = os.path.join(workdir, "private", name)
-    if not os.path.isfile(os.path.join(folder, "metadata.csv")):
-        with atomic_dir(folder, "--workdir", verified=True, marker=False) as staging:
-            if name == "object":
-                data.write_private_object_set(staging, splits())
-            else:
-                style_file = FLAGS.style_data or os.path.join(workdir, "style_data.npz")
-                data.write_private_style_set(staging, data.load_style_set(style_file, splits()["train"]))
-    return Dataset(name, folder, data.PRIVATE_OBJECT_CAPTION if name == "object" else data.PRIVATE_STYLE_CAPTION)
-
-
 def write_csv(path: str, rows: list, columns: tuple) -> None:
     from finextract_jax.fileio import atomic_write_bytes
 
@@ -115,7 +98,8 @@ def main(_):
     splits = functools.cache(lambda: data.load_splits(FLAGS.data)[0])  # read only if a private set is built
     rows, sweep_rows = [], []
     with claimed(workdir, "--workdir"):
-        datasets = {name: private_set(name, workdir, splits) for name in sets}
+        style_file = FLAGS.style_data or os.path.join(workdir, "style_data.npz")
+        datasets = {name: curve.private_set(name, workdir, splits, style_file) for name in sets}
     for seed in seeds:  # seed-major: a run cut short still has whole curves for its first seeds
         for name, dataset in datasets.items():
             for point in points:

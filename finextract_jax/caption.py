@@ -32,6 +32,7 @@ candidate on a few pairs and keeps the best `keep` for the full set of pairs.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -350,6 +351,13 @@ def recover_caption(pretrained, finetuned, images=None, config: CaptionConfig | 
     caption = " ".join(best.words)
     return CaptionResult(caption, steps, len(candidates), time.perf_counter() - start, config.record(),
                          select.micro.to_json() if select.micro else None)
+
+
+def word_recall(recovered: str, true: str) -> float:
+    """|recovered words ∩ true words| / |true words|, as multisets (order ignored): how much of a
+    caption a search found (benchmarks/bench_caption.py, testbed/caption_table.py)."""
+    got, want = collections.Counter(recovered.split()), collections.Counter(true.split())
+    return sum((got & want).values()) / sum(want.values())
 
 
 def _offset(beam: _Beam, candidates, position: int) -> int:

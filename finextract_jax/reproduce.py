@@ -90,6 +90,9 @@ class Settings:
     # fine-tunes (checked against their settings as always), so that extraction settings (w, k) can
     # be swept in new workdirs without fine-tuning again (finextract_jax/testbed/curve.py).
     finetune_workdir: str | None = option(None, flag=False)
+    # The extraction prompt (default: the dataset's caption): extract a fine-tune with another prompt
+    # than the one it was trained on, e.g. a recovered caption (finextract_jax/testbed/caption_table.py).
+    prompt: str | None = option(None, flag=False)
 
     def __post_init__(self):
         check_choices(self)
@@ -178,7 +181,8 @@ def guidance(s: Settings, finetune: str, method: str) -> tuple:
 
 def extract_config(s: Settings, ds: Dataset, finetune: str, method: str):
     w, k = guidance(s, finetune, method)
-    return ExtractConfig(pretrained=s.pretrained, finetuned=model_path(s, ds, finetune), prompt=ds.caption or "",
+    prompt = ds.caption or "" if s.prompt is None else s.prompt
+    return ExtractConfig(pretrained=s.pretrained, finetuned=model_path(s, ds, finetune), prompt=prompt,
                          method=method, guidance_scale=w, correction=k, num_images=s.num_images,
                          batch_size=s.batch_size, steps=s.steps, sampler=s.sampler, seed=s.seed, dtype=s.dtype)
 
@@ -215,6 +219,8 @@ def stage_settings(s: Settings, stage: str, ds: Dataset, finetune: str, method: 
             out.update(guidance_scale=w, correction=k)
         elif method == "cfg":
             out.update(cfg_scale=w)
+        if s.prompt is not None:
+            out.update(prompt=s.prompt)
         return out
     weights = os.path.abspath(s.feature_weights) if s.feature_weights else None
     if stage == "cluster":

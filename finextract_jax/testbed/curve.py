@@ -94,11 +94,38 @@ def parse_seeds(text: str) -> list:
 # ---- running ------------------------------------------------------------------------------------
 
 
+def write_once(folder: str, write) -> str:
+    """`folder` as `write(staging)` fills it (a fine-tuning folder: images + metadata.csv), written whole
+    the first time, inside a workdir the caller claimed; later calls find it finished."""
+    from finextract_jax.fileio import atomic_dir
+
+    if not os.path.isfile(os.path.join(folder, "metadata.csv")):
+        with atomic_dir(folder, "--workdir", verified=True, marker=False) as staging:
+            write(staging)
+    return folder
+
+
+def private_set(name: str, workdir: str, splits, style_file: str):
+    """The private set `name` (object | style) as a fine-tuning folder WORKDIR/private/NAME and its
+    Dataset. splits() gives the testbed's splits (read only when the folder is built); the style set
+    is read from `style_file`, or built from npm and written there."""
+    from finextract_jax.reproduce import Dataset
+    from finextract_jax.testbed import data
+
+    if name == "object":
+        write = lambda staging: data.write_private_object_set(staging, splits())
+    else:
+        write = lambda staging: data.write_private_style_set(staging,
+                                                             data.load_style_set(style_file, splits()["train"]))
+    folder = write_once(os.path.join(workdir, "private", name), write)
+    return Dataset(name, folder, data.PRIVATE_OBJECT_CAPTION if name == "object" else data.PRIVATE_STYLE_CAPTION)
+
+
 def point_dir(workdir: str, set_name: str, point: Point, seed: int) -> str:
     return os.path.join(workdir, set_name, point.name, f"seed{seed}")
 
 
-def _settings(point: Point, seed: int, dataset, pretrained: str, workdir: str, run: dict, **extra):
+def reproduce_settings(point: Point, seed: int, dataset, pretrained: str, workdir: str, run: dict, **extra):
     from finextract_jax.reproduce import Settings
 
     return Settings(pretrained=pretrained, workdir=workdir, datasets=(dataset,), finetunes=(point.finetune,),
@@ -116,7 +143,7 @@ def _rows(settings, set_name: str, point: Point, seed: int, **fields) -> list:
 def point_settings(point: Point, seed: int, set_name: str, dataset, pretrained: str, workdir: str, run: dict):
     """The reproduce Settings of one (point, seed). `run`: the Settings fields every point shares
     (num_images, steps, features, rank, ...)."""
-    return _settings(point, seed, dataset, pretrained, point_dir(workdir, set_name, point, seed), run)
+    return reproduce_settings(point, seed, dataset, pretrained, point_dir(workdir, set_name, point, seed), run)
 
 
 def run_point(point: Point, seed: int, set_name: str, dataset, pretrained: str, workdir: str, run: dict) -> list:
@@ -130,8 +157,9 @@ def run_sweep(point: Point, seed: int, w: float, k: float, set_name: str, datase
     """FineXtract alone at (w, k), in a workdir of its own that uses the point's fine-tune (trained
     there first if the point has not run yet)."""
     folder = os.path.join(workdir, set_name, "sweep", point.name, f"w{w:g}_k{k:g}", f"seed{seed}")
-    settings = _settings(point, seed, dataset, pretrained, folder, run, methods=("finextract",), guidance_scale=w,
-                         correction=k, finetune_workdir=point_dir(workdir, set_name, point, seed))
+    settings = reproduce_settings(point, seed, dataset, pretrained, folder, run, methods=("finextract",),
+                                  guidance_scale=w, correction=k,
+                                  finetune_workdir=point_dir(workdir, set_name, point, seed))
     return _rows(settings, set_name, point, seed, guidance_scale=w, correction=k)
 
 

@@ -296,14 +296,14 @@ def load_style_set(style_file: str | None, train: tuple, root: str | None = None
     return images, captions, keys
 
 
-def write_private_object_set(folder: str, splits: dict) -> list:
+def write_private_object_set(folder: str, splits: dict, caption: str = PRIVATE_OBJECT_CAPTION) -> list:
     """Twemoji's cat faces (from `split_sets`/`load_splits`) as a fine-tuning folder (PNG +
-    metadata.csv), all captioned PRIVATE_OBJECT_CAPTION; returns the file names."""
+    metadata.csv), all captioned `caption`; returns the file names."""
     from finextract_jax.demo.data import write_folder
 
     images, _, keys = splits["private"]
     chosen = {k: image for k, image in zip(keys, images) if k.startswith(PRIVATE_OBJECT_VENDOR + "_")}
-    write_folder(folder, chosen, {k: PRIVATE_OBJECT_CAPTION for k in chosen})
+    write_folder(folder, chosen, {k: caption for k in chosen})
     return [f"{k}.png" for k in chosen]
 
 
