@@ -181,7 +181,7 @@ def guidance(s: Settings, finetune: str, method: str) -> tuple:
 
 def extract_config(s: Settings, ds: Dataset, finetune: str, method: str):
     w, k = guidance(s, finetune, method)
-    prompt = ds.caption or "" if s.prompt is None else s.prompt
+    prompt = (ds.caption or "") if s.prompt is None else s.prompt
     return ExtractConfig(pretrained=s.pretrained, finetuned=model_path(s, ds, finetune), prompt=prompt,
                          method=method, guidance_scale=w, correction=k, num_images=s.num_images,
                          batch_size=s.batch_size, steps=s.steps, sampler=s.sampler, seed=s.seed, dtype=s.dtype)

@@ -151,11 +151,6 @@ def extraction(job: Job, case: Case, dataset, role: str, prompt: str | None = No
     return row
 
 
-def search_record(job: Job) -> dict:
-    """What a finished search must share with this one to be reused."""
-    return {"settings": job.search.record(), "images": job.search_images}
-
-
 def search(job: Job, case: Case, dataset, base) -> dict:
     """The case's caption.json: read when a search with these settings finished, else searched and
     written. base(): the loaded base Pipeline."""
@@ -164,10 +159,10 @@ def search(job: Job, case: Case, dataset, base) -> dict:
     from finextract_jax.reproduce import model_path
 
     path = os.path.join(job.workdir, case.name, caption_lib.CAPTION_FILE)
-    want = dict(search_record(job), true=case.caption)
+    want = {"settings": job.search.record(), "images": job.search_images, "true": case.caption}
     if os.path.exists(path):
         record = caption_lib.read_caption(path)
-        detail = changed_settings({k: record.get(k) for k in want}, want)
+        detail = changed_settings(_search_identity(record), _search_identity(want))
         if detail:
             raise InputError(f"{path}: the search finished with other settings ({detail}); rerun with the same "
                              "flags, use a new --workdir, or delete the file to search again")
@@ -178,6 +173,13 @@ def search(job: Job, case: Case, dataset, base) -> dict:
     result = caption_lib.recover_caption(base(), finetuned, images=images, config=job.search)
     caption_lib.write_caption(path, result, dict(want, finetuned=finetuned.path))
     return caption_lib.read_caption(path)
+
+
+def _search_identity(record: dict) -> dict:
+    """What a finished search must share with this one to be reused, named as the binary's flags."""
+    settings = record.get("settings") or {}
+    return dict({("search_num_images" if k == "num_images" else k): v for k, v in settings.items()},
+                search_images=record.get("images"), caption=record.get("true"))
 
 
 def run_case(job: Job, case: Case, splits: dict, base) -> dict:
@@ -210,9 +212,16 @@ def caption_table(job: Job, splits: dict, lengths=LENGTHS, per_length: int = 2) 
     for case in cases:
         rows.append(run_case(job, case, splits, base))
         text = markdown(job, rows).encode()
-        if not os.path.isfile(path) or open(path, "rb").read() != text:  # a rerun that redid nothing changes nothing
+        if _read(path) != text:  # a rerun that redid nothing changes nothing
             atomic_write_bytes(path, text)
     return rows
+
+
+def _read(path: str) -> bytes | None:
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        return f.read()
 
 
 # ---- the table ----------------------------------------------------------------------------------
