@@ -461,7 +461,7 @@ def test_binary_killed_mid_run_resumes_to_identical_export(tmp_path, tiny_dir, t
 
 
 def test_weight_average_follows_diffusers_warm_up():
-    from finextract_jax.finetune.train import averaged_weights, weight_average
+    from finextract_jax.finetune.weight_average import averaged_weights, weight_average
 
     transform = weight_average(0.9)
     params = {"w": jnp.array([1.0, -2.0])}
@@ -478,7 +478,8 @@ def test_weight_average_follows_diffusers_warm_up():
 
 
 def test_export_writes_the_weight_average(tiny_pipe, train_dir, tmp_path):
-    from finextract_jax.finetune.train import TrainState, WeightAverage
+    from finextract_jax.finetune.train import TrainState
+    from finextract_jax.finetune.weight_average import WeightAverage
     from finextract_jax.models.pipeline import load_finetuned
 
     config = FinetuneConfig(**{**DREAMBOOTH.__dict__, "ema_decay": 0.99})

@@ -25,7 +25,7 @@ import logging
 import os
 import shutil
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +42,7 @@ from finextract_jax.finetune import lora as lora_lib
 from finextract_jax.finetune.config import FinetuneConfig
 from finextract_jax.finetune.data import TrainSet
 from finextract_jax.finetune.inputs import check_resolution, encode_latent_moments
+from finextract_jax.finetune.weight_average import averaged_weights, weight_average
 from finextract_jax.models import sdxl
 from finextract_jax.models.pipeline import JNP_DTYPES, Pipeline, vae_posterior
 from finextract_jax.noise_schedule import add_noise, alphas_cumprod_from_config, training_target
@@ -81,37 +82,6 @@ class TrainState:
     step: int
     trainable: Any  # dreambooth: {"unet"[, "text"[, "text_2"]]}; lora: {"unet_lora"[, "text_lora"[, "text_2_lora"]]}
     opt_state: Any
-
-
-class WeightAverage(NamedTuple):
-    """The optimizer state's running average of the weights (checkpointed with it; `export` writes it)."""
-
-    count: Any  # updates averaged so far
-    average: Any  # pytree like the trainable parameters
-
-
-def weight_average(decay: float) -> optax.GradientTransformation:
-    """Last link of the optimizer chain: an exponential moving average of the parameters after each
-    update, with diffusers' EMAModel warm-up (decay_t = min(decay, (1 + t) / (10 + t))) so that the
-    first steps' random weights fade out fast. It passes the updates through unchanged."""
-    def init(params):
-        return WeightAverage(jnp.zeros((), jnp.int32), jax.tree_util.tree_map(lambda p: jnp.array(p, copy=True), params))
-
-    def update(updates, state, params):
-        t = state.count.astype(jnp.float32)
-        decay_t = jnp.minimum(decay, (1.0 + t) / (10.0 + t))
-        average = jax.tree_util.tree_map(lambda a, p, u: decay_t * a + (1.0 - decay_t) * (p + u),
-                                         state.average, params, updates)
-        return updates, WeightAverage(state.count + 1, average)
-
-    return optax.GradientTransformation(init, update)
-
-
-def averaged_weights(opt_state):
-    """The `weight_average` in an optimizer state, or None when the run keeps none."""
-    found = [s for s in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda s: isinstance(s, WeightAverage))
-             if isinstance(s, WeightAverage)]
-    return found[0].average if found else None
 
 
 def _optimizer(spec: _StepSpec) -> optax.GradientTransformation:
