@@ -41,3 +41,16 @@ def test_start_noise_bias_on_a_tiny_model(tiny_dir):
     assert bias["data"] == 1.0 and bias["data_spread"] == 0.0 and bias["timestep"] == 961 and bias["pure_noise_spread"] > 0
     assert bias["sqrt_alpha_bar"] == pytest.approx(np.sqrt(alphas_cumprod_from_config(SCHEDULER_SD1)[961]))
     assert -1.0 <= bias["pure_noise"] <= 1.0 and bias["with_mean_image"] != bias["pure_noise"]
+
+
+def test_captions_sampled_together_equal_one_at_a_time(tiny_dir):
+    """The vmapped chunks draw what one caption's own loop draws (and "" stays unguided)."""
+    from finextract_jax.models.pipeline import load_pipeline
+
+    pipe = load_pipeline(tiny_dir["pixel"])
+    captions = ["a photo of dog", "", "a red car"]
+    together = samples.sample_captions(pipe, captions, per_caption=2, steps=2, chunk=2)
+    for i in (1, 2):
+        alone = samples.sample_captions(pipe, [captions[i]], per_caption=2, steps=2)[0]
+        assert np.abs(together[i].astype(int) - alone.astype(int)).max() <= 1, captions[i]
+    assert not np.array_equal(together[0], together[2]) and not np.array_equal(together[0], together[1])
