@@ -2,7 +2,7 @@
 
     python benchmarks/bench_finetune.py [--size=tiny|cpu|sd1|testbed] [--methods=dreambooth,lora]
         [--dtypes=float32] [--batch=1] [--steps=20] [--torch] [--torch_passive] [--flag_sets=default,ynn]
-        [--rounds=1]
+        [--rounds=1] [--baseline=DIR[,DIR]]
 
 --size=tiny: make_tiny's pipeline (the test models: 8x8x4 latents, 16 px images).
 --size=cpu / sd1: the UNets of bench_sampling.py (18M at 32x32 latents; SD 1.x's 860M at 64x64x4)
@@ -21,6 +21,8 @@ share, the default's spinning thread holds the core its partner needs to reach t
 batch 4, load 5 on 2 vCPUs: 11.7 s / step with the default, 0.37 s passive, 0.30 s on 1 thread).
 --flag_sets: named XLA flag sets (bench_sampling.FLAG_SETS; `default`: the library's, `ynn`: jaxlib's own),
 each running the first method and dtype in its own process (XLA reads its flags once).
+--baseline: other checkouts of the project (e.g. `git archive` of a commit, unpacked), each one more row in its
+own process (its own benchmarks/bench_finetune.py): a change to the library timed against the code before it.
 Every row is timed in --rounds round-robin passes of --steps optimizer steps (best of each), so a shared
 machine's changing load falls on all rows alike. Prints one Markdown row per (method, dtype), flag set
 and PyTorch: compile seconds (the first step), seconds per step and images/s after it, and each PyTorch
@@ -180,11 +182,13 @@ class TorchRow(StepTimer):
 
 class FinetuneChild(FlagSetChild):
     """One row in a child process under its own environment (XLA and libgomp read theirs once, at start):
-    our step (first method and dtype), or with `torch` the PyTorch step. It serves timings by
+    our step (first method and dtype), or with `torch` the PyTorch step; with `tree`, our step as another
+    checkout of the project computes it (its own benchmarks/bench_finetune.py). It serves timings by
     bench_sampling's FlagSetChild protocol: a line in, the seconds of one call out."""
 
-    def __init__(self, args, root: str, env: dict, torch: bool = False):
-        command = [sys.executable, os.path.abspath(__file__), f"--size={args.size}", f"--batch={args.batch}",
+    def __init__(self, args, root: str, env: dict, torch: bool = False, tree: str = ""):
+        script = os.path.join(os.path.abspath(tree), "benchmarks", "bench_finetune.py") if tree else __file__
+        command = [sys.executable, os.path.abspath(script), f"--size={args.size}", f"--batch={args.batch}",
                    f"--steps={args.steps}", f"--methods={args.methods.split(',')[0]}",
                    f"--dtypes={args.dtypes.split(',')[0]}", f"--rank={args.rank}", f"--models_dir={root}", "--serve"]
         self.torch = torch
@@ -226,6 +230,7 @@ def main():
     parser.add_argument("--torch", action="store_true", help="also time the PyTorch eager DreamBooth step")
     parser.add_argument("--torch_passive", action="store_true", help="and again with OMP_WAIT_POLICY=PASSIVE")
     parser.add_argument("--flag_sets", default="", help="named XLA flag sets (FLAG_SETS), each in a child process")
+    parser.add_argument("--baseline", default="", help="other checkouts of the project (DIR[,DIR]): a row each")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved timing passes over all rows")
     parser.add_argument("--models_dir", default="", help=argparse.SUPPRESS)
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
@@ -268,6 +273,8 @@ def main():
     children += [(FinetuneChild(args, root, flag_set_env(name)),
                   f"{method} {dtype} [{name}: {FLAG_SETS[name] or 'no flags'}]")
                  for name in args.flag_sets.split(",") if name]
+    children += [(FinetuneChild(args, root, {}, tree=tree), f"{method} {dtype} [{tree}]")
+                 for tree in args.baseline.split(",") if tree]
     for child, name in children:
         if not child.ready:
             print(f"  {name}: failed to start", flush=True)

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from finextract_jax.errors import InputError
+from finextract_jax.models.fast_backward import Conv, GroupNorm, add_bias
 
 Dtype = Any
 
@@ -47,7 +48,7 @@ class LoraDense(nn.Module):
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
         y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros_init(), (self.features,)).astype(self.dtype)
+            y = add_bias(y, self.param("bias", nn.initializers.zeros_init(), (self.features,)).astype(self.dtype))
         if self.has_variable("lora", "down"):
             down = self.get_variable("lora", "down").astype(self.dtype)
             up = self.get_variable("lora", "up").astype(self.dtype)
@@ -214,11 +215,11 @@ class Transformer2D(nn.Module):
         inner = self.heads * self.dim_head
         residual = x
         # PyTorch's Transformer2DModel uses eps 1e-6 here (diffusers' Flax port uses 1e-5).
-        x = nn.GroupNorm(num_groups=self.norm_num_groups, epsilon=1e-6, dtype=self.dtype, name="norm")(x)
+        x = GroupNorm(self.norm_num_groups, 1e-6, self.dtype, name="norm")(x)
         if self.use_linear_projection:
             x = LoraDense(inner, dtype=self.dtype, name="proj_in")(x.reshape(batch, height * width, channels), gate)
         else:
-            x = nn.Conv(inner, (1, 1), padding="VALID", dtype=self.dtype, name="proj_in")(x)
+            x = Conv(inner, (1, 1), padding="VALID", dtype=self.dtype, name="proj_in")(x)
             x = x.reshape(batch, height * width, inner)
         for i in range(self.depth):
             x = BasicTransformerBlock(
@@ -228,7 +229,7 @@ class Transformer2D(nn.Module):
         if self.use_linear_projection:
             x = LoraDense(inner, dtype=self.dtype, name="proj_out")(x, gate).reshape(batch, height, width, inner)
         else:
-            x = nn.Conv(inner, (1, 1), padding="VALID", dtype=self.dtype, name="proj_out")(
+            x = Conv(inner, (1, 1), padding="VALID", dtype=self.dtype, name="proj_out")(
                 x.reshape(batch, height, width, inner))
         return x + residual
 
@@ -241,15 +242,16 @@ class ResnetBlock2D(nn.Module):
 
     @nn.compact
     def __call__(self, x, temb):
-        conv3 = lambda name: nn.Conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name=name)
+        conv3 = lambda name: Conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name=name)
         residual = x
-        h = nn.silu(nn.GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, name="norm1")(x))
+        h = GroupNorm(self.groups, self.eps, self.dtype, silu=True, name="norm1")(x)
         h = conv3("conv1")(h)
-        h = h + nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))[:, None, None, :]
-        h = nn.silu(nn.GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, name="norm2")(h))
+        time_emb = nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
+        h = add_bias(h, time_emb[:, None, None, :])
+        h = GroupNorm(self.groups, self.eps, self.dtype, silu=True, name="norm2")(h)
         h = conv3("conv2")(h)
         if x.shape[-1] != self.out_channels:
-            residual = nn.Conv(self.out_channels, (1, 1), padding="VALID", dtype=self.dtype, name="conv_shortcut")(x)
+            residual = Conv(self.out_channels, (1, 1), padding="VALID", dtype=self.dtype, name="conv_shortcut")(x)
         return h + residual
 
 
@@ -259,7 +261,7 @@ class Downsample2D(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        return nn.Conv(self.out_channels, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=self.dtype,
+        return Conv(self.out_channels, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=self.dtype,
                        name="conv")(x)
 
 
@@ -271,7 +273,7 @@ class Upsample2D(nn.Module):
     def __call__(self, x):
         b, h, w, c = x.shape
         x = jax.image.resize(x, (b, h * 2, w * 2, c), method="nearest")
-        return nn.Conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name="conv")(x)
+        return Conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name="conv")(x)
 
 
 def sinusoidal_embedding(timesteps, dim: int, flip_sin_to_cos: bool, freq_shift: float, max_period: float = 10000.0):
@@ -449,7 +451,7 @@ class UNet2DConditionModel(nn.Module):
             temb = temb + _TimestepEmbedding(channels[0] * 4, dtype=self.dtype, name="add_embedding")(add_embeds)
 
         x = jnp.transpose(sample, (0, 2, 3, 1)).astype(self.dtype)
-        x = nn.Conv(channels[0], (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name="conv_in")(x)
+        x = Conv(channels[0], (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name="conv_in")(x)
         skips = [x]
         for level, block_type in enumerate(self.down_block_types):
             x, block_skips = DownBlock(
@@ -473,9 +475,8 @@ class UNet2DConditionModel(nn.Module):
                 self.use_linear_projection, cross_only[source], **common, name=f"up_blocks_{level}",
             )(x, block_skips, temb, context, lora_gate)
 
-        x = nn.silu(nn.GroupNorm(self.norm_num_groups, epsilon=self.norm_eps, dtype=self.dtype,
-                                 name="conv_norm_out")(x))
-        x = nn.Conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name="conv_out")(x)
+        x = GroupNorm(self.norm_num_groups, self.norm_eps, self.dtype, silu=True, name="conv_norm_out")(x)
+        x = Conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name="conv_out")(x)
         return jnp.transpose(x, (0, 3, 1, 2))
 
 
