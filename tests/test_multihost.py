@@ -1,5 +1,8 @@
 """Two processes on localhost (JAX CPU collectives) produce the same images as one process,
-and a rerun after one process died completes only what is missing."""
+and a rerun after one process died completes only what is missing.
+
+The one-process reference is the library call the binary makes, run in this process (same
+environment): an interpreter start and a pipeline load fewer than a third binary run."""
 import os
 import socket
 import subprocess
@@ -14,11 +17,13 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _settings(tiny_dir, tiny_finetuned, batch_size):
+    return dict(pretrained=tiny_dir["sd1"], finetuned=tiny_finetuned["lora"], prompt="a photo of sks dog",
+                num_images=6, batch_size=batch_size, steps=3, seed=11, guidance_scale=5.0, correction=0.0)
+
+
 def _cmd(tiny_dir, tiny_finetuned, workdir, batch_size, **extra):
-    flags = dict(pretrained=tiny_dir["sd1"], finetuned=tiny_finetuned["lora"], workdir=workdir,
-                 prompt="a photo of sks dog", num_images=6, batch_size=batch_size, steps=3, seed=11,
-                 guidance_scale=5.0, correction=0.0)
-    flags.update(extra)
+    flags = dict(_settings(tiny_dir, tiny_finetuned, batch_size), workdir=workdir, **extra)
     return [sys.executable, "-m", "experiments.extract"] + [f"--{k}={v}" for k, v in flags.items()]
 
 
@@ -39,9 +44,10 @@ def _images(workdir):
 
 
 def test_two_processes_equal_one_and_resume(tiny_dir, tiny_finetuned, tmp_path):
+    from finextract_jax.sampling.run import ExtractConfig, extract
+
     single = str(tmp_path / "single")
-    subprocess.run(_cmd(tiny_dir, tiny_finetuned, single, 2), check=True, cwd=ROOT, capture_output=True,
-                   env=dict(os.environ, FINEXTRACT_CACHE=""))
+    extract(ExtractConfig(**_settings(tiny_dir, tiny_finetuned, 2)), single, progress=False)
     multi = str(tmp_path / "multi")
     _run_two(tiny_dir, tiny_finetuned, multi)
     import json
