@@ -1,7 +1,7 @@
 """Guided-sampling throughput: our fusion strategies vs the reference PyTorch loop, in one run.
 
     python benchmarks/bench_sampling.py [--size=cpu|sd1] [--batch=4[,8,...]] [--steps=5] [--dtype=float32]
-        [--torch] [--mfu] [--variants=two_applies,...] [--flag_sets=default,...] [--profile=DIR]
+        [--torch] [--mfu] [--variants=two_applies,...] [--flag_sets=default,...] [--baseline=DIR] [--profile=DIR]
 
 --size=tiny: a small UNet at 8x8 latents, for dry runs of every code path.
 --size=cpu: an 18M-parameter SD-like UNet at 32x32 latents (the UNet dominates the step).
@@ -18,6 +18,8 @@ attention implementation after a colon (`two_applies:fused`, `two_applies:chunke
 its own process (XLA reads its flags once) for the first variant. XLA_FLAGS from the environment applies to every row.
 Every row, the PyTorch loop's and the flag sets' included, is timed in --rounds round-robin passes (best
 of each), so a shared machine's changing load falls on all rows alike.
+--baseline=DIR[,DIR]: other checkouts of the project (e.g. `git archive` of a commit, unpacked), each one more
+row in its own process (the first variant, as that checkout computes it): a change timed against the code before it.
 --profile=DIR: a jax.profiler trace of the first variant's compiled sampler (and with --torch a PyTorch
 profile of the reference loop), reduced to op-category and top-op tables (benchmarks/profiling.py).
 Prints one Markdown row per (batch, variant): ms per guided step (two UNet evaluations), images/s for a
@@ -174,11 +176,13 @@ def flag_set_env(name: str) -> dict:
 
 class FlagSetChild:
     """Our first variant compiled under one named XLA flag set, in a child process (XLA reads its flags
-    once per process) that times one sampler call each time it is asked, so it joins the interleaved rounds."""
+    once per process) that times one sampler call each time it is asked, so it joins the interleaved rounds;
+    with `tree`, as another checkout of the project (its own benchmarks/bench_sampling.py) computes it."""
 
-    def __init__(self, args, models_root, name, batch):
+    def __init__(self, args, models_root, name, batch, tree=""):
         env = dict(os.environ, **flag_set_env(name))
-        command = [sys.executable, os.path.abspath(__file__), f"--size={args.size}", f"--batch={batch}",
+        script = os.path.join(os.path.abspath(tree), "benchmarks", "bench_sampling.py") if tree else __file__
+        command = [sys.executable, os.path.abspath(script), f"--size={args.size}", f"--batch={batch}",
                    f"--steps={args.steps}", f"--dtype={args.dtype}", f"--variants={args.variants.split(',')[0]}",
                    f"--models_dir={models_root}", "--serve"]
         self.process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -309,6 +313,7 @@ def main():
     parser.add_argument("--mfu", action="store_true")
     parser.add_argument("--variants", default="two_applies,vmap,lora_batch,lora_merged,two_applies:fused")
     parser.add_argument("--flag_sets", default="", help="named XLA flag sets (FLAG_SETS), each in a child process")
+    parser.add_argument("--baseline", default="", help="other checkouts of the project (DIR[,DIR]): a row each")
     parser.add_argument("--profile", default="", help="folder for a trace of the first variant (and torch)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing passes over all rows")
     parser.add_argument("--models_dir", default="", help=argparse.SUPPRESS)
@@ -344,13 +349,16 @@ def main():
             names.append((batch, variant))
             timers.append(timed(lambda c=compiled, a=call_args: jax.block_until_ready(c(*a))))
             profiled = profiled or (batch, variant, compiled, call_args, args.torch and loop)
-        for name in [n for n in args.flag_sets.split(",") if n]:
-            child = FlagSetChild(args, models_root, name, batch)
+        rows = [(name, "", f"{name}: {FLAG_SETS.get(name) or 'no flags'}")
+                for name in args.flag_sets.split(",") if name]
+        rows += [("default", tree, tree) for tree in args.baseline.split(",") if tree]
+        for name, tree, title in rows:
+            child = FlagSetChild(args, models_root, name, batch, tree)
             if not child.ready:
-                print(f"  batch {batch} flag set {name}: failed to compile", flush=True)
+                print(f"  batch {batch} {title}: failed to compile", flush=True)
                 continue
             children.append(child)
-            names.append((batch, f"{args.variants.split(',')[0]} [{name}: {FLAG_SETS[name] or 'no flags'}]"))
+            names.append((batch, f"{args.variants.split(',')[0]} [{title}]"))
             timers.append(child)
         print(f"  batch {batch}: {len(timers)} rows compiled", flush=True)
     report = lambda r, best: print(f"  round {r + 1}: " + "; ".join(
