@@ -11,7 +11,7 @@ import numpy as np
 from finextract_jax.demo.data import PRIVATE, PRIVATE_CAPTION, write_private_set
 from finextract_jax.demo.report import matches_grid, samples_grid
 from finextract_jax.errors import InputError
-from finextract_jax.fileio import atomic_write_bytes, atomic_write_json, atomic_write_png
+from finextract_jax.fileio import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_png
 
 BASE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "base")
 METRICS_KEYS = ("finetune", "method", "AS", "A_ESR", "num_guesses", "num_extracted")
@@ -56,10 +56,8 @@ def install_base(out: str, source: str | None = None) -> str:
     if not os.path.exists(os.path.join(source, "model_index.json")):
         raise InputError(f"the embedded demo base model is missing ({source}); rebuild it with "
                          "`python -m experiments.demo_base`")
-    staging = out + ".staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(source, staging)
-    os.replace(staging, out)
+    with atomic_dir(out, "--workdir", marker=False) as staging:  # a unique staging folder, removed on failure
+        shutil.copytree(source, staging, dirs_exist_ok=True)
     return out
 
 
@@ -83,9 +81,8 @@ def run_demo(workdir: str, s: DemoSettings = DemoSettings(), progress: bool = Tr
     install_base(os.path.join(workdir, "base"))
     private = os.path.join(workdir, DATASET)
     if not os.path.exists(os.path.join(private, "metadata.csv")):
-        write_private_set(private + ".staging", RESOLUTION)
-        shutil.rmtree(private, ignore_errors=True)
-        os.replace(private + ".staging", private)
+        with atomic_dir(private, "--workdir", marker=False) as staging:  # refuses a folder it did not write
+            write_private_set(staging, RESOLUTION)
     setup_s = time.perf_counter() - start
     settings = reproduce_settings(workdir, s)
     rows = reproduce(settings)
