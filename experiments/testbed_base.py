@@ -8,8 +8,9 @@ random initial pipeline in WORKDIR/init, trains UNet and text encoder together w
 dropout, checkpoints (orbax) into WORKDIR/checkpoints every --checkpoint_every steps, exports a
 loadable snapshot to WORKDIR/snapshot every --export_every steps (look at it with
 `python -m experiments.testbed_samples --model=WORKDIR/snapshot`), and the final model to --out
-(default WORKDIR/base); both hold the running average of the weights (--ema_decay). Rerun the same command to continue after an interruption, on any
-number of devices; raise --steps to train further.
+(default WORKDIR/base); both hold the running average of the weights (--ema_decay). Rerun the
+same command to continue after an interruption, on any number of devices; raise --steps to train
+further.
 """
 import os
 
@@ -45,8 +46,7 @@ def train(workdir: str, data_file: str | None, out: str, steps: int, batch_size:
     if not os.path.isdir(init):
         base.make_init(init, words, seed)
     config = FinetuneConfig(method="dreambooth", steps=steps, learning_rate=learning_rate, batch_size=batch_size,
-                            train_text_encoder=True, seed=seed, weight_decay=0.0,
-                            ema_decay=ema_decay)
+                            train_text_encoder=True, seed=seed, weight_decay=0.0, ema_decay=ema_decay)
     trainer = base.DropoutTrainer(load_pipeline(init), base.dropout_train_set(images, captions, keys), config,
                                   caption_dropout=caption_dropout)
     logging.info("training the testbed base on %d images (%d distinct captions) for %d steps at batch %d",

@@ -89,8 +89,7 @@ def _normalise(x, scale, bias, groups, epsilon):
 def group_norm(x, scale, bias, groups: int, epsilon: float, silu: bool, dtype):
     """GroupNorm of x [B, H, W, C] with per-channel scale and bias (float32), output in `dtype`,
     then SiLU when `silu` (applied in `dtype`, as nn.silu after nn.GroupNorm)."""
-    y = _normalise(x, scale, bias, groups, epsilon)[0].astype(dtype)
-    return jax.nn.silu(y) if silu else y
+    return _group_norm_fwd(x, scale, bias, groups, epsilon, silu, dtype)[0]
 
 
 def _group_norm_fwd(x, scale, bias, groups, epsilon, silu, dtype):
@@ -106,8 +105,9 @@ def _group_norm_bwd(groups, epsilon, silu, dtype, residuals, grad):
     x_hat = (x.astype(jnp.float32) - _per_channel(mean, channels)) * rstd_c
     grad_y = grad.astype(jnp.float32)
     if silu:
-        gate = jax.nn.sigmoid(x_hat * scale + bias)
-        grad_y = grad_y * gate * (1.0 + (x_hat * scale + bias) * (1.0 - gate))
+        pre = x_hat * scale + bias
+        gate = jax.nn.sigmoid(pre)
+        grad_y = grad_y * gate * (1.0 + pre * (1.0 - gate))
     sum_grad = channel_sums(grad_y, keep_batch=True)  # [B, C]
     sum_grad_x_hat = channel_sums(grad_y * x_hat, keep_batch=True)
     count = x[0].size // groups  # elements per (batch, group)
