@@ -1,7 +1,7 @@
 """Train the testbed's base model on emoji art (finextract_jax/testbed/), resumably.
 
     python -m experiments.testbed_base --workdir=testbed_work [--steps=20000] [--batch_size=32]
-        [--ema_decay=0.999] [--out=DIR] [--checkpoint_every=100] [--export_every=250]
+        [--ema_decay=0.999] [--out=DIR] [--checkpoint_every=100] [--export_every=250] [--init=DIR]
 
 Installs the emoji packages with npm on first use (finextract_jax/testbed/data.py), builds the
 random initial pipeline in WORKDIR/init, trains UNet and text encoder together with 10% caption
@@ -10,7 +10,10 @@ loadable snapshot to WORKDIR/snapshot every --export_every steps (look at it wit
 `python -m experiments.testbed_samples --model=WORKDIR/snapshot`), and the final model to --out
 (default WORKDIR/base); both hold the running average of the weights (--ema_decay). Rerun the
 same command to continue after an interruption, on any number of devices; raise --steps to train
-further.
+further. --init starts from a trained pipeline instead (a committed base, or a snapshot of a run whose
+checkpoints are gone): a new run in a new --workdir, with fresh optimizer moments and a weight average
+that starts at --init's weights; pass another --seed so that it does not replay the first run's data
+order and noise.
 """
 import os
 
@@ -21,6 +24,8 @@ from experiments import _app
 flags.DEFINE_string("workdir", "testbed_work", "Folder for the initial model, checkpoints and snapshots.")
 flags.DEFINE_string("data", None, "The testbed's images as .npz: read when it exists, else built from the npm "
                     "packages and written there (carry it to a machine without npm); default: npm, not saved.")
+flags.DEFINE_string("init", None, "Pipeline to start from (SD layout, the testbed's architecture); default: "
+                    "WORKDIR/init, random weights built on first use.")
 flags.DEFINE_string("out", None, "Where to export the trained base (SD layout); default WORKDIR/base.")
 flags.DEFINE_integer("steps", 20000, "Total optimizer steps.")
 flags.DEFINE_integer("batch_size", 32, "Images per step.")
@@ -34,7 +39,7 @@ flags.DEFINE_integer("seed", 0, "Seed of the initial weights, data order, noise 
 FLAGS = flags.FLAGS
 
 
-def train(workdir: str, data_file: str | None, out: str, steps: int, batch_size: int, learning_rate: float,
+def train(workdir: str, data_file: str | None, init: str | None, out: str, steps: int, batch_size: int, learning_rate: float,
           ema_decay: float, caption_dropout: float, checkpoint_every: int, export_every: int, seed: int) -> str:
     from finextract_jax.finetune.train import FinetuneConfig
     from finextract_jax.models.pipeline import load_pipeline
@@ -42,9 +47,10 @@ def train(workdir: str, data_file: str | None, out: str, steps: int, batch_size:
 
     splits, words = data.load_splits(data_file)
     images, captions, keys = splits["train"]
-    init = os.path.join(workdir, "init")
-    if not os.path.isdir(init):
-        base.make_init(init, words, seed)
+    if init is None:
+        init = os.path.join(workdir, "init")
+        if not os.path.isdir(init):
+            base.make_init(init, words, seed)
     config = FinetuneConfig(method="dreambooth", steps=steps, learning_rate=learning_rate, batch_size=batch_size,
                             train_text_encoder=True, seed=seed, weight_decay=0.0, ema_decay=ema_decay)
     trainer = base.DropoutTrainer(load_pipeline(init), base.dropout_train_set(images, captions, keys), config,
@@ -63,7 +69,7 @@ def train(workdir: str, data_file: str | None, out: str, steps: int, batch_size:
 
 
 def main(_):
-    out = train(FLAGS.workdir, FLAGS.data, FLAGS.out or os.path.join(FLAGS.workdir, "base"), FLAGS.steps,
+    out = train(FLAGS.workdir, FLAGS.data, FLAGS.init, FLAGS.out or os.path.join(FLAGS.workdir, "base"), FLAGS.steps,
                 FLAGS.batch_size, FLAGS.learning_rate, FLAGS.ema_decay, FLAGS.caption_dropout, FLAGS.checkpoint_every,
                 FLAGS.export_every, FLAGS.seed)
     logging.info("wrote the testbed base model to %s", out)

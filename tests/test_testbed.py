@@ -98,6 +98,31 @@ def test_caption_dropout_sampler(tiny_pipe):
         DropoutTrainer(tiny_pipe("pixel"), train_set, config, caption_dropout=1.0)
 
 
+def test_base_training_continues_from_a_trained_pipeline(fake_root, tiny_dir, tmp_path):
+    """--init: a new run starts from given weights (a committed base or an orphaned snapshot), builds
+    no random init, exports a loadable model, and records the pipeline it started from."""
+    from experiments.testbed_base import train
+    from finextract_jax.models.pipeline import load_pipeline
+
+    npz = str(tmp_path / "data.npz")
+    data.load_splits(npz, root=fake_root)
+    workdir = str(tmp_path / "work")
+    out = train(workdir, npz, tiny_dir["pixel"], str(tmp_path / "base"), steps=2, batch_size=2, learning_rate=1e-3,
+                ema_decay=0.9, caption_dropout=0.1, checkpoint_every=1, export_every=0, seed=1)
+    assert not os.path.exists(os.path.join(workdir, "init"))
+    with open(os.path.join(workdir, "checkpoints", "run.json")) as f:
+        assert json.load(f)["pretrained"] == os.path.abspath(tiny_dir["pixel"])
+    start, trained = load_pipeline(tiny_dir["pixel"]), load_pipeline(out)
+    moved = [not np.allclose(a, b) for a, b in zip(jax_leaves(start.unet.params), jax_leaves(trained.unet.params))]
+    assert any(moved)
+
+
+def jax_leaves(tree):
+    import jax
+
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
 def test_curve_points_seeds_and_sweep_parse():
     from finextract_jax.errors import InputError
     from finextract_jax.testbed import curve
