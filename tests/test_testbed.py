@@ -301,3 +301,20 @@ def test_curve_binary_bad_input_is_one_line_exit_2(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --points: augment 'blur'"), result.stderr
     assert not (tmp_path / "work").exists()
+
+
+def test_committed_twemoji_images_round_trip(fake_root, tmp_path):
+    """write_committed writes Twemoji's cat faces and training images with their own captions, and
+    read_committed gives back exactly those pixels; the repository's copy is the real recipe's."""
+    splits = data.split_sets(data.all_emoji(fake_root))
+    data.write_committed(str(tmp_path), splits)
+    for name, split in (("cat_faces", "private"), ("probe", "train")):
+        images, captions, keys = data.read_committed(name, str(tmp_path))
+        assert keys and all(k.startswith("twemoji_") for k in keys)
+        source = dict(zip(splits[split][2], zip(splits[split][0], splits[split][1])))
+        for image, caption, key in zip(images, captions, keys):
+            assert np.array_equal(source[key][0], image) and source[key][1] == caption
+    assert "CC BY 4.0" in open(tmp_path / "ATTRIBUTION.md").read()
+    cats = data.read_committed("cat_faces")
+    assert len(cats[2]) == 9 and all("cat face" in c for c in cats[1]) and cats[0].shape == (9, 32, 32, 3)
+    assert len(data.read_committed("probe")[2]) == data.COMMITTED_PROBE_COUNT

@@ -316,3 +316,57 @@ def write_private_style_set(folder: str, style: tuple) -> list:
     images, _, keys = style
     write_folder(folder, dict(zip(keys, images)), {k: PRIVATE_STYLE_CAPTION for k in keys})
     return [f"{k}.png" for k in keys]
+
+
+# ---- the few Twemoji images the repository carries (CC BY 4.0 allows it, with attribution) -------
+
+COMMITTED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "twemoji")
+COMMITTED_PROBE_COUNT = 16
+COMMITTED_ATTRIBUTION = """# Twemoji images carried by this repository
+
+Graphics by Twitter, Inc. and other contributors (Twemoji), from the npm package
+emoji-datasource-twitter 16.0.0 (`img/twitter/64/`), licensed under CC BY 4.0
+(https://creativecommons.org/licenses/by/4.0/). Changed: composited on white and box-downsampled
+to 32 px (finextract_jax/testbed/data.py, `render`). Names from emoji-datasource's `emoji.json`
+(MIT, Cal Henderson).
+
+- `cat_faces/`: the nine cat faces, the testbed's object-driven private set (never in base training);
+  metadata.csv gives each image's own name.
+- `probe/`: sixteen images of the base's train split, evenly spaced through it, with their
+  training captions: what tests check the committed base against.
+
+Written by `finextract_jax.testbed.data.write_committed(folder, load_splits(...)[0])`.
+"""
+
+
+def _twemoji_rows(split: tuple) -> tuple:
+    images, captions, keys = split
+    keep = [i for i, k in enumerate(keys) if k.startswith(PRIVATE_OBJECT_VENDOR + "_")]
+    return images[keep], [captions[i] for i in keep], [keys[i] for i in keep]
+
+
+def write_committed(folder: str, splits: dict) -> None:
+    """The images the repository carries (COMMITTED_ATTRIBUTION says which and why), as fine-tuning
+    folders (PNG + metadata.csv with each image's own caption)."""
+    from finextract_jax.demo.data import write_folder
+
+    for name, split, count in (("cat_faces", splits["private"], None),
+                               ("probe", splits["train"], COMMITTED_PROBE_COUNT)):
+        images, captions, keys = _twemoji_rows(split)
+        chosen = range(len(keys)) if count is None else np.linspace(0, len(keys) - 1, count).astype(int)
+        write_folder(os.path.join(folder, name), {keys[i]: images[i] for i in chosen},
+                     {keys[i]: captions[i] for i in chosen})
+    with open(os.path.join(folder, "ATTRIBUTION.md"), "w") as f:
+        f.write(COMMITTED_ATTRIBUTION)
+
+
+def read_committed(name: str, folder: str = COMMITTED_DIR) -> tuple:
+    """(uint8 images [N, 32, 32, 3], captions, keys) of a committed folder ('cat_faces' or 'probe')."""
+    from finextract_jax.finetune.data import read_metadata
+    from finextract_jax.imageio import load_rgb, to_uint8_array
+
+    path = os.path.join(folder, name)
+    captions = read_metadata(path)
+    names = sorted(captions)
+    images = np.stack([to_uint8_array(load_rgb(os.path.join(path, n))) for n in names])
+    return images, [captions[n] for n in names], [os.path.splitext(n)[0] for n in names]
