@@ -42,7 +42,9 @@ setup(
     packages=find_packages(include=["finextract_jax", "finextract_jax.*", "experiments", "experiments.*"]),
     # The demo's base model (experiments/demo_base.py writes it) travels with the package.
     package_data={"finextract_jax.demo": ["base/*.json", "base/*/*.json", "base/*/*.safetensors", "base/*/*.txt"],
-                  "finextract_jax.testbed": ["twemoji/*.md", "twemoji/*/*.png", "twemoji/*/*.csv"]},
+                  "finextract_jax.testbed": ["twemoji/*.md", "twemoji/*/*.png", "twemoji/*/*.csv", "base_model/*.json",
+                                             "base_model/*.md", "base_model/*/*.json", "base_model/*/*.safetensors",
+                                             "base_model/*/*.txt"]},
     install_requires=CORE,
     extras_require={"torch": TORCH, "sscd_onnx": SSCD_ONNX, "testbed": TESTBED, "test": TEST},
 )

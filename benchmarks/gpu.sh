@@ -13,8 +13,9 @@
 #   PyTorch, batch SDXL_BATCH (4); building and loading its 10 GB of weights and compiling it take minutes, so
 #   give it most of the run:
 #   SDXL_S=420 SAMPLING_S=0 TESTBED_S=0 bash benchmarks/gpu.sh
-# Issue 12 in two runs: train the testbed base (`SAMPLING_S=0 bash benchmarks/gpu.sh`), commit it to
-# testbed_work/base, then its curve (`SAMPLING_S=0 TESTBED_S=0 CURVE_S=430 bash benchmarks/gpu.sh`). The curve
+# Issue 12 in two runs: train the testbed base (`SAMPLING_S=0 bash benchmarks/gpu.sh`; TESTBED_INIT=DIR
+# continues from a trained pipeline, e.g. the committed finextract_jax/testbed/base_model), commit it
+# there, then its curve (`SAMPLING_S=0 TESTBED_S=0 CURVE_S=430 bash benchmarks/gpu.sh`). The curve
 # clusters with numba: add numba and llvmlite wheels for the machine's Python (3.12) to .whl if its image lacks
 # them (`pip download --only-binary=:all: --python-version 3.12 "numba>=0.61,<0.70" -d .whl`, as setup.py pins it).
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
@@ -51,25 +52,27 @@ fi
 # The testbed base (finextract_jax/testbed/, README "The testbed"): trained from scratch, 20,000 steps of 32
 # images, in at most TESTBED_S seconds (default: what is left; run with SAMPLING_S=0 to give it the whole
 # budget). This machine has no npm: carry testbed_work/testbed_data.npz
-# (written by `python -m experiments.testbed_base --data=testbed_work/testbed_data.npz`). The last snapshot
+# (written by `python -m experiments.testbed_base --data=testbed_work/testbed_data.npz`). TESTBED_INIT=DIR
+# starts from that pipeline's weights instead of random ones (seed 1, fresh optimizer). The last snapshot
 # and its probe grid come back in $OUT/testbed_base and $OUT/testbed_probe.png, also when the time runs out.
 S=$(budget ${TESTBED_S:-$TOTAL_S})
 if [ -f testbed_work/testbed_data.npz ] && [ "$S" -gt 120 ]; then
     timeout $((S - 120)) python3 -m experiments.testbed_base --workdir=/tmp/testbed \
         --data=testbed_work/testbed_data.npz --out=$OUT/testbed_base --export_every=2500 --checkpoint_every=2500 \
+        $([ -n "${TESTBED_INIT:-}" ] && echo --init=$TESTBED_INIT --seed=1) \
         2>&1 | grep -v Warning | grep -v "^W" | tail -n 60 | tee $OUT/testbed.txt
     [ -d $OUT/testbed_base ] || cp -r /tmp/testbed/snapshot $OUT/testbed_base
     timeout 110 python3 -m experiments.testbed_samples --model=$OUT/testbed_base --data=testbed_work/testbed_data.npz \
         --out=$OUT/testbed_probe.png 2>&1 | grep -E "eps-MSE|retrieval|wrote" | tee $OUT/testbed_probe.txt
 fi
 # The fine-tuning-strength curve (issue 12; README "The testbed") on a trained base: CURVE_BASE (default: the
-# base this run just trained, else testbed_work/base, carried), for CURVE_S seconds (0: skip). Carry
+# base this run just trained, else the committed finextract_jax/testbed/base_model), for CURVE_S seconds (0: skip). Carry
 # testbed_work/testbed_data.npz and testbed_work/style_data.npz (built where npm works:
 # `python -m experiments.testbed_curve ... --style_data=testbed_work/style_data.npz`). Runs go seed by seed
 # and the tables are rewritten after each, so a run cut short returns whole curves for its first seeds;
 # CURVE_FLAGS adds testbed_curve flags (e.g. --seeds=0 --sets=object). Results in $OUT/curve/.
 S=$(budget ${CURVE_S:-0})
-base=${CURVE_BASE:-$([ -d $OUT/testbed_base ] && echo $OUT/testbed_base || echo testbed_work/base)}
+base=${CURVE_BASE:-$([ -d $OUT/testbed_base ] && echo $OUT/testbed_base || echo finextract_jax/testbed/base_model)}
 if [ "$S" -gt 60 ] && [ -d "$base" ]; then
     timeout $((S - 10)) python3 -m experiments.testbed_curve --pretrained=$base --workdir=/tmp/curve \
         --data=testbed_work/testbed_data.npz --style_data=testbed_work/style_data.npz ${CURVE_FLAGS:-} \

