@@ -22,6 +22,7 @@ twice, captioned and with "", and the sampler picks the row.
 from __future__ import annotations
 
 import functools
+import os
 
 import numpy as np
 
@@ -37,6 +38,8 @@ TESTBED_UNET = dict(sample_size=32, in_channels=3, out_channels=3, block_out_cha
                     down_block_types=["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"],
                     up_block_types=["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"])
 TESTBED_TEXT = dict(num_hidden_layers=3, num_attention_heads=4, intermediate_size=256)
+# The trained base the repository carries (SD layout; CARD.md there: how far it was trained and how it did).
+COMMITTED_BASE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "base_model")
 
 
 def make_init(out: str, words, seed: int = 0) -> str:
