@@ -179,6 +179,9 @@ def test_curve_aggregates_seeds_and_plots():
     image = np.asarray(curve.plot(summary + curve.aggregate(lora, curve.POINT_KEYS), "t"))
     assert image.shape == (340, 840, 3)  # one panel per (set, fine-tune)
     assert (np.abs(image.astype(int) - curve.COLORS["finextract"]).sum(-1) == 0).sum() > 50  # its line is drawn
+    negative = np.asarray(curve.plot(curve.aggregate([dict(r, AS=r["AS"] - 1.2) for r in rows], curve.POINT_KEYS), "t"))
+    drawn = np.nonzero((np.abs(negative.astype(int) - curve.COLORS["finextract"]).sum(-1) == 0).any(axis=1))[0]
+    assert drawn.size and drawn.max() <= 300 - 30  # AS below 0 stays inside the panel, above the axis labels
 
 
 def test_sweep_reuses_the_points_finetune(tiny_dir, tmp_path):

@@ -246,12 +246,13 @@ def markdown(summary: list, keys: tuple, header: str) -> str:
 
 
 def plot(summary: list, title: str, width: int = 420, height: int = 300):
-    """PIL image, one panel per (set, fine-tune): mean AS against fine-tuning strength (steps x lr,
-    log x) per method, a min-max bar over seeds at each point; a defence's points hollow, joined
-    by their own line."""
+    """PIL image, one panel per (set, fine-tune): mean AS (y from 0, or from the lowest AS rounded
+    down to a half) against fine-tuning strength (steps x lr, log x) per method, a min-max bar over
+    seeds at each point; a defence's points hollow, joined by their own line."""
     from PIL import Image, ImageDraw, ImageFont
 
     panels = list(dict.fromkeys((r["set"], r["finetune"]) for r in summary))
+    floor = min(0.0, math.floor(2 * min(r["AS_min"] for r in summary)) / 2)  # AS is a cosine: it can be < 0
     canvas = Image.new("RGB", (width * len(panels), height + 40), "white")
     draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
     draw.text((8, 4), title, fill="black", font=font)
@@ -264,10 +265,10 @@ def plot(summary: list, title: str, width: int = 420, height: int = 300):
         lo, hi = (lo, hi) if hi > lo else (lo - 0.5, lo + 0.5)
         x_at = lambda strength: ox + left + 10 + (math.log(strength) - lo) / (hi - lo) * (width - left - 40)
         x_of = lambda r: x_at(r["finetune_steps"] * r["learning_rate"])
-        y_of = lambda a: bottom - a * (bottom - top)
+        y_of = lambda a: bottom - (a - floor) / (1.0 - floor) * (bottom - top)
         draw.rectangle([ox + left, top, ox + width - 20, bottom], outline="black")
         draw.text((ox + left, top - 14), f"{set_name}: {finetune}", fill="black", font=font)
-        for a in (0.0, 0.5, 1.0):
+        for a in sorted({floor, 0.0, 0.5, 1.0}):
             draw.text((ox + 8, y_of(a) - 6), f"{a:.1f}", fill="black", font=font)
         for x in xs:
             draw.text((x_at(x) - 10, bottom + 4), f"{x:.2g}", fill="black", font=font)
