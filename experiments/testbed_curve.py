@@ -60,8 +60,9 @@ def write_csv(path: str, rows: list, columns: tuple) -> None:
     atomic_write_bytes(path, out.getvalue().encode())
 
 
-def write_outputs(workdir: str, rows: list, sweep_rows: list) -> None:
-    """The tables and the plot of everything run so far (rewritten after each run)."""
+def write_outputs(workdir: str, rows: list, sweep_rows: list, floors: dict) -> None:
+    """The tables and the plot of everything run so far (rewritten after each run); floors: {set: (AS,
+    A-ESR)} of the base's nearest training images (curve.copy_floor)."""
     import numpy as np
 
     from finextract_jax.fileio import atomic_write_bytes, atomic_write_png
@@ -73,10 +74,14 @@ def write_outputs(workdir: str, rows: list, sweep_rows: list) -> None:
     if rows:
         summary = curve.aggregate(rows, curve.POINT_KEYS)
         write_csv(os.path.join(workdir, "curve.csv"), rows, COLUMNS)
+        floor_text = "".join(f"\nFloor, {name}: the base's own nearest training images (no fine-tune, no sampling) score "
+                             f"AS {a:.3f}, A-ESR {e:.2f}.\n" for name, (a, e) in floors.items())
         atomic_write_bytes(os.path.join(workdir, "curve.md"),
-                           curve.markdown(summary, curve.POINT_KEYS, f"AS and A-ESR over seeds ({setup}).").encode())
+                           (curve.markdown(summary, curve.POINT_KEYS, f"AS and A-ESR over seeds ({setup}).")
+                            + floor_text).encode())
         title = f"AS vs fine-tuning strength ({FLAGS.features}, N={FLAGS.num_images}, seeds {FLAGS.seeds})"
-        atomic_write_png(os.path.join(workdir, "curve.png"), np.asarray(curve.plot(summary, title)))
+        atomic_write_png(os.path.join(workdir, "curve.png"),
+                         np.asarray(curve.plot(summary, title, floors={k: a for k, (a, _) in floors.items()})))
     if sweep_rows:
         write_csv(os.path.join(workdir, "sweep.csv"), sweep_rows, SWEEP_COLUMNS)
         text = curve.markdown(curve.aggregate(sweep_rows, curve.SWEEP_KEYS), curve.SWEEP_KEYS,
@@ -95,21 +100,23 @@ def main(_):
     sets = parse_choices(FLAGS.sets, SETS, "sets")
     pretrained, workdir = os.path.abspath(FLAGS.pretrained or base.COMMITTED_BASE_DIR), os.path.abspath(FLAGS.workdir)
     run = dict(num_images=FLAGS.num_images, steps=FLAGS.steps, features=FLAGS.features, rank=FLAGS.rank)
-    splits = functools.cache(lambda: data.load_splits(FLAGS.data)[0])  # read only if a private set is built
+    splits = functools.cache(lambda: data.load_splits(FLAGS.data)[0])  # read once, for the sets and their floors
     rows, sweep_rows = [], []
     with claimed(workdir, "--workdir"):
         style_file = FLAGS.style_data or os.path.join(workdir, "style_data.npz")
         datasets = {name: curve.private_set(name, workdir, splits, style_file) for name in sets}
+    floors = {name: curve.copy_floor(d.train_dir, splits()["train"][0], FLAGS.features) for name, d in datasets.items()}
+    floors = {name: (f["AS"], f["A_ESR"]) for name, f in floors.items()}
     for seed in seeds:  # seed-major: a run cut short still has whole curves for its first seeds
         for name, dataset in datasets.items():
             for point in points:
                 logging.info("%s: point %s, seed %d", name, point.name, seed)
                 rows += curve.run_point(point, seed, name, dataset, pretrained, workdir, run)
-                write_outputs(workdir, rows, sweep_rows)
+                write_outputs(workdir, rows, sweep_rows, floors)
             for w, k in sweep:
                 logging.info("%s: sweep at %s, w=%g k=%g, seed %d", name, sweep_point.name, w, k, seed)
                 sweep_rows += curve.run_sweep(sweep_point, seed, w, k, name, dataset, pretrained, workdir, run)
-                write_outputs(workdir, rows, sweep_rows)
+                write_outputs(workdir, rows, sweep_rows, floors)
     logging.info("wrote %s", ", ".join(os.path.join(workdir, f) for f in ("curve.md", "curve.png", "sweep.md")))
 
 

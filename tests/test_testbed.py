@@ -182,6 +182,8 @@ def test_curve_aggregates_seeds_and_plots():
     negative = np.asarray(curve.plot(curve.aggregate([dict(r, AS=r["AS"] - 1.2) for r in rows], curve.POINT_KEYS), "t"))
     drawn = np.nonzero((np.abs(negative.astype(int) - curve.COLORS["finextract"]).sum(-1) == 0).any(axis=1))[0]
     assert drawn.size and drawn.max() <= 300 - 30  # AS below 0 stays inside the panel, above the axis labels
+    floored = np.asarray(curve.plot(summary, "t", floors={"object": 0.6}))
+    assert (np.abs(floored.astype(int) - curve.FLOOR_COLOR).sum(-1) == 0).sum() > 100  # the floor's line
 
 
 def test_sweep_reuses_the_points_finetune(tiny_dir, tmp_path):
@@ -239,6 +241,22 @@ def test_error_drop_is_zero_for_the_base_and_grows_with_fine_tuning(tiny_dir, tm
                        caption=dataset.caption, checkpoint_every=0, progress=False)
         drops.append(curve.error_drop(tiny_dir["pixel"], out, dataset))
     assert 0.0 < drops[0] < drops[1] < 1.0, drops
+
+
+def test_copy_floor_scores_the_base_training_images(tmp_path):
+    """A private image that is one of the base's training images is matched exactly; the floor is
+    what copying the base's training data scores, no more."""
+    from finextract_jax.demo.data import write_folder
+    from finextract_jax.testbed import curve
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (5, 16, 16, 3), dtype=np.uint8)
+    write_folder(str(tmp_path / "copied"), {"a": base[1], "b": base[3]}, {"a": "x", "b": "x"})
+    assert curve.copy_floor(str(tmp_path / "copied"), base) == pytest.approx({"AS": 1.0, "A_ESR": 1.0})
+    write_folder(str(tmp_path / "new"), {"a": 255 - base[1], "b": rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)},
+                 {"a": "x", "b": "x"})
+    floor = curve.copy_floor(str(tmp_path / "new"), base)
+    assert floor["AS"] < 0.5 and floor["A_ESR"] == 0.0
 
 
 def _svg(color):

@@ -22,6 +22,7 @@ COLORS = {"finextract": (200, 30, 30), "cfg": (30, 90, 200), "text2img": (40, 15
 POINT_KEYS = ("set", "finetune", "finetune_steps", "learning_rate", "augment")
 SWEEP_KEYS = POINT_KEYS + ("guidance_scale", "correction")
 SCORES = ("AS", "A_ESR")
+FLOOR_COLOR = (140, 140, 140)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +177,26 @@ def error_drop(pretrained: str, finetuned: str, dataset, timesteps=(100, 300, 50
     return float(1.0 - e_ft[row_of, columns].mean() / e_pre[row_of, columns].mean())
 
 
+def copy_floor(private_dir: str, base_images: np.ndarray, features: str = "pixel") -> dict:
+    """AS and A-ESR of an 'extraction' that returns the base's own training images (uint8 [N, H, W, 3]):
+    for each private image, its most similar base training image. No fine-tune and no sampling reach
+    this, so a method must beat it before its score says anything about the private set; with pixel
+    features a drawing of a similar emoji already scores high."""
+    from PIL import Image
+
+    from finextract_jax.features import embed_images, get_extractor
+    from finextract_jax.finetune.data import read_metadata
+    from finextract_jax.imageio import load_rgb
+    from finextract_jax.metrics import extraction_scores
+
+    extractor = get_extractor(features)
+    names = sorted(read_metadata(private_dir))
+    private = embed_images([load_rgb(os.path.join(private_dir, n)) for n in names], extractor, batch_size=64)
+    base = embed_images([Image.fromarray(i) for i in base_images], extractor, batch_size=64)
+    scores = extraction_scores(private, base, names, [str(i) for i in range(len(base))], features=features)
+    return {"AS": scores["AS"], "A_ESR": scores["A_ESR"]}
+
+
 def run_point(point: Point, seed: int, set_name: str, dataset, pretrained: str, workdir: str, run: dict) -> list:
     """reproduce() for one (point, seed) in its own folder; its rows with the point's fields and the
     fine-tune's `error_drop` added."""
@@ -245,14 +266,17 @@ def markdown(summary: list, keys: tuple, header: str) -> str:
 # ---- the plot -----------------------------------------------------------------------------------
 
 
-def plot(summary: list, title: str, width: int = 420, height: int = 300):
+def plot(summary: list, title: str, width: int = 420, height: int = 300, floors: dict | None = None):
     """PIL image, one panel per (set, fine-tune): mean AS (y from 0, or from the lowest AS rounded
     down to a half) against fine-tuning strength (steps x lr, log x) per method, a min-max bar over
-    seeds at each point; a defence's points hollow, joined by their own line."""
+    seeds at each point; a defence's points hollow, joined by their own line. floors: {set: AS} of
+    `copy_floor`, drawn as a grey line across that set's panels."""
     from PIL import Image, ImageDraw, ImageFont
 
     panels = list(dict.fromkeys((r["set"], r["finetune"]) for r in summary))
-    floor = min(0.0, math.floor(2 * min(r["AS_min"] for r in summary)) / 2)  # AS is a cosine: it can be < 0
+    floors = floors or {}
+    lowest = min([r["AS_min"] for r in summary] + list(floors.values()))
+    floor = min(0.0, math.floor(2 * lowest) / 2)  # AS is a cosine: it can be < 0
     canvas = Image.new("RGB", (width * len(panels), height + 40), "white")
     draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
     draw.text((8, 4), title, fill="black", font=font)
@@ -273,6 +297,10 @@ def plot(summary: list, title: str, width: int = 420, height: int = 300):
         for x in xs:
             draw.text((x_at(x) - 10, bottom + 4), f"{x:.2g}", fill="black", font=font)
         draw.text((ox + width // 2 - 60, bottom + 18), "steps x learning rate", fill="black", font=font)
+        if set_name in floors:
+            y = y_of(floors[set_name])
+            draw.line([(ox + left, y), (ox + width - 20, y)], fill=FLOOR_COLOR, width=1)
+            draw.text((ox + width - 150, y - 12), "base's nearest training images", fill=FLOOR_COLOR, font=font)
         lines = list(dict.fromkeys((r["method"], r["augment"]) for r in mine if r["method"] in COLORS))
         for m, (method, augment) in enumerate(lines):
             color, dx = COLORS[method], 4 * (list(COLORS).index(method) - 1)  # bars side by side, not on top
