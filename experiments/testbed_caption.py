@@ -24,7 +24,8 @@ from finextract_jax.caption import CaptionConfig
 from finextract_jax.features import FeatureConfig
 from finextract_jax.testbed.caption_table import LENGTHS, SEARCH_IMAGES
 
-flags.DEFINE_string("pretrained", None, "The testbed base (SD layout); default: the one the repository carries, finextract_jax/testbed/base_model.")
+flags.DEFINE_string("pretrained", None, "The testbed base (SD layout); default: the one the repository carries, "
+                    "finextract_jax/testbed/base_model.")
 flags.DEFINE_string("workdir", None, "Output folder (a reproduce run per fine-tune and prompt inside).",
                     required=True)
 flags.DEFINE_string("data", None, "The testbed's images as .npz (testbed_base --data); default: from npm.")

@@ -26,7 +26,8 @@ from experiments import _app
 from finextract_jax.features import FeatureConfig
 
 SETS = ("object", "style")
-flags.DEFINE_string("pretrained", None, "The testbed base (SD layout); default: the one the repository carries, finextract_jax/testbed/base_model.")
+flags.DEFINE_string("pretrained", None, "The testbed base (SD layout); default: the one the repository carries, "
+                    "finextract_jax/testbed/base_model.")
 flags.DEFINE_string("workdir", None, "Output folder (one reproduce run per set, point and seed inside).",
                     required=True)
 flags.DEFINE_string("data", None, "The testbed's images as .npz (testbed_base --data); default: from npm.")

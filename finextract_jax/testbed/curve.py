@@ -179,9 +179,9 @@ def error_drop(pretrained: str, finetuned: str, dataset, timesteps=(100, 300, 50
 
 def copy_floor(private_dir: str, base_images: np.ndarray, features: str = "pixel") -> dict:
     """AS and A-ESR of an 'extraction' that returns the base's own training images (uint8 [N, H, W, 3]):
-    for each private image, its most similar base training image. No fine-tune and no sampling reach
-    this, so a method must beat it before its score says anything about the private set; with pixel
-    features a drawing of a similar emoji already scores high."""
+    for each private image, its most similar base training image. It takes no fine-tune and no
+    sampling, so a method must beat it before its score says anything about the private set; with
+    pixel features a drawing of a similar emoji already scores high."""
     from PIL import Image
 
     from finextract_jax.features import embed_images, get_extractor
