@@ -53,17 +53,35 @@ fi
 # images, in at most TESTBED_S seconds (default: what is left; run with SAMPLING_S=0 to give it the whole
 # budget). This machine has no npm: carry testbed_work/testbed_data.npz
 # (written by `python -m experiments.testbed_base --data=testbed_work/testbed_data.npz`). TESTBED_INIT=DIR
-# starts from that pipeline's weights instead of random ones (seed 1, fresh optimizer). The last snapshot
-# and its probe grid come back in $OUT/testbed_base and $OUT/testbed_probe.png, also when the time runs out.
+# starts from that pipeline's weights instead of random ones (seed 1, fresh optimizer).
+# TESTBED_RUNS="NAME:FLAGS;NAME:FLAGS" trains several bases side by side on the one chip instead (each with an
+# equal share of its memory; FLAGS: testbed_base flags), e.g.
+#   TESTBED_RUNS="medium:--size=medium --caption_dropout=0.2;small:--init=finextract_jax/testbed/base_model --seed=1"
+# Each run's last snapshot comes back in $OUT/testbed_NAME (the default run's NAME is "base"), also when the time
+# runs out, with its log in $OUT/testbed_NAME.txt and, unless PROBE_S=0, its probe grid and retrieval numbers
+# (testbed_samples) in $OUT/testbed_NAME_probe.png / .txt, the probes sharing the last PROBE_S (110) seconds.
 S=$(budget ${TESTBED_S:-$TOTAL_S})
-if [ -f testbed_work/testbed_data.npz ] && [ "$S" -gt 120 ]; then
-    timeout $((S - 120)) python3 -m experiments.testbed_base --workdir=/tmp/testbed \
-        --data=testbed_work/testbed_data.npz --out=$OUT/testbed_base --export_every=2500 --checkpoint_every=2500 \
-        $([ -n "${TESTBED_INIT:-}" ] && echo --init=$TESTBED_INIT --seed=1) \
-        2>&1 | grep -v Warning | grep -v "^W" | tail -n 60 | tee $OUT/testbed.txt
-    [ -d $OUT/testbed_base ] || cp -r /tmp/testbed/snapshot $OUT/testbed_base
-    timeout 110 python3 -m experiments.testbed_samples --model=$OUT/testbed_base --data=testbed_work/testbed_data.npz \
-        --out=$OUT/testbed_probe.png 2>&1 | grep -E "eps-MSE|retrieval|wrote" | tee $OUT/testbed_probe.txt
+PROBE_S=${PROBE_S:-110}
+if [ -f testbed_work/testbed_data.npz ] && [ "$S" -gt $((PROBE_S + 60)) ]; then
+    IFS=';' read -ra runs <<< "${TESTBED_RUNS:-base:$([ -n "${TESTBED_INIT:-}" ] && echo --init=$TESTBED_INIT --seed=1)}"
+    share=$(python3 -c "print(round(.9 / ${#runs[@]}, 3))")
+    for run in "${runs[@]}"; do
+        name=${run%%:*}
+        XLA_PYTHON_CLIENT_MEM_FRACTION=$share timeout $((S - PROBE_S - 10)) python3 -m experiments.testbed_base \
+            --workdir=/tmp/testbed_$name --data=testbed_work/testbed_data.npz --out=$OUT/testbed_$name \
+            --export_every=1000 --checkpoint_every=2500 ${run#*:} \
+            2>&1 | grep -v Warning | grep -v "^W" | tail -n 60 > $OUT/testbed_$name.txt &
+    done
+    wait
+    for run in "${runs[@]}"; do
+        name=${run%%:*}; tail -n 3 $OUT/testbed_$name.txt
+        [ -d $OUT/testbed_$name ] || cp -r /tmp/testbed_$name/snapshot $OUT/testbed_$name
+        [ "$PROBE_S" -gt 0 ] && XLA_PYTHON_CLIENT_MEM_FRACTION=$share timeout $PROBE_S python3 -m experiments.testbed_samples \
+            --model=$OUT/testbed_$name --data=testbed_work/testbed_data.npz --out=$OUT/testbed_${name}_probe.png \
+            2>&1 | grep -E "eps-MSE|v-MSE|retrieval|wrote" > $OUT/testbed_${name}_probe.txt &
+    done
+    wait
+    tail -n 20 $OUT/testbed_*_probe.txt
 fi
 # The fine-tuning-strength curve (issue 12; README "The testbed") on a trained base: CURVE_BASE (default: the
 # base this run just trained, else the committed finextract_jax/testbed/base_model), for CURVE_S seconds (0: skip). Carry

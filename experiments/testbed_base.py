@@ -2,6 +2,7 @@
 
     python -m experiments.testbed_base --workdir=testbed_work [--steps=20000] [--batch_size=32]
         [--ema_decay=0.999] [--out=DIR] [--checkpoint_every=100] [--export_every=250] [--init=DIR]
+        [--size=small|medium|large] [--caption_dropout=0.1]
 
 Installs the emoji packages with npm on first use (finextract_jax/testbed/data.py), builds the
 random initial pipeline in WORKDIR/init, trains UNet and text encoder together with 10% caption
@@ -35,12 +36,14 @@ flags.DEFINE_float("ema_decay", 0.999, "Decay of the running average of the weig
 flags.DEFINE_float("caption_dropout", 0.1, "Probability that a sample is trained with the empty caption.")
 flags.DEFINE_integer("checkpoint_every", 100, "Steps between orbax checkpoints.")
 flags.DEFINE_integer("export_every", 250, "Steps between snapshots in WORKDIR/snapshot (0: none).")
+flags.DEFINE_enum("size", "small", ["small", "medium", "large"], "UNet size of a new run's random initial "
+                  "weights (finextract_jax/testbed/base.py TESTBED_UNETS); ignored with --init or an existing WORKDIR/init.")
 flags.DEFINE_integer("seed", 0, "Seed of the initial weights, data order, noise and caption dropout.")
 FLAGS = flags.FLAGS
 
 
 def train(workdir: str, data_file: str | None, init: str | None, out: str, steps: int, batch_size: int, learning_rate: float,
-          ema_decay: float, caption_dropout: float, checkpoint_every: int, export_every: int, seed: int) -> str:
+          ema_decay: float, caption_dropout: float, checkpoint_every: int, export_every: int, seed: int, size: str = "small") -> str:
     from finextract_jax.finetune.train import FinetuneConfig
     from finextract_jax.models.pipeline import load_pipeline
     from finextract_jax.testbed import base, data
@@ -50,7 +53,7 @@ def train(workdir: str, data_file: str | None, init: str | None, out: str, steps
     if init is None:
         init = os.path.join(workdir, "init")
         if not os.path.isdir(init):
-            base.make_init(init, words, seed)
+            base.make_init(init, words, seed, size)
     config = FinetuneConfig(method="dreambooth", steps=steps, learning_rate=learning_rate, batch_size=batch_size,
                             train_text_encoder=True, seed=seed, weight_decay=0.0, ema_decay=ema_decay)
     trainer = base.DropoutTrainer(load_pipeline(init), base.dropout_train_set(images, captions, keys), config,
@@ -71,7 +74,7 @@ def train(workdir: str, data_file: str | None, init: str | None, out: str, steps
 def main(_):
     out = train(FLAGS.workdir, FLAGS.data, FLAGS.init, FLAGS.out or os.path.join(FLAGS.workdir, "base"), FLAGS.steps,
                 FLAGS.batch_size, FLAGS.learning_rate, FLAGS.ema_decay, FLAGS.caption_dropout, FLAGS.checkpoint_every,
-                FLAGS.export_every, FLAGS.seed)
+                FLAGS.export_every, FLAGS.seed, FLAGS.size)
     logging.info("wrote the testbed base model to %s", out)
 
 

@@ -37,17 +37,27 @@ TESTBED_UNET = dict(sample_size=32, in_channels=3, out_channels=3, block_out_cha
                     layers_per_block=1, attention_head_dim=8, cross_attention_dim=64,
                     down_block_types=["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"],
                     up_block_types=["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"])
+# Larger variants for a GPU run, still CPU-friendly where it matters: width and depth go to the 16x16 and 8x8
+# levels (cheap per parameter), attention stays at 8x8 (at 16x16 it was the CPU's cost).
+TESTBED_UNETS = {
+    "small": TESTBED_UNET,
+    "medium": dict(TESTBED_UNET, block_out_channels=[32, 64, 128], layers_per_block=2),
+    "large": dict(TESTBED_UNET, block_out_channels=[64, 128, 192], layers_per_block=2, cross_attention_dim=128),
+}
 TESTBED_TEXT = dict(num_hidden_layers=3, num_attention_heads=4, intermediate_size=256)
 # The trained base the repository carries (SD layout; CARD.md there: how far it was trained and how it did).
 COMMITTED_BASE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "base_model")
 
 
-def make_init(out: str, words, seed: int = 0) -> str:
-    """The randomly initialised testbed pipeline (SD layout, PyTorch-named safetensors)."""
+def make_init(out: str, words, seed: int = 0, size: str = "small") -> str:
+    """The randomly initialised testbed pipeline (SD layout, PyTorch-named safetensors); `size`: a key of
+    TESTBED_UNETS."""
+    if size not in TESTBED_UNETS:
+        raise InputError(f"unknown testbed size {size!r}; one of {', '.join(TESTBED_UNETS)}")
     from finextract_jax.models.tokenizer import WORDS
 
     return make_tiny(out, kind="pixel", fmt="pt", seed=seed, prediction_type="v_prediction", family="sd1",
-                     unet_overrides=TESTBED_UNET,
+                     unet_overrides=TESTBED_UNETS[size],
                      words=list(dict.fromkeys(list(WORDS) + list(words))), text_overrides=TESTBED_TEXT,
                      scheduler_overrides=SCHEDULER_PIXEL)
 
