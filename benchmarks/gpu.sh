@@ -1,7 +1,9 @@
 #!/bin/bash
 # One prepared accelerator run (the `device` tool's machine: Python 3.12 with its own jax/torch, no
 # network). Carry `.whl` (diffusers 0.39.0, transformers 4.57.6, huggingface_hub 0.36.0, tokenizers
-# 0.22.1 wheels: the image's transformers has no Flax classes). Logs land in $OUT.
+# 0.22.1 wheels: the image's transformers has no Flax classes). The tool returns at most 8 files of under ~8 MB
+# from $OUT per call, so everything is written to /tmp/gpu_results and packed at the end into $OUT/results.tgz.?
+# (7 MB parts, logs and tables first, model snapshots last); unpack with `cat results.tgz.? | tar xzf -`.
 # The whole run stays within TOTAL_S (450) seconds, compiles included (the tool's limit is 8 minutes with the
 # start): each stage runs under min(its budget, what is left); a budget of 0 skips it.
 # Env: BATCH (8,32), VARIANTS (two_applies,two_applies:cudnn), FLAG_SETS (XLA flag sets of
@@ -20,7 +22,7 @@
 # them (`pip download --only-binary=:all: --python-version 3.12 "numba>=0.61,<0.70" -d .whl`, as setup.py pins it).
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 FINEXTRACT_CACHE= XLA_PYTHON_CLIENT_MEM_FRACTION=.9
-OUT=${OUT:-/tmp/out}; mkdir -p $OUT
+DEVICE_OUT=${OUT:-/tmp/out}; OUT=/tmp/gpu_results; rm -rf $OUT; mkdir -p $OUT $DEVICE_OUT
 TOTAL_S=${TOTAL_S:-450}
 budget() { local left=$((TOTAL_S - SECONDS)); echo $(( $1 < left ? $1 : left )); }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $OUT/versions.txt
@@ -98,3 +100,6 @@ if [ "$S" -gt 60 ] && [ -d "$base" ]; then
     mkdir -p $OUT/curve && cp /tmp/curve/*.md /tmp/curve/*.csv /tmp/curve/*.png $OUT/curve/ 2>/dev/null
 fi
 echo "gpu.sh: ${SECONDS}s of TOTAL_S=${TOTAL_S}"
+(cd $OUT && tar czf - $(ls -d *.txt *.png curve 2>/dev/null) $(ls -d testbed_* 2>/dev/null | grep -v -E "\.(txt|png)$")) \
+    | split -b 7M -a 1 - $DEVICE_OUT/results.tgz.
+ls -la $DEVICE_OUT

@@ -89,7 +89,8 @@ class DropoutTrainer(Trainer):
     def batch_indices(self, step: int) -> np.ndarray:
         n, per_step = self.num_images, self.config.grad_accum * self.config.batch_size
         sample = np.arange(step * per_step, (step + 1) * per_step)
-        rows = np.array([self._permutation(int(g // n))[g % n] for g in sample])
+        epochs = sample // n  # one permutation per epoch the batch touches, not one per sample
+        rows = np.concatenate([self._permutation(int(e))[sample[epochs == e] % n] for e in np.unique(epochs)])
         dropped = np.random.default_rng([self.config.seed, step, 1]).random(per_step) < self.caption_dropout
         return (rows + n * dropped).astype(np.int32).reshape(self.config.grad_accum, self.config.batch_size)
 
