@@ -98,6 +98,23 @@ def test_caption_dropout_sampler(tiny_pipe):
         DropoutTrainer(tiny_pipe("pixel"), train_set, config, caption_dropout=1.0)
 
 
+def test_base_sizes(tmp_path):
+    """--size: each preset writes a UNet with its config (the larger ones grow the 16x16 and 8x8 levels, keep
+    attention at 8x8 only); an unknown size is refused by name."""
+    from finextract_jax.errors import InputError
+    from finextract_jax.testbed import base
+
+    out = base.make_init(str(tmp_path / "medium"), ["cat face"], size="medium")
+    with open(os.path.join(out, "unet", "config.json")) as f:
+        unet = json.load(f)
+    assert {k: unet[k] for k in base.TESTBED_UNETS["medium"]} == base.TESTBED_UNETS["medium"]
+    for preset in base.TESTBED_UNETS.values():
+        assert preset["down_block_types"] == base.TESTBED_UNET["down_block_types"]
+    with pytest.raises(InputError, match="huge"):
+        base.make_init(str(tmp_path / "huge"), [], size="huge")
+    assert not os.path.exists(tmp_path / "huge")
+
+
 def test_base_training_continues_from_a_trained_pipeline(fake_root, tiny_dir, tmp_path):
     """--init: a new run starts from given weights (a committed base or an orphaned snapshot), builds
     no random init, exports a loadable model, and records the pipeline it started from."""
