@@ -1,13 +1,14 @@
-"""The whole job on real photos, with no downloads: the project's front door.
+"""The whole job on a trained base and images it never saw, with no downloads: the project's front door.
 
-    python -m experiments.demo --workdir=DIR [--num_images=128] [--steps=25] [--quick]
+    python -m experiments.demo --workdir=DIR [--num_images=64] [--steps=25] [--quick]
 
-1. DIR/base/: the embedded base model (finextract_jax/demo/base, a 32 px pixel-space SD-family
-   model: diffusers UNet with cross-attention + CLIP text encoder + tokenizer, trained by
-   `python -m experiments.demo_base` on scikit-image's bundled photos and procedural images).
-2. DIR/private/: five scikit-image photos the base never saw, captioned "a photo of sks".
-3. `reproduce` on that one dataset: DreamBooth and LoRA fine-tunes through the `finetune` code
-   path, then FineXtract, cfg and text2img with the same seeds and sampler, clustering and
+1. DIR/base/: the testbed base (finextract_jax/testbed/base_model, CARD.md there: a 32 px pixel-space
+   SD-family model, diffusers UNet with cross-attention + CLIP text encoder + tokenizer, trained by
+   `python -m experiments.testbed_base` on 3,017 Twemoji / Noto emoji captioned with their names).
+2. DIR/private/: Twemoji's nine cat faces, which the base never saw, captioned "twemoji sks cat face".
+3. `reproduce` on that one dataset: DreamBooth and LoRA fine-tunes through the `finetune` code path at
+   the point of the testbed curve chosen by a rule fixed in advance (finextract_jax/demo/run.py
+   DemoSettings), then FineXtract, cfg and text2img with the same seeds and sampler, clustering and
    evaluation with weight-free `pixel` features (DIR/runs/private/<finetune>/<method>/).
 4. DIR/metrics.json ({"runs": [...]} as docs/cli.md gives), DIR/report.md (table, settings,
    stage times, grids) and the grids DIR/matches_<finetune>.png, DIR/samples_<finetune>.png.
@@ -25,7 +26,7 @@ from absl import flags
 from experiments import _app
 
 flags.DEFINE_string("workdir", None, "Output folder.", required=True)
-flags.DEFINE_integer("num_images", 128, "N: images generated per (fine-tune, method).")
+flags.DEFINE_integer("num_images", 64, "N: images generated per (fine-tune, method).")
 flags.DEFINE_integer("steps", 25, "DDIM steps.")
 flags.DEFINE_bool("quick", False, "A much smaller run (fewer images, steps and fine-tuning steps): checks the "
                   "pipeline in a few minutes; its numbers mean nothing.")

@@ -27,16 +27,16 @@ def test_quick_demo_writes_metrics_report_and_grids(quick_demo):
         (f, m) for f in ("dreambooth", "lora") for m in ("finextract", "cfg", "text2img")]
     for r in runs:
         assert set(r) == {"finetune", "method", "AS", "A_ESR", "num_guesses", "num_extracted"}
-        assert -1 <= r["AS"] <= 1 and 0 <= r["A_ESR"] <= 1 and r["num_guesses"] == 5  # topk: N0 guesses
-        assert r["num_extracted"] == round(r["A_ESR"] * 5)  # training images past the threshold
+        assert -1 <= r["AS"] <= 1 and 0 <= r["A_ESR"] <= 1 and r["num_guesses"] == 9  # topk: N0 guesses
+        assert r["num_extracted"] == round(r["A_ESR"] * 9)  # training images past the threshold
     text = open(report).read()
     assert text.count("\n| dreambooth |") == 3 and text.count("\n| lora |") == 3
     for finetune in ("dreambooth", "lora"):
         for grid in (f"matches_{finetune}.png", f"samples_{finetune}.png"):
             assert f"]({grid})" in text and os.path.getsize(os.path.join(workdir, grid)) > 1000
-    # The base is left in SD layout for users, and the private photos beside it.
+    # The base is left in SD layout for users, and the private images beside it.
     assert os.path.exists(os.path.join(workdir, "base", "model_index.json"))
-    assert len([n for n in os.listdir(os.path.join(workdir, "private")) if n.endswith(".png")]) == 5
+    assert len([n for n in os.listdir(os.path.join(workdir, "private")) if n.endswith(".png")]) == 9
 
 
 def test_rerun_skips_every_stage(quick_demo):

@@ -49,11 +49,11 @@ def _run(sampler, x_T, outputs):
     return xs
 
 
-def _run_torch(sched, x_T, outputs):
+def _run_torch(sched, x_T, outputs, **step_options):
     x = torch.from_numpy(x_T)
     xs = []
     for i, t in enumerate(sched.timesteps[: len(outputs)]):
-        x = sched.step(torch.from_numpy(outputs[i]), t, x).prev_sample
+        x = sched.step(torch.from_numpy(outputs[i]), t, x, **step_options).prev_sample
         xs.append(x.numpy().copy())
     return np.stack(xs)
 
@@ -88,14 +88,23 @@ def test_ddim_matches_diffusers(overrides, steps, prediction_type):
     assert_close(_run(ours, x_T, outs), _run_torch(ref, x_T, outs))
 
 
-def test_ddim_clip_sample_only_when_configured():
-    cfg = dict(SD14, clip_sample=True, clip_sample_range=1.5)
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("use_clipped", [True, False])
+def test_ddim_clip_sample_only_when_configured(use_clipped, prediction_type):
+    """Clipped x0 with epsilon re-derived from it (our default) or kept (diffusers' step default), each
+    against diffusers' DDIMScheduler.step(use_clipped_model_output=...); the pixel testbed's schedule, whose
+    early x0 predictions leave [-1, 1] so that the two differ."""
+    cfg = dict(SD14, clip_sample=True, clip_sample_range=1.0, prediction_type=prediction_type, beta_schedule="linear",
+               beta_start=0.0001, beta_end=0.02)
     ref = DDIMScheduler.from_config(cfg)
     ref.set_timesteps(10)
-    ours = make_sampler("ddim", cfg, 10)
-    assert ours.clip_sample_range == 1.5
+    ours = make_sampler("ddim", cfg, 10, **({} if use_clipped else {"use_clipped_model_output": False}))
+    assert ours.clip_sample_range == 1.0 and ours.use_clipped_model_output == use_clipped
     x_T, outs = _data(10, seed=1)
-    assert_close(_run(ours, x_T, outs), _run_torch(ref, x_T, outs))
+    expected = _run_torch(ref, x_T, outs, use_clipped_model_output=use_clipped)
+    assert_close(_run(ours, x_T, outs), expected)
+    other = _run_torch(ref, x_T, outs, use_clipped_model_output=not use_clipped)
+    assert np.abs(expected - other).max() > 0.1  # the case distinguishes the two
     # Without the key, clipping is off (diffusers' class default would clip SD latents).
     no_key = {k: v for k, v in SD14.items() if k != "clip_sample"}
     assert make_sampler("ddim", no_key, 10).clip_sample_range is None

@@ -204,7 +204,14 @@ class Sampler:
       For "dpm": coef_x, coef_x0, coef_prev_x0: x_prev = coef_x·x + coef_x0·x0 +
         coef_prev_x0·prev_x0 (x0 predictions; coef_prev_x0 = 0 on first-order steps).
     Static fields: name, kind ("ddim" or "dpm"), prediction_type, num_steps, init_noise_sigma,
-      clip_sample_range (None: no clipping of x0).
+      clip_sample_range (None: no clipping of x0), use_clipped_model_output: when x0 is clipped, the step's
+      epsilon is re-derived from the clipped x0 (True, the DDIM paper's and ADM's sampler; diffusers'
+      DDIMScheduler.step(use_clipped_model_output=True)) or kept as the model gave it (False, diffusers'
+      default). Only pixel-space models clip (SD's latent configs do not). Keeping the unclipped epsilon makes
+      the step inconsistent exactly where guidance overshoots: x_prev = alpha_prev clip(x0) + sigma_prev eps
+      with eps = (x - alpha x0) / sigma carries -alpha x0 of the *unclipped* x0, so a pixel pushed past +1 is
+      moved down, and guided samples of the testbed base turned into dark-framed saturated squares (cfg at
+      s = 3: retrieval of the caption's own image 0.070 with False, 0.758 with True; benchmarks/RESULTS.md).
     """
 
     timesteps: Array
@@ -221,6 +228,7 @@ class Sampler:
     num_steps: int = struct.field(pytree_node=False, default=0)
     init_noise_sigma: float = struct.field(pytree_node=False, default=1.0)
     clip_sample_range: Optional[float] = struct.field(pytree_node=False, default=None)
+    use_clipped_model_output: bool = struct.field(pytree_node=False, default=True)
 
     # -- loop API ---------------------------------------------------------------------------
 
@@ -275,6 +283,9 @@ class Sampler:
         if self.kind == "ddim":
             if self.clip_sample_range is not None:
                 x0 = jnp.clip(x0, -self.clip_sample_range, self.clip_sample_range)
+                if self.use_clipped_model_output:  # keep the step on the DDIM path of the clipped x0
+                    a, s = self._coefs(i)
+                    eps = (x - a * x0) / s
             x_prev = self.alpha_prev[i] * x0 + self.sigma_prev[i] * eps
             return SamplerState(x=x_prev, prev_x0=state.prev_x0)
         # DPM-Solver++ (data prediction): multistep update on x0 predictions.
@@ -285,7 +296,9 @@ class Sampler:
         """JSON-able summary for run records."""
         return {"sampler": self.name, "prediction_type": self.prediction_type,
                 "num_steps": self.num_steps, "timesteps": [int(t) for t in np.asarray(self.timesteps)],
-                "clip_sample_range": self.clip_sample_range}
+                "clip_sample_range": self.clip_sample_range,
+                **({} if self.clip_sample_range is None
+                   else {"use_clipped_model_output": self.use_clipped_model_output})}
 
 
 def _f32(a) -> Array:
@@ -428,15 +441,17 @@ def make_sampler(name: str, scheduler_config: Optional[Mapping[str, Any]], num_s
         None: diffusers' class defaults.
       num_steps: number of denoising steps (static: it fixes the loop length and table sizes).
       **overrides: config keys to replace, e.g. `set_alpha_to_one=True` for a DDIM whose last
-        step goes to abar = 1 although the SD v1.x config says False.
+        step goes to abar = 1 although the SD v1.x config says False; and `use_clipped_model_output`
+        (default True; see Sampler), a step option of diffusers rather than a config key.
     Raises:
       InputError: unknown sampler, bad step count, or config options that are not supported.
     """
     key = _ALIASES.get(name, name)
     if key not in _BUILDERS:
         raise InputError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    use_clipped = bool(overrides.pop("use_clipped_model_output", True))
     if overrides:
         if scheduler_config is not None and not isinstance(scheduler_config, Mapping):
             raise InputError(f"scheduler config must be a dict, got {type(scheduler_config).__name__}")
         scheduler_config = {**(scheduler_config or {}), **overrides}
-    return _BUILDERS[key](scheduler_config, num_steps)
+    return _BUILDERS[key](scheduler_config, num_steps).replace(use_clipped_model_output=use_clipped)
