@@ -4,7 +4,7 @@
         [--data=testbed_work/testbed_data.npz] [--style_data=WORKDIR/style_data.npz] [--sets=object,style]
         [--points="dreambooth:5e-4:50,200,800;lora:2e-3:50,200,800;dreambooth:5e-4:200:cutout"]
         [--seeds=0,1,2] [--sweep_point=dreambooth:5e-4:200] [--sweep=1:0,2:0,3:0,5:0,3:-0.02,3:-0.05]
-        [--num_images=64] [--steps=25] [--features=pixel] [--rank=16]
+        [--num_images=64] [--steps=25] [--features=pixel] [--rank=16] [--reuse_samples_from=OTHER_WORKDIR]
 
 Private sets: `object` is Twemoji's nine cat faces, "twemoji sks cat face"; `style` is eight
 OpenMoji images (a vendor the base never saw) of concepts it trained on, all "sks style"
@@ -14,6 +14,8 @@ extract with FineXtract / cfg / text2img (reference w, k; cfg s=3) from the same
 cluster (`select=topk`) and score. Then FineXtract alone at --sweep_point for each W:K of
 --sweep, on that point's fine-tunes. Writes WORKDIR/curve.csv (one row per seed), curve.md (mean
 [min, max] over seeds), curve.png, sweep.csv and sweep.md; every run resumes per stage.
+--reuse_samples_from scores another workdir's fine-tunes and samples again (e.g. with pixel features
+what a run scored with SSCD) without fine-tuning or sampling.
 """
 import csv
 import functools
@@ -45,6 +47,9 @@ flags.DEFINE_integer("num_images", 64, "Images extracted per method, point and s
 flags.DEFINE_integer("steps", 25, "DDIM steps.")
 _app.define_flags(FeatureConfig, only=("features",), defaults={"features": "pixel"}, helps={"features": "Scoring features."})
 flags.DEFINE_integer("rank", 16, "LoRA rank.")
+flags.DEFINE_string("reuse_samples_from", None, "Another curve workdir whose fine-tunes and samples (same points, "
+                    "seeds and settings) this run reuses (hard links), so that only clustering and scoring run: "
+                    "the same curve under other --features.")
 FLAGS = flags.FLAGS
 COLUMNS = ("set", "finetune", "finetune_steps", "learning_rate", "augment", "seed", "error_drop", "method", "AS",
            "A_ESR", "num_extracted", "num_train")
@@ -104,6 +109,9 @@ def main(_):
     splits = functools.cache(lambda: data.load_splits(FLAGS.data)[0])  # read once, for the sets and their floors
     rows, sweep_rows = [], []
     with claimed(workdir, "--workdir"):
+        if FLAGS.reuse_samples_from:
+            logging.info("reused %d files of %s", curve.reuse_samples(os.path.abspath(FLAGS.reuse_samples_from),
+                                                                      workdir), FLAGS.reuse_samples_from)
         style_file = FLAGS.style_data or os.path.join(workdir, "style_data.npz")
         datasets = {name: curve.private_set(name, workdir, splits, style_file) for name in sets}
     floors = {name: curve.copy_floor(d.train_dir, splits()["train"][0], FLAGS.features) for name, d in datasets.items()}

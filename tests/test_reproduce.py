@@ -130,6 +130,31 @@ def test_changed_setting_of_a_finished_stage_is_refused(finished):
     assert _snapshot(settings.workdir) == before
 
 
+def test_reused_samples_are_scored_again_without_sampling(finished, tmp_path):
+    """testbed_curve --reuse_samples_from: another workdir's fine-tunes and samples, linked into a new one,
+    are reused as they are; only clustering and scoring run again (here under another --select), and the
+    source is left untouched."""
+    from finextract_jax.testbed.curve import reuse_samples
+
+    settings, rows, _ = finished
+    before = _snapshot(settings.workdir)
+    workdir = tmp_path / "rescored"
+    assert reuse_samples(settings.workdir, str(workdir)) > 6
+    ft = os.path.join("photos", "lora")
+    assert not os.path.exists(workdir / ft / "finextract" / "clusters.json")
+    start = time.perf_counter()
+    again = reproduce.reproduce(dataclasses.replace(settings, workdir=str(workdir), select="topk"))
+    assert time.perf_counter() - start < 60  # no fine-tuning or sampling compilations
+    for old, new in zip(rows, again):
+        assert (new["finetune_s"], new["extract_s"]) == (old["finetune_s"], old["extract_s"])
+        assert new["num_guesses"] <= 3  # topk: as many guesses as training images
+    image = os.path.join(ft, "cfg", "images", "00000.png")
+    assert os.path.samefile(os.path.join(settings.workdir, image), workdir / image)
+    assert _snapshot(settings.workdir) == before
+    with pytest.raises(InputError, match="not a folder"):
+        reuse_samples(str(tmp_path / "nowhere"), str(workdir))
+
+
 @pytest.mark.parametrize("case, message", [
     ("missing", "is not a folder"),
     ("empty", "holds no images"),

@@ -219,6 +219,40 @@ def run_sweep(point: Point, seed: int, w: float, k: float, set_name: str, datase
     return _rows(settings, set_name, point, seed, guidance_scale=w, correction=k)
 
 
+# What a run's fine-tune and extract stages leave (reproduce.stage_output, their done records, the folders'
+# ownership markers); clustering and scoring outputs are not among them, so those stages run again.
+REUSED_FOLDERS = ("model", "images")
+REUSED_FILES = ("finetune.done.json", "extract.done.json", "run.json", ".finextract")
+
+
+def reuse_samples(source: str, workdir: str) -> int:
+    """Hard-link (copy, across file systems) every fine-tune and extraction of the curve workdir `source`
+    into `workdir`, so that the curve run there with other --features only clusters and scores again: the
+    same samples judged by another embedder. Files already in `workdir` are kept; returns how many were
+    added. reproduce's settings check still refuses a reused stage whose settings differ."""
+    import shutil
+
+    if not os.path.isdir(source):
+        raise InputError(f"--reuse_samples_from={source}: not a folder")
+    added = 0
+    for folder, _, files in os.walk(source):
+        rel = os.path.relpath(folder, source)
+        if rel.split(os.sep)[0] == "private":
+            continue
+        in_reused = any(part in REUSED_FOLDERS for part in rel.split(os.sep))
+        for name in files:
+            target = os.path.join(workdir, rel, name)
+            if not (in_reused or name in REUSED_FILES) or os.path.exists(target):
+                continue
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            try:
+                os.link(os.path.join(folder, name), target)
+            except OSError:
+                shutil.copy2(os.path.join(folder, name), target)
+            added += 1
+    return added
+
+
 # ---- tables -------------------------------------------------------------------------------------
 
 
