@@ -10,6 +10,8 @@
 #   bench_sampling.py, e.g. gpu_autotune_0,gpu_no_triton_gemm; none by default), STEPS (5), ROUNDS (3),
 #   PROFILE (1: XLA trace of the first variant and torch.profiler of the loop, as kernel tables),
 #   SAMPLING_S (300), FINETUNE_S (0), TESTBED_S (the rest), CURVE_S (0). XLA_FLAGS passes through to every row.
+#   (2026-12-04: 170 s did not get the SD 1.x rows at batch 32 with two variants past building and compiling:
+#   give the sampling stage 300 s or more.)
 # SDXL (optional, off by default so the budget above is unchanged): SDXL_S seconds for the SDXL base UNet
 #   (2.6B, random weights) at 128x128x4 latents in bfloat16, ours (SDXL_VARIANTS: two_applies) vs diffusers
 #   PyTorch, batch SDXL_BATCH (4); building and loading its 10 GB of weights and compiling it take minutes, so
