@@ -96,6 +96,7 @@ def write_outputs(workdir: str, rows: list, sweep_rows: list, floors: dict) -> N
 
 
 def main(_):
+    from finextract_jax.errors import InputError
     from finextract_jax.fileio import claimed
     from finextract_jax.reproduce import parse_choices
     from finextract_jax.testbed import base, curve, data
@@ -108,12 +109,17 @@ def main(_):
     run = dict(num_images=FLAGS.num_images, steps=FLAGS.steps, features=FLAGS.features, rank=FLAGS.rank)
     splits = functools.cache(lambda: data.load_splits(FLAGS.data)[0])  # read once, for the sets and their floors
     rows, sweep_rows = [], []
+    # Reused runs recorded their private sets' paths: a rescoring run reads the source's sets (it does not
+    # write there: they must exist), so that the reused stages' settings match.
+    sets_root = os.path.abspath(FLAGS.reuse_samples_from) if FLAGS.reuse_samples_from else workdir
+    missing = [n for n in sets if not os.path.isfile(os.path.join(sets_root, "private", n, "metadata.csv"))]
+    if FLAGS.reuse_samples_from and missing:
+        raise InputError(f"--reuse_samples_from={FLAGS.reuse_samples_from} holds no private set {missing[0]!r}")
     with claimed(workdir, "--workdir"):
         if FLAGS.reuse_samples_from:
-            logging.info("reused %d files of %s", curve.reuse_samples(os.path.abspath(FLAGS.reuse_samples_from),
-                                                                      workdir), FLAGS.reuse_samples_from)
+            logging.info("reused %d files of %s", curve.reuse_samples(sets_root, workdir), FLAGS.reuse_samples_from)
         style_file = FLAGS.style_data or os.path.join(workdir, "style_data.npz")
-        datasets = {name: curve.private_set(name, workdir, splits, style_file) for name in sets}
+        datasets = {name: curve.private_set(name, sets_root, splits, style_file) for name in sets}
     floors = {name: curve.copy_floor(d.train_dir, splits()["train"][0], FLAGS.features) for name, d in datasets.items()}
     floors = {name: (f["AS"], f["A_ESR"]) for name, f in floors.items()}
     for seed in seeds:  # seed-major: a run cut short still has whole curves for its first seeds

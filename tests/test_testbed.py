@@ -358,13 +358,16 @@ def test_curve_binary_bad_input_is_one_line_exit_2(tmp_path):
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-m", "experiments.testbed_curve", f"--pretrained={tmp_path}",
-                             f"--workdir={tmp_path / 'work'}", "--points=dreambooth:5e-4:200:blur"], cwd=root,
-                            capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: --points: augment 'blur'"), result.stderr
-    assert not (tmp_path / "work").exists()
+    (tmp_path / "other").mkdir()  # a curve workdir without private sets: nothing to reuse
+    for flag, message in (("--points=dreambooth:5e-4:200:blur", "error: --points: augment 'blur'"),
+                          (f"--reuse_samples_from={tmp_path / 'other'}", "error: --reuse_samples_from=")):
+        result = subprocess.run([sys.executable, "-m", "experiments.testbed_curve", f"--pretrained={tmp_path}",
+                                 f"--workdir={tmp_path / 'work'}", flag], cwd=root, capture_output=True, text=True,
+                                timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(message), result.stderr
+        assert not (tmp_path / "work").exists() and os.listdir(tmp_path / "other") == []
 
 
 def test_committed_twemoji_images_round_trip(fake_root, tmp_path):
