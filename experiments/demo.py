@@ -7,7 +7,7 @@
    `python -m experiments.testbed_base` on 3,017 Twemoji / Noto emoji captioned with their names).
 2. DIR/private/: Twemoji's nine cat faces, which the base never saw, captioned "twemoji sks cat face".
 3. `reproduce` on that one dataset: DreamBooth and LoRA fine-tunes through the `finetune` code path at
-   the point of the testbed curve chosen by a rule fixed in advance (finextract_jax/demo/run.py
+   the point of the testbed curve an error-drop rule chooses (finextract_jax/demo/run.py
    DemoSettings), then FineXtract, cfg and text2img with the same seeds and sampler, clustering and
    evaluation with weight-free `pixel` features (DIR/runs/private/<finetune>/<method>/).
 4. DIR/metrics.json ({"runs": [...]} as docs/cli.md gives), DIR/report.md (table, settings,
