@@ -25,7 +25,7 @@ NUM_PRIVATE = 9  # Twemoji's cat faces (finextract_jax/testbed/twemoji/cat_faces
 class DemoSettings:
     """The demo's knobs. The fine-tuning point is one of the testbed curve's (benchmarks/RESULTS.md), chosen
     by a rule that reads no extraction score (RESULTS says which scores had been seen when it was written):
-    per fine-tuning method, the weakest point of the curve's grid (fewest steps, then lowest rate) whose
+    per fine-tuning method, the weakest point of the curve's grid (smallest steps x learning rate) whose
     error drop on the object set (1 - the fine-tune's denoising error on the private images over the
     base's) reaches 0.3: moved toward the private images, not copying them. DreamBooth 5e-6 x 800 steps
     (error drop 0.33), LoRA 2e-4 x 800 (0.37)."""
