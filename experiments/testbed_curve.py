@@ -111,10 +111,12 @@ def main(_):
     rows, sweep_rows = [], []
     # Reused runs recorded their private sets' paths: a rescoring run reads the source's sets (it does not
     # write there: they must exist), so that the reused stages' settings match.
-    sets_root = os.path.abspath(FLAGS.reuse_samples_from) if FLAGS.reuse_samples_from else workdir
-    missing = [n for n in sets if not os.path.isfile(os.path.join(sets_root, "private", n, "metadata.csv"))]
-    if FLAGS.reuse_samples_from and missing:
-        raise InputError(f"--reuse_samples_from={FLAGS.reuse_samples_from} holds no private set {missing[0]!r}")
+    sets_root = workdir
+    if FLAGS.reuse_samples_from:
+        sets_root = os.path.abspath(FLAGS.reuse_samples_from)
+        missing = [n for n in sets if not os.path.isfile(os.path.join(sets_root, "private", n, "metadata.csv"))]
+        if missing:
+            raise InputError(f"--reuse_samples_from={FLAGS.reuse_samples_from} holds no private set {missing[0]!r}")
     with claimed(workdir, "--workdir"):
         if FLAGS.reuse_samples_from:
             logging.info("reused %d files of %s", curve.reuse_samples(sets_root, workdir), FLAGS.reuse_samples_from)

@@ -8,13 +8,12 @@ import time
 
 import numpy as np
 
-from finextract_jax.demo.data import write_folder
 from finextract_jax.demo.report import matches_grid, samples_grid
 from finextract_jax.errors import InputError
 from finextract_jax.fileio import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_png
 from finextract_jax.testbed.base import COMMITTED_BASE_DIR as BASE_DIR
 from finextract_jax.testbed.data import PRIVATE_OBJECT_CAPTION as PRIVATE_CAPTION
-from finextract_jax.testbed.data import read_committed
+from finextract_jax.testbed.data import read_committed, write_private_object_set
 
 METRICS_KEYS = ("finetune", "method", "AS", "A_ESR", "num_guesses", "num_extracted")
 DATASET = "private"  # DIR/private/ holds the private images, DIR/runs/private/ the runs on them
@@ -67,14 +66,6 @@ def install_base(out: str, source: str | None = None) -> str:
     return out
 
 
-def write_private_set(folder: str) -> list:
-    """The nine committed cat faces, all captioned PRIVATE_CAPTION (a rare identifier + class noun, as
-    DreamBooth captions are); returns the file names."""
-    images, _, keys = read_committed("cat_faces")
-    write_folder(folder, dict(zip(keys, images)), {k: PRIVATE_CAPTION for k in keys})
-    return [f"{k}.png" for k in keys]
-
-
 def reproduce_settings(workdir: str, s: DemoSettings):
     from finextract_jax.reproduce import Dataset, Settings
 
@@ -96,7 +87,8 @@ def run_demo(workdir: str, s: DemoSettings = DemoSettings(), progress: bool = Tr
     private = os.path.join(workdir, DATASET)
     if not os.path.exists(os.path.join(private, "metadata.csv")):
         with atomic_dir(private, "--workdir", marker=False) as staging:  # refuses a folder it did not write
-            write_private_set(staging)
+            # The committed cat faces are the testbed's private split's Twemoji rows: the curve's object set.
+            write_private_object_set(staging, {"private": read_committed("cat_faces")})
     setup_s = time.perf_counter() - start
     settings = reproduce_settings(workdir, s)
     rows = reproduce(settings)

@@ -237,9 +237,10 @@ def reuse_samples(source: str, workdir: str) -> int:
     added = 0
     for folder, _, files in os.walk(source):
         rel = os.path.relpath(folder, source)
-        if rel.split(os.sep)[0] == "private":
+        parts = rel.split(os.sep)
+        if parts[0] == "private":
             continue
-        in_reused = any(part in REUSED_FOLDERS for part in rel.split(os.sep))
+        in_reused = any(part in REUSED_FOLDERS for part in parts)
         for name in files:
             target = os.path.join(workdir, rel, name)
             if not (in_reused or name in REUSED_FILES) or os.path.exists(target):
