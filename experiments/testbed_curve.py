@@ -3,7 +3,7 @@
     python -m experiments.testbed_curve [--pretrained=testbed_work/base] --workdir=curve
         [--data=testbed_work/testbed_data.npz] [--style_data=WORKDIR/style_data.npz] [--sets=object,style]
         [--points="dreambooth:5e-4:50,200,800;lora:2e-3:50,200,800;dreambooth:5e-4:200:cutout"]
-        [--seeds=0,1,2] [--sweep_point=dreambooth:5e-4:200] [--sweep=1:0,2:0,3:0,5:0,3:-0.02,3:-0.05]
+        [--seeds=0,1,2] [--sweep_points=dreambooth:5e-4:200] [--sweep=1:0,2:0,3:0,5:0,3:-0.02,3:-0.05]
         [--num_images=64] [--steps=25] [--features=pixel] [--rank=16] [--reuse_samples_from=OTHER_WORKDIR]
 
 Private sets: `object` is Twemoji's nine cat faces, "twemoji sks cat face"; `style` is eight
@@ -11,7 +11,7 @@ OpenMoji images (a vendor the base never saw) of concepts it trained on, all "sk
 (testbed/data.py; built with npm into --style_data, which a machine without npm needs carried).
 For each set, point (FINETUNE:LR:STEPS[:AUGMENT], AUGMENT a defence) and seed: fine-tune,
 extract with FineXtract / cfg / text2img (reference w, k; cfg s=3) from the same start noise,
-cluster (`select=topk`) and score. Then FineXtract alone at --sweep_point for each W:K of
+cluster (`select=topk`) and score. Then FineXtract alone at each of --sweep_points for each W:K of
 --sweep, on that point's fine-tunes. Writes WORKDIR/curve.csv (one row per seed), curve.md (mean
 [min, max] over seeds), curve.png, sweep.csv and sweep.md; every run resumes per stage.
 --reuse_samples_from scores another workdir's fine-tunes and samples again (e.g. with pixel features
@@ -40,9 +40,11 @@ flags.DEFINE_string("points", "dreambooth:5e-4:50,200,800;lora:2e-3:50,200,800",
                     "FINETUNE:LR:STEPS[,STEPS...][:AUGMENT] groups separated by ';' (AUGMENT: a defence, "
                     "cutout or randaugment; default none).")
 flags.DEFINE_string("seeds", "0,1,2", "Seeds (of fine-tuning, start noise and clustering); one run each.")
-flags.DEFINE_string("sweep_point", "dreambooth:5e-4:200", "The point at which FineXtract's w and k are swept.")
+flags.DEFINE_string("sweep_points", "dreambooth:5e-4:200", "The point(s) at which FineXtract's w and k are swept "
+                    "(as --points; each point runs first if it is not among them).")
+flags.DEFINE_alias("sweep_point", "sweep_points")
 flags.DEFINE_string("sweep", "1:0,2:0,3:0,5:0,3:-0.02,3:-0.05",
-                    "W:K pairs (guidance scale, correction) for FineXtract at --sweep_point; '' for none.")
+                    "W:K pairs (guidance scale, correction) for FineXtract at --sweep_points; '' for none.")
 flags.DEFINE_integer("num_images", 64, "Images extracted per method, point and seed.")
 flags.DEFINE_integer("steps", 25, "DDIM steps.")
 _app.define_flags(FeatureConfig, only=("features",), defaults={"features": "pixel"}, helps={"features": "Scoring features."})
@@ -91,7 +93,7 @@ def write_outputs(workdir: str, rows: list, sweep_rows: list, floors: dict) -> N
     if sweep_rows:
         write_csv(os.path.join(workdir, "sweep.csv"), sweep_rows, SWEEP_COLUMNS)
         text = curve.markdown(curve.aggregate(sweep_rows, curve.SWEEP_KEYS), curve.SWEEP_KEYS,
-                              f"FineXtract's w and k at {FLAGS.sweep_point} ({setup.split(';')[0]}).")
+                              f"FineXtract's w and k at {FLAGS.sweep_points} ({setup.split(';')[0]}).")
         atomic_write_bytes(os.path.join(workdir, "sweep.md"), text.encode())
 
 
@@ -103,7 +105,7 @@ def main(_):
 
     points = curve.parse_points(FLAGS.points)
     seeds = curve.parse_seeds(FLAGS.seeds)
-    sweep_point, sweep = curve.parse_point(FLAGS.sweep_point), curve.parse_sweep(FLAGS.sweep)
+    sweep_points, sweep = curve.parse_points(FLAGS.sweep_points, "sweep_points"), curve.parse_sweep(FLAGS.sweep)
     sets = parse_choices(FLAGS.sets, SETS, "sets")
     pretrained, workdir = os.path.abspath(FLAGS.pretrained or base.COMMITTED_BASE_DIR), os.path.abspath(FLAGS.workdir)
     run = dict(num_images=FLAGS.num_images, steps=FLAGS.steps, features=FLAGS.features, rank=FLAGS.rank)
@@ -130,10 +132,11 @@ def main(_):
                 logging.info("%s: point %s, seed %d", name, point.name, seed)
                 rows += curve.run_point(point, seed, name, dataset, pretrained, workdir, run)
                 write_outputs(workdir, rows, sweep_rows, floors)
-            for w, k in sweep:
-                logging.info("%s: sweep at %s, w=%g k=%g, seed %d", name, sweep_point.name, w, k, seed)
-                sweep_rows += curve.run_sweep(sweep_point, seed, w, k, name, dataset, pretrained, workdir, run)
-                write_outputs(workdir, rows, sweep_rows, floors)
+            for sweep_point in sweep_points:
+                for w, k in sweep:
+                    logging.info("%s: sweep at %s, w=%g k=%g, seed %d", name, sweep_point.name, w, k, seed)
+                    sweep_rows += curve.run_sweep(sweep_point, seed, w, k, name, dataset, pretrained, workdir, run)
+                    write_outputs(workdir, rows, sweep_rows, floors)
     logging.info("wrote %s", ", ".join(os.path.join(workdir, f) for f in ("curve.md", "curve.png", "sweep.md")))
 
 

@@ -155,6 +155,27 @@ def test_reused_samples_are_scored_again_without_sampling(finished, tmp_path):
         reuse_samples(str(tmp_path / "nowhere"), str(workdir))
 
 
+def test_reuse_skips_interrupted_stages(tmp_path):
+    """An extraction cut short in the source (no done record) records the source's paths in its run.json;
+    linking it would make the new workdir refuse to resume it, so it is left to sample again there."""
+    from finextract_jax.testbed.curve import reuse_samples
+
+    source = tmp_path / "source"
+    for method, done in (("cfg", True), ("text2img", False)):
+        stage = source / "set" / "dreambooth" / method
+        (stage / "images").mkdir(parents=True)
+        (stage / "images" / "00000.png").write_bytes(b"png")
+        (stage / "run.json").write_text("{}")
+        if done:
+            (stage / "extract.done.json").write_text("{}")
+    (source / "set" / "dreambooth" / "model").mkdir()
+    (source / "set" / "dreambooth" / "model" / "unet.safetensors").write_bytes(b"w")  # no finetune.done.json
+    workdir = tmp_path / "rescored"
+    assert reuse_samples(str(source), str(workdir)) == 3
+    assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*") if p.is_file()) == [
+        "set/dreambooth/cfg/extract.done.json", "set/dreambooth/cfg/images/00000.png", "set/dreambooth/cfg/run.json"]
+
+
 @pytest.mark.parametrize("case, message", [
     ("missing", "is not a folder"),
     ("empty", "holds no images"),

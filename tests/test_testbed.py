@@ -153,7 +153,7 @@ def test_curve_points_seeds_and_sweep_parse():
         with pytest.raises(InputError, match="--points"):
             curve.parse_points(bad)
     assert curve.parse_point("lora:1e-3:10:randaugment") == curve.Point("lora", 10, 1e-3, "randaugment")
-    with pytest.raises(InputError, match="--sweep_point must name one point"):
+    with pytest.raises(InputError, match="--point must name one point"):
         curve.parse_point("lora:1e-3:10,20")
     assert curve.parse_sweep("3:-0.02, 1:0,3:-0.02") == [(3.0, -0.02), (1.0, 0.0)] and curve.parse_sweep("") == []
     for bad in ("3", "3:x", "1:2:3"):
@@ -360,6 +360,7 @@ def test_curve_binary_bad_input_is_one_line_exit_2(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (tmp_path / "other").mkdir()  # a curve workdir without private sets: nothing to reuse
     for flag, message in (("--points=dreambooth:5e-4:200:blur", "error: --points: augment 'blur'"),
+                          ("--sweep_point=lora:x:10", "error: --sweep_points: 'lora:x:10'"),  # the old name: an alias
                           (f"--reuse_samples_from={tmp_path / 'other'}", "error: --reuse_samples_from=")):
         result = subprocess.run([sys.executable, "-m", "experiments.testbed_curve", f"--pretrained={tmp_path}",
                                  f"--workdir={tmp_path / 'work'}", flag], cwd=root, capture_output=True, text=True,

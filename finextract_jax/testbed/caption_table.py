@@ -104,7 +104,7 @@ def parse_lengths(values) -> tuple:
 
 
 def pick_cases(captions, words: set, lengths, per_length: int, seed: int) -> list:
-    """[Case] per the module's caption rule, lengths in the order given."""
+    """[Case] per the module's caption rule: index 0 of each length (in the order given), then index 1, ..."""
     if per_length < 1 or not lengths or min(lengths) < 1:
         raise InputError(f"caption lengths must be >= 1 and per_length >= 1, got {list(lengths)}, {per_length}")
     cases = []
@@ -115,7 +115,7 @@ def pick_cases(captions, words: set, lengths, per_length: int, seed: int) -> lis
                              f"words; {per_length} were asked for")
         chosen = np.random.default_rng([seed, length]).choice(len(windows), per_length, replace=False)
         cases += [Case(length, i, windows[j]) for i, j in enumerate(chosen)]
-    return cases
+    return sorted(cases, key=lambda case: case.index)  # every length's first case first: a run cut short spans them
 
 
 # ---- one fine-tune --------------------------------------------------------------------------------

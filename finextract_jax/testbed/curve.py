@@ -63,7 +63,7 @@ def parse_points(text: str, flag: str = "points") -> list:
     return points
 
 
-def parse_point(text: str, flag: str = "sweep_point") -> Point:
+def parse_point(text: str, flag: str = "point") -> Point:
     points = parse_points(text, flag)
     if len(points) != 1:
         raise InputError(f"--{flag} must name one point (FINETUNE:LR:STEPS[:AUGMENT]), got {len(points)}")
@@ -223,13 +223,23 @@ def run_sweep(point: Point, seed: int, w: float, k: float, set_name: str, datase
 # ownership markers); clustering and scoring outputs are not among them, so those stages run again.
 REUSED_FOLDERS = ("model", "images")
 REUSED_FILES = ("finetune.done.json", "extract.done.json", "run.json", ".finextract")
+DONE_RECORDS = ("finetune.done.json", "extract.done.json")
+
+
+def _finished_stage(source: str, rel_parts: list) -> bool:
+    """Whether the stage folder holding `rel_parts` (the folder above its model/ or images/, or the folder
+    itself) finished: an interrupted stage's partial files record the source's paths, which the settings
+    check would refuse in the new workdir, so such a stage samples again there instead."""
+    cut = next((i for i, part in enumerate(rel_parts) if part in REUSED_FOLDERS), len(rel_parts))
+    stage = os.path.join(source, *rel_parts[:cut])
+    return any(os.path.isfile(os.path.join(stage, name)) for name in DONE_RECORDS)
 
 
 def reuse_samples(source: str, workdir: str) -> int:
-    """Hard-link (copy, across file systems) every fine-tune and extraction of the curve workdir `source`
-    into `workdir`, so that the curve run there with other --features only clusters and scores again: the
-    same samples judged by another embedder. Files already in `workdir` are kept; returns how many were
-    added. reproduce's settings check still refuses a reused stage whose settings differ."""
+    """Hard-link (copy, across file systems) every finished fine-tune and extraction of the curve workdir
+    `source` into `workdir`, so that the curve run there with other --features only clusters and scores
+    again: the same samples judged by another embedder. Files already in `workdir` are kept; returns how
+    many were added. reproduce's settings check still refuses a reused stage whose settings differ."""
     import shutil
 
     if not os.path.isdir(source):
@@ -244,6 +254,8 @@ def reuse_samples(source: str, workdir: str) -> int:
         for name in files:
             target = os.path.join(workdir, rel, name)
             if not (in_reused or name in REUSED_FILES) or os.path.exists(target):
+                continue
+            if name != ".finextract" and not _finished_stage(source, parts):
                 continue
             os.makedirs(os.path.dirname(target), exist_ok=True)
             try:
