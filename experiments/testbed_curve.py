@@ -38,10 +38,10 @@ flags.DEFINE_string("style_data", None, "The style set as .npz: read when it exi
 flags.DEFINE_list("sets", list(SETS), f"Private sets: {', '.join(SETS)}.")
 flags.DEFINE_string("points", "dreambooth:5e-4:50,200,800;lora:2e-3:50,200,800",
                     "FINETUNE:LR:STEPS[,STEPS...][:AUGMENT] groups separated by ';' (AUGMENT: a defence, "
-                    "cutout or randaugment; default none).")
+                    "cutout or randaugment; default none); '' runs only the sweep.")
 flags.DEFINE_string("seeds", "0,1,2", "Seeds (of fine-tuning, start noise and clustering); one run each.")
 flags.DEFINE_string("sweep_points", "dreambooth:5e-4:200", "The point(s) at which FineXtract's w and k are swept "
-                    "(as --points; each point runs first if it is not among them).")
+                    "(as --points), on the point's own fine-tunes (trained first where --points did not).")
 flags.DEFINE_alias("sweep_point", "sweep_points")
 flags.DEFINE_string("sweep", "1:0,2:0,3:0,5:0,3:-0.02,3:-0.05",
                     "W:K pairs (guidance scale, correction) for FineXtract at --sweep_points; '' for none.")
@@ -103,9 +103,11 @@ def main(_):
     from finextract_jax.reproduce import parse_choices
     from finextract_jax.testbed import base, curve, data
 
-    points = curve.parse_points(FLAGS.points)
+    points = curve.parse_points(FLAGS.points, allow_empty=True)
     seeds = curve.parse_seeds(FLAGS.seeds)
     sweep_points, sweep = curve.parse_points(FLAGS.sweep_points, "sweep_points"), curve.parse_sweep(FLAGS.sweep)
+    if not points and not sweep:
+        raise InputError("--points and --sweep are both empty: nothing to run")
     sets = parse_choices(FLAGS.sets, SETS, "sets")
     pretrained, workdir = os.path.abspath(FLAGS.pretrained or base.COMMITTED_BASE_DIR), os.path.abspath(FLAGS.workdir)
     run = dict(num_images=FLAGS.num_images, steps=FLAGS.steps, features=FLAGS.features, rank=FLAGS.rank)

@@ -152,6 +152,7 @@ def test_curve_points_seeds_and_sweep_parse():
                 "lora:1e-3:10:cutout:x", "lora:-1:10"):
         with pytest.raises(InputError, match="--points"):
             curve.parse_points(bad)
+    assert curve.parse_points(" ; ", allow_empty=True) == []  # the curve's --points='': only the sweep runs
     assert curve.parse_point("lora:1e-3:10:randaugment") == curve.Point("lora", 10, 1e-3, "randaugment")
     with pytest.raises(InputError, match="--point must name one point"):
         curve.parse_point("lora:1e-3:10,20")

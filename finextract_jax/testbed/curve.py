@@ -38,8 +38,9 @@ class Point:
         return name if self.augment == "none" else f"{name}_{self.augment}"
 
 
-def parse_points(text: str, flag: str = "points") -> list:
-    """'dreambooth:5e-4:50,200,800;lora:2e-3:50,200;dreambooth:5e-4:200:cutout' -> [Point, ...]."""
+def parse_points(text: str, flag: str = "points", allow_empty: bool = False) -> list:
+    """'dreambooth:5e-4:50,200,800;lora:2e-3:50,200;dreambooth:5e-4:200:cutout' -> [Point, ...]; '' -> []
+    where `allow_empty` (the curve's --points when only the sweep should run)."""
     from finextract_jax.finetune.augment import AUGMENTS
     from finextract_jax.finetune.config import METHODS as FINETUNE_METHODS
 
@@ -58,7 +59,7 @@ def parse_points(text: str, flag: str = "points") -> list:
         if any(p.steps < 1 for p in mine) or not float(lr) > 0:
             raise InputError(f"--{flag}: {group!r} needs steps >= 1 and a learning rate > 0")
         points += [p for p in mine if p not in points]
-    if not points:
+    if not points and not allow_empty:
         raise InputError(f"--{flag} is empty")
     return points
 
