@@ -29,6 +29,7 @@ needs and how to combine their outputs, so the sampling step can be written once
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Sequence, Tuple
 
 import jax.numpy as jnp
@@ -65,6 +66,36 @@ def finextract(eps_pre_uncond, eps_ft_cond, w, k=0.0) -> Array:
     w = _f32(w)
     k = _f32(k)
     return pre + w * (ft - pre) + k * pre
+
+
+# The reference's k was set on SD v1.x's noise schedule, whose sampler starts at t = 981 (50 DDIM
+# steps, leading spacing, offset 1): sigma/alpha = 13.12 there.
+REFERENCE_SCHEDULE = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+                      "num_train_timesteps": 1000}
+REFERENCE_FIRST_TIMESTEP = 981
+
+
+def noise_to_signal(alpha_bar: float) -> float:
+    """sigma / alpha = sqrt((1 - abar) / abar): how far an error in epsilon moves DDIM's x0 estimate."""
+    return math.sqrt((1.0 - alpha_bar) / alpha_bar)
+
+
+def schedule_matched_correction(k: float, first_alpha_bar: float) -> float:
+    """k for a sampler whose first step sits at noise level `first_alpha_bar`, scaled so that the first
+    step moves DDIM's x0 estimate as far as k does in the reference's first step on SD's schedule.
+
+    Why: the term k eps_pre makes the noise prediction (1 + k) eps_pre-like, which shifts x0 by
+    -k (sigma/alpha) eps. sigma/alpha at the first step is 13.12 for the reference (SD, t = 981) but
+    108 for DDPM's linear pixel schedule at t = 961, so the reference k pushes a pixel model's first
+    x0 eight times as far, past the clipping range (docs/method.md §2). Identity for SD's schedule
+    sampled from t = 981 (the reference's 50 steps), exact in float64.
+    """
+    from finextract_jax.noise_schedule import alphas_cumprod_from_config
+
+    reference = float(alphas_cumprod_from_config(REFERENCE_SCHEDULE)[REFERENCE_FIRST_TIMESTEP])
+    if reference == first_alpha_bar:
+        return float(k)
+    return float(k) * noise_to_signal(reference) / noise_to_signal(first_alpha_bar)
 
 
 def cfg(eps_ft_uncond, eps_ft_cond, s) -> Array:

@@ -22,6 +22,7 @@ from finextract_jax.fileio import changed_settings, read_record
 from finextract_jax.finetune.config import DEFAULT_LEARNING_RATE, FinetuneConfig
 from finextract_jax.finetune.config import METHODS as FINETUNE_METHODS
 from finextract_jax.guidance import METHODS as GUIDANCE_METHODS
+from finextract_jax.guidance import schedule_matched_correction
 from finextract_jax.metrics import ScoreConfig
 from finextract_jax.models.weights import ALLOW_PICKLE_HELP
 from finextract_jax.options import check_choices, option, same_as
@@ -60,6 +61,10 @@ class Settings:
                                            "(default: the reference's, 3.0 DreamBooth, 5.0 LoRA).")
     correction: float | None = same_as(ExtractConfig, "correction", default=None, help="k of finextract "
                                        "(default: the reference's, -0.02 DreamBooth, 0.0 LoRA).")
+    match_correction: bool = option(False, "Where --correction is not given, scale the reference's k to the base's "
+                                    "noise schedule: k x 13.12 / (sigma/alpha at the sampler's first step), so that "
+                                    "the first step moves x0 as far as in the reference's SD sampler "
+                                    "(docs/method.md §2; identity for SD's schedule at 50 steps).")
     cfg_scale: float = option(REFERENCE_CFG_SCALE, "s of the cfg baseline.")
     steps: int = same_as(ExtractConfig, "steps")
     batch_size: int = same_as(ExtractConfig, "batch_size")
@@ -173,10 +178,23 @@ def guidance(s: Settings, finetune: str, method: str) -> tuple:
     they ignore, so that changing w or k does not invalidate a finished baseline."""
     if method == "finextract":
         w, k = REFERENCE_GUIDANCE[finetune]
+        if s.correction is None and s.match_correction and k:
+            k = schedule_matched_correction(k, first_alpha_bar(s.pretrained, s.sampler, s.steps))
         return (w if s.guidance_scale is None else s.guidance_scale, k if s.correction is None else s.correction)
     if method == "cfg":
         return s.cfg_scale, 0.0
     return 1.0, 0.0
+
+
+def first_alpha_bar(pretrained: str, sampler: str, steps: int) -> float:
+    """abar (float64) at the first timestep `sampler` takes in `steps` steps on the base folder's schedule."""
+    from finextract_jax.models.weights import read_json
+    from finextract_jax.noise_schedule import alphas_cumprod_from_config
+    from finextract_jax.sampling.schedulers import make_sampler
+
+    config = read_json(os.path.join(pretrained, "scheduler", "scheduler_config.json"))
+    first = int(make_sampler(sampler, config, steps).timesteps[0])
+    return float(alphas_cumprod_from_config(config)[first])
 
 
 def extract_config(s: Settings, ds: Dataset, finetune: str, method: str):

@@ -86,3 +86,19 @@ def test_unknown_method():
 def test_bad_spec():
     with pytest.raises(InputError):
         G.GuidanceSpec("x", (("teacher", "empty"),), lambda o, s, c: o[0], 1.0, 0.0, False)
+
+
+def test_schedule_matched_correction():
+    """k scaled so that the first step shifts x0 (by -k sigma/alpha eps) as far as the reference's first step
+    on SD's schedule (t = 981) does: identity there, 1/8.2 on DDPM's linear pixel schedule at t = 961."""
+    from finextract_jax.noise_schedule import alphas_cumprod_from_config
+
+    sd = alphas_cumprod_from_config(G.REFERENCE_SCHEDULE)
+    assert G.schedule_matched_correction(-0.02, float(sd[981])) == -0.02
+    assert G.schedule_matched_correction(0.0, 1e-4) == 0.0
+    pixel = alphas_cumprod_from_config({"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02})
+    ratio = np.sqrt((1 - sd[981]) / sd[981]) / np.sqrt((1 - pixel[961]) / pixel[961])
+    assert G.schedule_matched_correction(-0.02, float(pixel[961])) == pytest.approx(-0.02 * ratio, rel=1e-12)
+    assert G.schedule_matched_correction(-0.02, float(pixel[961])) == pytest.approx(-0.00243, abs=1e-5)
+    # SD sampled from a less noisy first step (25 steps: t = 961): k grows to keep the first shift.
+    assert G.schedule_matched_correction(-0.02, float(sd[961])) == pytest.approx(-0.02 * 13.1204 / 11.6760, rel=1e-4)

@@ -224,3 +224,23 @@ def test_binary_bad_input_is_one_line_exit_2(tiny_dir, tmp_path):
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
         assert not (tmp_path / "work").exists()
+
+
+def test_match_correction_scales_only_the_reference_k(tiny_dir, tmp_path):
+    """--match_correction scales DreamBooth's reference k to the base's schedule (the testbed's pixel DDPM
+    schedule at 25 DDIM steps: -0.02 -> -0.00243) and leaves SD's 50-step sampler, LoRA's k = 0, a given
+    --correction and the baselines as they were."""
+    from finextract_jax.testbed.base import COMMITTED_BASE_DIR
+
+    (tmp_path / "photos").mkdir()
+    pixel = _settings(tiny_dir, tmp_path / "w", tmp_path / "photos", pretrained=COMMITTED_BASE_DIR, steps=25,
+                      match_correction=True)
+    w, k = reproduce.guidance(pixel, "dreambooth", "finextract")
+    assert w == 3.0 and k == pytest.approx(-0.0024298, abs=1e-7)
+    assert reproduce.guidance(pixel, "lora", "finextract") == (5.0, 0.0)
+    assert reproduce.guidance(pixel, "dreambooth", "cfg") == (3.0, 0.0)
+    assert reproduce.guidance(dataclasses.replace(pixel, correction=-0.01), "dreambooth", "finextract")[1] == -0.01
+    assert reproduce.guidance(dataclasses.replace(pixel, match_correction=False), "dreambooth", "finextract")[1] == -0.02
+    sd = _settings(tiny_dir, tmp_path / "w", tmp_path / "photos", steps=50, match_correction=True)
+    assert reproduce.guidance(sd, "dreambooth", "finextract") == (3.0, -0.02)
+    assert reproduce.guidance(dataclasses.replace(sd, sampler="reference_ddim"), "dreambooth", "finextract")[1] == -0.02

@@ -218,6 +218,7 @@ def test_sweep_reuses_the_points_finetune(tiny_dir, tmp_path):
     dataset = reproduce.Dataset("object", str(tmp_path / "private"), "sks cat")
     point, run, work = curve.Point("dreambooth", 2, 1e-4), dict(num_images=2, steps=2, features="pixel"), str(tmp_path)
     settings = curve.point_settings(point, 1, "object", dataset, tiny_dir["pixel"], work, run)
+    assert settings.match_correction  # the curve's reference k follows the base's schedule; the sweep's k is as given
     stage = reproduce.plan(settings)[0]
     assert stage.name == "finetune" and stage.record is None
     shutil.copytree(tiny_dir["pixel"], reproduce.model_path(settings, dataset, "dreambooth"))

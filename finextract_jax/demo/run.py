@@ -74,7 +74,7 @@ def reproduce_settings(workdir: str, s: DemoSettings):
                     datasets=(dataset,), num_images=s.num_images, steps=s.steps, batch_size=s.batch_size,
                     features="pixel", select=s.select, finetune_steps=s.finetune_steps,
                     dreambooth_learning_rate=s.dreambooth_learning_rate, lora_learning_rate=s.lora_learning_rate,
-                    rank=s.rank, checkpoint_every=0, seed=s.seed)
+                    rank=s.rank, checkpoint_every=0, seed=s.seed, match_correction=True)
 
 
 def run_demo(workdir: str, s: DemoSettings = DemoSettings(), progress: bool = True) -> str:

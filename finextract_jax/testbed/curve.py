@@ -130,11 +130,14 @@ def point_dir(workdir: str, set_name: str, point: Point, seed: int) -> str:
 
 
 def reproduce_settings(point: Point, seed: int, dataset, pretrained: str, workdir: str, run: dict, **extra):
+    """FineXtract's reference k is scaled to the base's schedule (`match_correction`: -0.02 -> -0.00243 on the
+    testbed's pixel schedule at 25 steps; benchmarks/RESULTS.md, "k matched to the schedule")."""
     from finextract_jax.reproduce import Settings
 
+    fields = {"match_correction": True, f"{point.finetune}_learning_rate": point.learning_rate, **run, **extra}
     return Settings(pretrained=pretrained, workdir=workdir, datasets=(dataset,), finetunes=(point.finetune,),
                     select="topk", finetune_steps=point.steps, augment=point.augment, checkpoint_every=0, seed=seed,
-                    **{f"{point.finetune}_learning_rate": point.learning_rate}, **run, **extra)
+                    **fields)
 
 
 def _rows(settings, set_name: str, point: Point, seed: int, **fields) -> list:
