@@ -114,6 +114,8 @@ def write_grids(workdir: str, settings) -> dict:
 
 
 def report_markdown(s: DemoSettings, settings, rows, grids, setup_s: float) -> str:
+    from finextract_jax.reproduce import guidance
+
     lines = ["# finextract_jax demo", "",
              "Base: the testbed base (`base/`: a 32 px pixel-space model of the SD family trained on 3,017 "
              "Twemoji and Noto emoji with their names as captions). Private set: Twemoji's "
@@ -121,7 +123,9 @@ def report_markdown(s: DemoSettings, settings, rows, grids, setup_s: float) -> s
              f"Fine-tunes: DreamBooth (full UNet, lr {s.dreambooth_learning_rate:g}) and LoRA (rank {s.rank}, "
              f"lr {s.lora_learning_rate:g}), {s.finetune_steps or 200 * NUM_PRIVATE} steps each, batch 1. "
              f"Extraction: N = {s.num_images} images per method, {s.steps} DDIM steps, the same start noise for "
-             "every method; FineXtract w=3, k=-0.02 (DreamBooth) and w=5, k=0 (LoRA); cfg s=3; text2img s=1. "
+             "every method; FineXtract w=3 and the reference k=-0.02 scaled to the base's noise schedule, "
+             f"k={guidance(settings, 'dreambooth', 'finextract')[1]:.5f} (DreamBooth; docs/method.md §2), and w=5, "
+             "k=0 (LoRA); cfg s=3; text2img s=1. "
              f"Clustering and scoring with `pixel` features (correlation of 32 px images); `{s.select}` keeps "
              f"{'the ' + str(NUM_PRIVATE) + ' largest cliques' if s.select == 'topk' else 'every clique'}; "
              f"a training image counts as extracted when its best match's similarity > "
