@@ -78,7 +78,8 @@ def write_outputs(workdir: str, rows: list, sweep_rows: list, floors: dict) -> N
     from finextract_jax.testbed import curve
 
     setup = (f"{FLAGS.features} features, N={FLAGS.num_images}, {FLAGS.steps} DDIM steps, seeds {FLAGS.seeds}; "
-             f"FineXtract (w, k) = {REFERENCE_GUIDANCE}, cfg s = {REFERENCE_CFG_SCALE:g}")
+             f"FineXtract (w, k) = {REFERENCE_GUIDANCE}, DreamBooth's k scaled to the base's noise schedule "
+             f"(reproduce --match_correction), cfg s = {REFERENCE_CFG_SCALE:g}")
     if rows:
         summary = curve.aggregate(rows, curve.POINT_KEYS)
         write_csv(os.path.join(workdir, "curve.csv"), rows, COLUMNS)
