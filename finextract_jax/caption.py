@@ -22,7 +22,11 @@ the true first word's does); `refine_sweeps` then retries every position with ev
 
 Why `gain` by default: `advantage` also rewards prompts under which the *pretrained* model
 denoises the images badly, which has nothing to do with the caption; on the analytic fine-tunes
-of the tests it turns 'a sks toy' into 'a sks quality' where `gain` is exact.
+of the tests it turns 'a sks toy' into 'a sks quality' where `gain` is exact. On trained fine-tunes of
+the testbed base (which reads its captions) neither recovers a word (benchmarks/RESULTS.md, "Caption
+recovery on trained fine-tunes"): `gain` names what the fine-tune's samples show, whatever it was trained
+under, and `advantage`, which scores whole true captions above every single word, is led astray word by
+word by words that merely make the base denoise worse.
 
 All prompts of a step are scored by one jitted function over (prompts x pairs) batches
 (caption_scoring.py): token-id rows are built directly from the candidates' ids, encoded by the
