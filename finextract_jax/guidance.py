@@ -84,8 +84,8 @@ def schedule_matched_correction(k: float, first_alpha_bar: float) -> float:
     """k for a sampler whose first step sits at noise level `first_alpha_bar`, scaled so that the first
     step moves DDIM's x0 estimate as far as k does in the reference's first step on SD's schedule.
 
-    Why: the term k eps_pre makes the noise prediction (1 + k) eps_pre-like, which shifts x0 by
-    -k (sigma/alpha) eps. sigma/alpha at the first step is 13.12 for the reference (SD, t = 981) but
+    Why: the term k eps_pre added to the noise prediction shifts DDIM's x0 estimate by
+    -k (sigma/alpha) eps_pre. sigma/alpha at the first step is 13.12 for the reference (SD, t = 981) but
     108 for DDPM's linear pixel schedule at t = 961, so the reference k pushes a pixel model's first
     x0 eight times as far, past the clipping range (docs/method.md §2). Identity for SD's schedule
     sampled from t = 981 (the reference's 50 steps), exact in float64.
