@@ -56,29 +56,35 @@ def alterations(seed: int = 0) -> dict:
 
 
 def score_table(private: list, base: np.ndarray, features: str, threshold: float, samples: dict) -> list:
-    """Rows (what, mean, min, fraction > threshold) of cosine similarities to each private image."""
+    """Rows (what, mean, min, fraction > threshold) of cosine similarities to each private image
+    (uint8 arrays); `samples` maps a name to PIL images."""
     from PIL import Image
 
     from finextract_jax.features import embed_images, get_extractor
+    from finextract_jax.metrics import extraction_scores
 
     extractor = get_extractor(features)
-    embed = lambda arrays: _unit(embed_images([Image.fromarray(a) for a in arrays], extractor, batch_size=64))
-    ref = embed(private)
+    embed = lambda images: embed_images(images, extractor, batch_size=64)
+    as_images = lambda arrays: [Image.fromarray(a) for a in arrays]
+    ref = embed(as_images(private))
+
+    def best_match(candidates) -> np.ndarray:  # each private image's best match, as the scoring takes it
+        scores = extraction_scores(ref, embed(candidates), [str(i) for i in range(len(ref))],
+                                   [str(j) for j in range(len(candidates))])
+        return np.array([row["similarity"] for row in scores["per_image"]])
+
+    unit = ref / np.linalg.norm(ref, axis=1, keepdims=True)
     rows = []
     for name, alter in alterations().items():
-        s = np.sum(ref * embed([alter(a) for a in private]), axis=1)
-        rows.append((name, s))
-    within = ref @ ref.T
+        altered = embed(as_images([alter(a) for a in private]))
+        rows.append((name, np.sum(unit * altered / np.linalg.norm(altered, axis=1, keepdims=True), axis=1)))
+    within = unit @ unit.T
     np.fill_diagonal(within, -np.inf)
     rows.append(("nearest other image of the private set", within.max(axis=1)))
-    rows.append(("nearest image of the base's training set", (ref @ embed(base).T).max(axis=1)))
-    for name, arrays in samples.items():
-        rows.append((f"best of the {len(arrays)} samples in {name}", (ref @ embed(arrays).T).max(axis=1)))
+    rows.append(("nearest image of the base's training set", best_match(as_images(base))))
+    for name, images in samples.items():
+        rows.append((f"best of the {len(images)} samples in {name}", best_match(images)))
     return [(name, float(s.mean()), float(s.min()), float(np.mean(s > threshold))) for name, s in rows]
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 def main(argv=None) -> int:
@@ -98,7 +104,7 @@ def main(argv=None) -> int:
     names = sorted(read_metadata(args.private))
     private = [np.asarray(load_rgb(os.path.join(args.private, n))) for n in names]
     base = data.load_splits(args.data)[0]["train"][0]
-    samples = {d: [np.asarray(load_rgb(os.path.join(d, n))) for n in sorted(os.listdir(d)) if n.endswith(".png")]
+    samples = {d: [load_rgb(os.path.join(d, n)) for n in sorted(os.listdir(d)) if n.endswith(".png")]
                for d in filter(None, args.samples.split(","))}
     features = args.features.split(",")
     tables = {f: score_table(private, base, f, args.threshold, samples) for f in features}
