@@ -12,7 +12,7 @@ OpenMoji images (a vendor the base never saw) of concepts it trained on, all "sk
 For each set, point (FINETUNE:LR:STEPS[:AUGMENT], AUGMENT a defence) and seed: fine-tune,
 extract with FineXtract / cfg / text2img (reference w, k; cfg s=3) from the same start noise,
 cluster (`select=topk`) and score. Then FineXtract alone at each of --sweep_points for each W:K of
---sweep, on that point's fine-tunes. Writes WORKDIR/curve.csv (one row per seed), curve.md (mean
+--sweep, on that point's fine-tunes (W 'fit': 1/λ fitted to each fine-tune on its private images). Writes WORKDIR/curve.csv (one row per seed), curve.md (mean
 [min, max] over seeds), curve.png, sweep.csv and sweep.md; every run resumes per stage.
 --reuse_samples_from scores another workdir's fine-tunes and samples again (e.g. with pixel features
 what a run scored with SSCD) without fine-tuning or sampling.
@@ -44,7 +44,9 @@ flags.DEFINE_string("sweep_points", "dreambooth:5e-4:200", "The point(s) at whic
                     "(as --points), on the point's own fine-tunes (trained first where --points did not).")
 flags.DEFINE_alias("sweep_point", "sweep_points")
 flags.DEFINE_string("sweep", "1:0,2:0,3:0,5:0,3:-0.02,3:-0.05",
-                    "W:K pairs (guidance scale, correction) for FineXtract at --sweep_points; '' for none.")
+                    "W:K pairs (guidance scale, correction) for FineXtract at --sweep_points; W 'fit': each seed's "
+                    "least-squares w = 1/λ read off its fine-tune and private images (guidance_fit.py; the point "
+                    "must be in --points too); '' for none.")
 flags.DEFINE_integer("num_images", 64, "Images extracted per method, point and seed.")
 flags.DEFINE_integer("steps", 25, "DDIM steps.")
 _app.define_flags(FeatureConfig, only=("features",), defaults={"features": "pixel"}, helps={"features": "Scoring features."})
@@ -55,7 +57,7 @@ flags.DEFINE_string("reuse_samples_from", None, "Another curve workdir whose fin
 FLAGS = flags.FLAGS
 COLUMNS = ("set", "finetune", "finetune_steps", "learning_rate", "augment", "seed", "error_drop", "method", "AS",
            "A_ESR", "num_extracted", "num_train")
-SWEEP_COLUMNS = COLUMNS[:6] + ("guidance_scale", "correction") + COLUMNS[7:]
+SWEEP_COLUMNS = COLUMNS[:6] + ("guidance_scale", "correction", "fitted_w") + COLUMNS[7:]
 
 
 def write_csv(path: str, rows: list, columns: tuple) -> None:
@@ -137,7 +139,7 @@ def main(_):
                 write_outputs(workdir, rows, sweep_rows, floors)
             for sweep_point in sweep_points:
                 for w, k in sweep:
-                    logging.info("%s: sweep at %s, w=%g k=%g, seed %d", name, sweep_point.name, w, k, seed)
+                    logging.info("%s: sweep at %s, w=%s k=%g, seed %d", name, sweep_point.name, w, k, seed)
                     sweep_rows += curve.run_sweep(sweep_point, seed, w, k, name, dataset, pretrained, workdir, run)
                     write_outputs(workdir, rows, sweep_rows, floors)
     logging.info("wrote %s", ", ".join(os.path.join(workdir, f) for f in ("curve.md", "curve.png", "sweep.md")))

@@ -87,3 +87,16 @@ def training_target(x0, noise, alpha_bar, prediction_type: str):
         return jnp.sqrt(a) * noise - jnp.sqrt(1.0 - a) * x0
     raise InputError(f"prediction_type {prediction_type!r} has no training target here "
                      "(use epsilon or v_prediction)")
+
+
+def epsilon_from_output(x_t, output, alpha_bar, prediction_type: str):
+    """The noise a UNet output implies at x_t: the output itself (epsilon), sqrt(abar) v + sqrt(1 − abar) x_t
+    (v-prediction) or (x_t − sqrt(abar) x0) / sqrt(1 − abar) (sample); abar one value per sample or one for all."""
+    a = _per_sample(alpha_bar, x_t.ndim)
+    if prediction_type == "epsilon":
+        return output
+    if prediction_type == "v_prediction":
+        return jnp.sqrt(a) * output + jnp.sqrt(1.0 - a) * x_t
+    if prediction_type == "sample":
+        return (x_t - jnp.sqrt(a) * output) / jnp.sqrt(1.0 - a)
+    raise InputError(f"unsupported prediction_type {prediction_type!r}")

@@ -13,7 +13,7 @@ LAYERS = {
     "options": 0,
     "models": 1,
     "sampling": 2, "features": 2, "cluster": 2, "metrics": 2, "finetune": 2,
-    "caption": 3, "caption_scoring": 3, "stages": 3,
+    "caption": 3, "caption_scoring": 3, "guidance_fit": 3, "stages": 3,
     "reproduce": 4, "demo": 4, "testbed": 4, "audit": 4,
 }
 MAX_LINES = 500

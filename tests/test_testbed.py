@@ -157,7 +157,8 @@ def test_curve_points_seeds_and_sweep_parse():
     with pytest.raises(InputError, match="--point must name one point"):
         curve.parse_point("lora:1e-3:10,20")
     assert curve.parse_sweep("3:-0.02, 1:0,3:-0.02") == [(3.0, -0.02), (1.0, 0.0)] and curve.parse_sweep("") == []
-    for bad in ("3", "3:x", "1:2:3"):
+    assert curve.parse_sweep("fit:-0.002,fit:-0.002") == [("fit", -0.002)]
+    for bad in ("3", "3:x", "1:2:3", "fitted:0", "fit"):
         with pytest.raises(InputError, match="--sweep"):
             curve.parse_sweep(bad)
     assert curve.parse_seeds("0, 2,0") == [0, 2]
@@ -204,12 +205,14 @@ def test_curve_aggregates_seeds_and_plots():
     assert (np.abs(floored.astype(int) - curve.FLOOR_COLOR).sum(-1) == 0).sum() > 100  # the floor's line
 
 
-def test_sweep_reuses_the_points_finetune(tiny_dir, tmp_path):
+def test_sweep_reuses_the_points_finetune(tiny_dir, tmp_path, monkeypatch):
     """The sweep's FineXtract runs on the point's finished fine-tune: nothing of it is trained or
     written again. The point's fine-tune is stood in for by the base itself (a DreamBooth model of
-    zero steps) with the done record reproduce writes for it, so that only one extraction runs."""
+    zero steps) with the done record reproduce writes for it, so that only one extraction runs.
+    w = 'fit' needs that fine-tune finished and samples at its 1/λ."""
     from finextract_jax import reproduce
     from finextract_jax.demo.data import write_folder
+    from finextract_jax.errors import InputError
     from finextract_jax.testbed import curve
 
     rng = np.random.default_rng(0)
@@ -221,6 +224,8 @@ def test_sweep_reuses_the_points_finetune(tiny_dir, tmp_path):
     assert settings.match_correction  # the curve's reference k follows the base's schedule; the sweep's k is as given
     stage = reproduce.plan(settings)[0]
     assert stage.name == "finetune" and stage.record is None
+    with pytest.raises(InputError, match="fine-tune has not finished"):
+        curve.run_sweep(point, 1, curve.FIT, 0.0, "object", dataset, tiny_dir["pixel"], work, run)
     shutil.copytree(tiny_dir["pixel"], reproduce.model_path(settings, dataset, "dreambooth"))
     reproduce.mark_done(stage.folder, "finetune", stage.settings, 1.0)
     before = {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
@@ -237,6 +242,21 @@ def test_sweep_reuses_the_points_finetune(tiny_dir, tmp_path):
         assert json.load(f)["settings"]["guidance_scale"] == 2.0
     with open(os.path.join(folder, "finextract", "run.json")) as f:
         assert reproduce.model_path(settings, dataset, "dreambooth") in f.read()
+
+    from finextract_jax.guidance_fit import GuidanceFit
+
+    fitted = []
+    monkeypatch.setattr(curve, "fit_scale", lambda pre, model, ds: fitted.append(model) or GuidanceFit(0.4, {}, 1.0, 2.5))
+    sweep = curve.run_sweep(point, 1, curve.FIT, 0.0, "object", dataset, tiny_dir["pixel"], work, run)
+    assert fitted == [reproduce.model_path(settings, dataset, "dreambooth")]  # fitted to the point's own fine-tune
+    assert [(r["guidance_scale"], r["fitted_w"]) for r in sweep] == [("fit", 2.5)]
+    with open(os.path.join(work, "object", "sweep", point.name, "wfit_k0", "seed1", "object", "dreambooth",
+                           "finextract", "extract.done.json")) as f:
+        assert json.load(f)["settings"]["guidance_scale"] == 2.5
+    fixed = {k: v for k, v in sweep[0].items() if k != "fitted_w"} | {"guidance_scale": 2.0}
+    table = curve.markdown(curve.aggregate(sweep + [fixed], curve.SWEEP_KEYS), curve.SWEEP_KEYS, "t")
+    assert "| fitted w | method |" in table and "| fit | 0 | 2.500 | finextract |" in table
+    assert "| 2 | 0 |  | finextract |" in table  # a fixed w has no fitted one
 
 
 def test_error_drop_is_zero_for_the_base_and_grows_with_fine_tuning(tiny_dir, tmp_path):

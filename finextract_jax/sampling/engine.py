@@ -113,7 +113,7 @@ def prepare(pretrained: Pipeline, finetuned: Pipeline, method: str, prompt: str,
                        finetuned.prediction_type, record)
 
 
-def _evaluate(model: GuidedModel, variables, contexts, x, t):
+def evaluate(model: GuidedModel, variables, contexts, x, t):
     """UNet outputs for each distinct evaluation at (x, t), as a list in `model.evaluations` order."""
     batch = x.shape[0]
     n = len(model.evaluations)
@@ -154,7 +154,7 @@ def make_batch_sampler(model: GuidedModel, sampler: Sampler, mesh: Mesh) -> Call
             state, first_bad = carry
             x = sampler.model_input(state)
             t = sampler.timesteps[i]
-            outs = _evaluate(model, variables, contexts, x, t)
+            outs = evaluate(model, variables, contexts, x, t)
             eps = [sampler.to_epsilon(x, outs[j].astype(jnp.float32), i, model.prediction_type) for j in model.order]
             state = sampler.step(state, model.spec.combine(eps, scale, correction), i, prediction_type="epsilon")
             bad = ~jnp.isfinite(state.x).all(axis=(1, 2, 3))

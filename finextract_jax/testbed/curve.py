@@ -22,6 +22,7 @@ COLORS = {"finextract": (200, 30, 30), "cfg": (30, 90, 200), "text2img": (40, 15
 POINT_KEYS = ("set", "finetune", "finetune_steps", "learning_rate", "augment")
 SWEEP_KEYS = POINT_KEYS + ("guidance_scale", "correction")
 SCORES = ("AS", "A_ESR")
+MEASURES = ("error_drop", "fitted_w")  # per-fine-tune numbers a table averages over seeds, where every row has them
 FLOOR_COLOR = (140, 140, 140)
 
 
@@ -71,14 +72,19 @@ def parse_point(text: str, flag: str = "point") -> Point:
     return points[0]
 
 
+FIT = "fit"  # a sweep's w: 1/λ fitted to each seed's fine-tune on its private images (guidance_fit.py)
+
+
 def parse_sweep(text: str) -> list:
-    """'3:-0.02,1:0' -> [(3.0, -0.02), (1.0, 0.0)]: FineXtract's (w, k) pairs; '' -> no sweep."""
+    """'3:-0.02,1:0,fit:0' -> [(3.0, -0.02), (1.0, 0.0), ('fit', 0.0)]: FineXtract's (w, k) pairs, w 'fit' for
+    the least-squares w of each fine-tune (`fit_scale`); '' -> no sweep."""
     pairs = []
     for item in filter(None, (i.strip() for i in text.split(","))):
         try:
-            w, k = (float(v) for v in item.split(":"))
+            w, k = item.split(":")
+            w, k = (w if w == FIT else float(w)), float(k)
         except ValueError:
-            raise InputError(f"--sweep: {item!r} is not W:K (guidance scale w, correction k)") from None
+            raise InputError(f"--sweep: {item!r} is not W:K (guidance scale w or 'fit', correction k)") from None
         if (w, k) not in pairs:
             pairs.append((w, k))
     return pairs
@@ -159,10 +165,9 @@ def error_drop(pretrained: str, finetuned: str, dataset, timesteps=(100, 300, 50
     extraction score): 1 - E_ft / E_pre, the fine-tuned model's mean denoising error on the private
     images under their captions over the base's, on the same noisy inputs. 0: not moved; 1: it
     denoises them perfectly. A strength axis that DreamBooth and LoRA share, unlike steps x lr."""
-    from finextract_jax.caption import alphas_cumprod, images_to_model_space, make_pairs
+    from finextract_jax.caption import alphas_cumprod, make_pairs
     from finextract_jax.caption_scoring import PromptScorer
     from finextract_jax.finetune.data import read_metadata
-    from finextract_jax.imageio import load_rgb, to_uint8_array
     from finextract_jax.models.pipeline import load_finetuned, load_pipeline, tokenize
 
     pre = load_pipeline(pretrained)
@@ -170,8 +175,7 @@ def error_drop(pretrained: str, finetuned: str, dataset, timesteps=(100, 300, 50
     metadata = read_metadata(dataset.train_dir)
     names = sorted(metadata)
     captions = sorted({dataset.caption or metadata[n] for n in names})
-    x0 = images_to_model_space(pre, np.stack([to_uint8_array(load_rgb(os.path.join(dataset.train_dir, n)))
-                                              for n in names]))
+    x0 = private_images(pre, dataset)
     per_image = [make_pairs(x0[i:i + 1], timesteps, draws, seed + i, alphas_cumprod(pre), pre.prediction_type)
                  for i in range(len(names))]
     pairs = tuple(np.concatenate(parts) for parts in zip(*per_image))
@@ -179,6 +183,27 @@ def error_drop(pretrained: str, finetuned: str, dataset, timesteps=(100, 300, 50
     e_ft, e_pre = PromptScorer(pre, ft, pairs, batch_size=64).errors(tokenize(ft.tokenizer, captions))
     columns = np.arange(len(row_of))
     return float(1.0 - e_ft[row_of, columns].mean() / e_pre[row_of, columns].mean())
+
+
+def private_images(pipe, dataset) -> np.ndarray:
+    """The private set's images in `pipe`'s model space, [N, C, H, W], in file-name order."""
+    from finextract_jax.caption import images_to_model_space
+    from finextract_jax.finetune.data import read_metadata
+    from finextract_jax.imageio import load_rgb, to_uint8_array
+
+    names = sorted(read_metadata(dataset.train_dir))
+    return images_to_model_space(pipe, np.stack([to_uint8_array(load_rgb(os.path.join(dataset.train_dir, n)))
+                                                 for n in names]))
+
+
+def fit_scale(pretrained: str, finetuned: str, dataset):
+    """guidance_fit.fit_guidance of a fine-tune on its own private images and caption: the GuidanceFit whose
+    w = 1/λ is the least-squares FineXtract scale for that fine-tune (an oracle: it reads the private set)."""
+    from finextract_jax.guidance_fit import fit_guidance
+    from finextract_jax.models.pipeline import load_finetuned, load_pipeline
+
+    pre = load_pipeline(pretrained)
+    return fit_guidance(pre, load_finetuned(pre, finetuned), private_images(pre, dataset), dataset.caption)
 
 
 def copy_floor(private_dir: str, base_images: np.ndarray, features: str = "pixel") -> dict:
@@ -212,15 +237,28 @@ def run_point(point: Point, seed: int, set_name: str, dataset, pretrained: str, 
     return [dict(row, error_drop=drop) for row in rows]
 
 
-def run_sweep(point: Point, seed: int, w: float, k: float, set_name: str, dataset, pretrained: str, workdir: str,
+def run_sweep(point: Point, seed: int, w, k: float, set_name: str, dataset, pretrained: str, workdir: str,
               run: dict) -> list:
     """FineXtract alone at (w, k), in a workdir of its own that uses the point's fine-tune (trained
-    there first if the point has not run yet)."""
-    folder = os.path.join(workdir, set_name, "sweep", point.name, f"w{w:g}_k{k:g}", f"seed{seed}")
+    there first if the point has not run yet). w = FIT: each seed's `fit_scale`, which needs the point's
+    fine-tune finished (run the point first); its rows carry the fitted w."""
+    from finextract_jax.reproduce import finetune_dir, marker_path, model_path
+
+    folder = os.path.join(workdir, set_name, "sweep", point.name, f"w{w if w == FIT else format(w, 'g')}_k{k:g}",
+                          f"seed{seed}")
+    finetune_workdir = point_dir(workdir, set_name, point, seed)
+    fields = {}
+    scale = w
+    if w == FIT:
+        trained = point_settings(point, seed, set_name, dataset, pretrained, workdir, run)
+        if not os.path.isfile(marker_path(finetune_dir(trained, dataset, point.finetune), "finetune")):
+            raise InputError(f"--sweep=fit at {point.name}, seed {seed}: the point's fine-tune has not finished "
+                             "(give the point in --points too)")
+        scale = fit_scale(pretrained, model_path(trained, dataset, point.finetune), dataset).guidance_scale
+        fields["fitted_w"] = scale
     settings = reproduce_settings(point, seed, dataset, pretrained, folder, run, methods=("finextract",),
-                                  guidance_scale=w, correction=k,
-                                  finetune_workdir=point_dir(workdir, set_name, point, seed))
-    return _rows(settings, set_name, point, seed, guidance_scale=w, correction=k)
+                                  guidance_scale=scale, correction=k, finetune_workdir=finetune_workdir)
+    return _rows(settings, set_name, point, seed, guidance_scale=w, correction=k, **fields)
 
 
 # What a run's fine-tune and extract stages leave (reproduce.stage_output, their done records, the folders'
@@ -275,7 +313,7 @@ def reuse_samples(source: str, workdir: str) -> int:
 
 def aggregate(rows: list, keys: tuple) -> list:
     """One row per distinct `keys` (+ method), in first-seen order: n and the mean, min and max of
-    AS and A-ESR over the seeds, and the mean error_drop where the rows have it."""
+    AS and A-ESR over the seeds, and the mean of each of MEASURES that all its rows have."""
     groups: dict = {}
     for r in rows:
         groups.setdefault(tuple(r[k] for k in keys + ("method",)), []).append(r)
@@ -286,8 +324,9 @@ def aggregate(rows: list, keys: tuple) -> list:
             values = [m[score] for m in members]
             row.update({f"{score}_mean": sum(values) / len(values), f"{score}_min": min(values),
                         f"{score}_max": max(values)})
-        if all("error_drop" in m for m in members):
-            row["error_drop"] = sum(m["error_drop"] for m in members) / len(members)
+        for measure in MEASURES:
+            if all(measure in m for m in members):
+                row[measure] = sum(m[measure] for m in members) / len(members)
         out.append(row)
     return out
 
@@ -298,17 +337,18 @@ def _spread(row: dict, score: str, digits: int) -> str:
 
 
 def markdown(summary: list, keys: tuple, header: str) -> str:
-    """A table: the keys, (the fine-tune's mean error_drop,) the method, then AS and A-ESR as mean
-    [min, max] over n seeds."""
+    """A table: the keys, the MEASURES some rows have (the fine-tune's mean error drop, the mean fitted w;
+    blank where a row has none), the method, then AS and A-ESR as mean [min, max] over n seeds."""
     names = {"set": "set", "finetune": "fine-tune", "finetune_steps": "steps", "learning_rate": "lr",
-             "augment": "augment", "guidance_scale": "w", "correction": "k"}
-    drop = all("error_drop" in r for r in summary)
-    lines = [header, "", "| " + " | ".join([names[k] for k in keys] + ["error drop"] * drop + [
+             "augment": "augment", "guidance_scale": "w", "correction": "k", "error_drop": "error drop",
+             "fitted_w": "fitted w"}
+    shown = [m for m in MEASURES if any(m in r for r in summary)]
+    lines = [header, "", "| " + " | ".join([names[k] for k in keys] + [names[m] for m in shown] + [
         "method", "AS mean [min, max]", "A-ESR mean [min, max]", "n"]) + " |",
-             "|" + "---|" * len(keys) + "---:|" * drop + "---|" + "---:|" * 3]
+             "|" + "---|" * len(keys) + "---:|" * len(shown) + "---|" + "---:|" * 3]
     for r in summary:
         cells = [f"{r[k]:g}" if isinstance(r[k], float) else str(r[k]) for k in keys]
-        cells += [f"{r['error_drop']:.3f}"] if drop else []
+        cells += [f"{r[m]:.3f}" if m in r else "" for m in shown]
         cells += [r["method"], _spread(r, "AS", 3), _spread(r, "A_ESR", 2), str(r["n"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
