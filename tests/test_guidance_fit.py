@@ -104,7 +104,7 @@ def test_epsilon_from_output_inverts_each_parameterisation():
     from finextract_jax.noise_schedule import add_noise, epsilon_from_output, training_target
 
     rng = np.random.default_rng(0)
-    x0, noise = rng.standard_normal((2, 3, 2, 4, 4)).astype(np.float32)
+    x0, noise = rng.standard_normal((2, 2, 3, 4, 4)).astype(np.float32)
     abar = np.array([0.9, 0.05], np.float32)
     x_t = add_noise(x0, noise, abar)
     outputs = {"epsilon": noise, "v_prediction": training_target(x0, noise, abar, "v_prediction"), "sample": x0}
