@@ -22,6 +22,11 @@ amplifies e more than it gains along the line. Both
 expectations are taken in epsilon units, as guidance combines them, over the images, `draws` noise
 draws and `timesteps`; the per-timestep ratios are kept too, since nothing forces one λ for all noise
 levels. It costs two UNet evaluations per (image, timestep, draw): no sampling.
+
+d holds two pulls that w amplifies alike: the caption's on the base, g = eps_pre(x, c) − eps_pre(x, ""),
+and the fine-tune's own, f = eps_ft(x, c) − eps_pre(x, c). `split_caption` fits r ≈ a g + b f by least
+squares (a third evaluation, the base on the caption): b is how far past the fine-tune its own pull
+should be extrapolated, a how far the caption's, each with the other at its best.
 """
 from __future__ import annotations
 
@@ -38,12 +43,15 @@ FIT_TIMESTEPS = (100, 300, 500, 700, 900)
 
 @dataclasses.dataclass(frozen=True)
 class GuidanceFit:
-    """λ over all timesteps (`fraction`), per timestep, and the two expectations it is the ratio of."""
+    """λ over all timesteps (`fraction`), per timestep, the two expectations it is the ratio of, and with
+    split_caption the least-squares scales of the caption's pull and the fine-tune's own."""
 
     fraction: float
     per_timestep: dict  # {timestep: λ_t}
     moved: float  # E|d|², mean per element
     toward: float  # E<d, r>, mean per element
+    caption_scale: float | None = None  # a
+    finetune_scale: float | None = None  # b
 
     @property
     def guidance_scale(self) -> float:
@@ -56,7 +64,7 @@ class GuidanceFit:
     def to_json(self) -> dict:
         return {"fraction": self.fraction, "guidance_scale": 1.0 / self.fraction if self.fraction > 0 else None,
                 "per_timestep": {str(t): v for t, v in self.per_timestep.items()}, "moved": self.moved,
-                "toward": self.toward}
+                "toward": self.toward, "caption_scale": self.caption_scale, "finetune_scale": self.finetune_scale}
 
 
 def moments(eps_pre, eps_ft, noise):
@@ -66,11 +74,20 @@ def moments(eps_pre, eps_ft, noise):
     return jnp.sum(d * d), jnp.sum(d * (noise - eps_pre))
 
 
+def term_moments(eps_pre, eps_pre_caption, eps_ft, noise):
+    """Sums (gg, gf, ff, gr, fr) of the caption's pull g = eps_pre_caption − eps_pre, the fine-tune's
+    f = eps_ft − eps_pre_caption and r = noise − eps_pre: the normal equations of r ≈ a g + b f. (d = g + f, so
+    `moments` is (gg + 2 gf + ff, gr + fr).)"""
+    g, f, r = eps_pre_caption - eps_pre, eps_ft - eps_pre_caption, noise - eps_pre
+    return jnp.stack([jnp.sum(g * g), jnp.sum(g * f), jnp.sum(f * f), jnp.sum(g * r), jnp.sum(f * r)])
+
+
 def fit_guidance(pretrained, finetuned, x0: np.ndarray, caption: str, timesteps=FIT_TIMESTEPS, draws: int = 4,
-                 seed: int = 0, batch_size: int = 32) -> GuidanceFit:
+                 seed: int = 0, batch_size: int = 32, split_caption: bool = False) -> GuidanceFit:
     """λ of `finetuned` over `pretrained` (loaded Pipelines) on training images `x0` in model space
     ([N, C, H, W], caption.images_to_model_space), the fine-tuned model conditioned on `caption` and the
-    pretrained one on the empty prompt, exactly as FineXtract samples. Deterministic in `seed`."""
+    pretrained one on the empty prompt, exactly as FineXtract samples; `split_caption` adds the scales a, b
+    of the caption's pull and the fine-tune's own. Deterministic in `seed`."""
     from finextract_jax.noise_schedule import add_noise, alphas_cumprod_from_config, epsilon_from_output
     from finextract_jax.sampling import engine
 
@@ -81,28 +98,46 @@ def fit_guidance(pretrained, finetuned, x0: np.ndarray, caption: str, timesteps=
     alphas = np.asarray(alphas_cumprod_from_config(pretrained.scheduler_config), np.float32)
     if min(timesteps) < 0 or max(timesteps) >= len(alphas):
         raise InputError(f"fit_guidance: timesteps must lie in [0, {len(alphas) - 1}], got {tuple(timesteps)}")
-    model = engine.prepare(pretrained, finetuned, "finextract", caption, fusion="two_applies")
-    ptype = model.prediction_type
+    guided = engine.prepare(pretrained, finetuned, "finextract", caption, fusion="two_applies")
+    # The base on the empty prompt and on the caption, as cfg would evaluate it.
+    base = engine.prepare(pretrained, pretrained, "cfg", caption, fusion="two_applies") if split_caption else None
+    ptype = guided.prediction_type
 
     @jax.jit
     def sums(variables, contexts, x_t, noise, t, alpha_bar):
-        outs = engine.evaluate(model, variables, contexts, x_t, t)
-        eps_pre, eps_ft = (epsilon_from_output(x_t, outs[j].astype(jnp.float32), alpha_bar, ptype) for j in model.order)
-        return moments(eps_pre, eps_ft, noise)
+        eps = lambda model, outs: [epsilon_from_output(x_t, outs[j].astype(jnp.float32), alpha_bar, ptype)
+                                   for j in model.order]
+        eps_pre, eps_ft = eps(guided, engine.evaluate(guided, variables[0], contexts[0], x_t, t))
+        if base is None:
+            gg_gf_ff, gr_fr = moments(eps_pre, eps_ft, noise)
+            return jnp.stack([gg_gf_ff, 0.0, 0.0, gr_fr, 0.0])
+        _, eps_pre_caption = eps(base, engine.evaluate(base, variables[1], contexts[1], x_t, t))
+        return term_moments(eps_pre, eps_pre_caption, eps_ft, noise)
 
+    variables = (guided.variables,) + ((base.variables,) if base else ())
+    contexts = (guided.contexts,) + ((base.contexts,) if base else ())
     images = np.repeat(x0, draws, axis=0)
-    per_timestep, moved, toward = {}, [], []
+    per_timestep, total = {}, np.zeros(5)
     for step, t in enumerate(timesteps):
         noise = np.random.default_rng([seed, step, 13]).standard_normal(images.shape).astype(np.float32)
         x_t = np.asarray(add_noise(images, noise, np.full(len(images), alphas[t])), np.float32)
-        m = s = 0.0
-        for start in range(0, len(images), batch_size):
-            part = slice(start, start + batch_size)
-            dm, ds = sums(model.variables, model.contexts, jnp.asarray(x_t[part]), jnp.asarray(noise[part]),
-                          jnp.int32(t), jnp.float32(alphas[t]))
-            m, s = m + float(dm), s + float(ds)
-        per_timestep[int(t)] = m / s if s else float("nan")
-        moved.append(m / images.size)
-        toward.append(s / images.size)
-    m, s = float(np.mean(moved)), float(np.mean(toward))
-    return GuidanceFit(fraction=m / s if s else float("nan"), per_timestep=per_timestep, moved=m, toward=s)
+        part_sums = sum(np.asarray(sums(variables, contexts, jnp.asarray(x_t[i:i + batch_size]),
+                                        jnp.asarray(noise[i:i + batch_size]), jnp.int32(t), jnp.float32(alphas[t])),
+                                   np.float64) for i in range(0, len(images), batch_size))
+        moved, toward = _moved_toward(part_sums)
+        per_timestep[int(t)] = moved / toward if toward else float("nan")
+        total += part_sums / images.size / len(timesteps)
+    moved, toward = _moved_toward(total)
+    scales = {}
+    if split_caption:
+        (gg, gf, ff, gr, fr) = total
+        scales = dict(zip(("caption_scale", "finetune_scale"),
+                          (float(v) for v in np.linalg.lstsq([[gg, gf], [gf, ff]], [gr, fr], rcond=None)[0])))
+    return GuidanceFit(fraction=moved / toward if toward else float("nan"), per_timestep=per_timestep,
+                       moved=moved, toward=toward, **scales)
+
+
+def _moved_toward(sums) -> tuple:
+    """(E|d|², E<d, r>) from term sums (gg, gf, ff, gr, fr); without the split, d sits whole in g's slots."""
+    gg, gf, ff, gr, fr = (float(v) for v in sums)
+    return gg + 2 * gf + ff, gr + fr

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from finextract_jax.errors import InputError
-from finextract_jax.guidance_fit import GuidanceFit, fit_guidance, moments
+from finextract_jax.guidance_fit import GuidanceFit, fit_guidance, moments, term_moments
 
 
 def _synthetic(lam, off_line, n=400_000, seed=0):
@@ -29,6 +29,19 @@ def test_moments_recover_the_fraction_despite_irreducible_noise(lam):
     assert moved / toward == pytest.approx(lam, rel=0.02)
     regression = toward / float(jnp.sum((noise - eps_pre) ** 2))
     assert regression < 0.3 * lam
+
+
+def test_term_moments_separate_the_captions_pull_from_the_fine_tunes():
+    """When the noise is a g + b f plus irreducible noise, the normal equations of term_moments give back
+    (a, b), and their d-sums are `moments`' (d = g + f)."""
+    rng = np.random.default_rng(2)
+    eps_pre, g, f, rest = (rng.standard_normal(200_000) for _ in range(4))
+    noise = eps_pre + 0.8 * g + 2.5 * f + 1.5 * rest
+    eps_pre, eps_caption, eps_ft, noise = (jnp.asarray(v, jnp.float32) for v in (eps_pre, eps_pre + g, eps_pre + g + f, noise))
+    gg, gf, ff, gr, fr = (float(v) for v in term_moments(eps_pre, eps_caption, eps_ft, noise))
+    assert np.linalg.solve([[gg, gf], [gf, ff]], [gr, fr]) == pytest.approx([0.8, 2.5], abs=0.02)
+    moved, toward = (float(v) for v in moments(eps_pre, eps_ft, noise))
+    assert (gg + 2 * gf + ff, gr + fr) == (pytest.approx(moved, rel=1e-4), pytest.approx(toward, rel=1e-4))
 
 
 def test_off_line_movement_lowers_w_to_the_least_squares_scale():
@@ -69,7 +82,8 @@ def test_fit_on_a_fine_tune_matches_the_unets_outputs_computed_directly(tiny_dir
     ft = dataclasses.replace(pre, unet=dataclasses.replace(pre.unet, params=jax_tree_perturbed(pre.unet.params)))
     x0 = np.random.default_rng(1).standard_normal((3,) + tuple(pre.sample_shape)).astype(np.float32)
     fit = fit_guidance(pre, ft, x0, "sks cat", timesteps=(300,), draws=2, seed=4)
-    assert pre.prediction_type == "v_prediction"
+    split = fit_guidance(pre, ft, x0, "sks cat", timesteps=(300,), draws=2, seed=4, split_caption=True)
+    assert pre.prediction_type == "v_prediction" and fit.caption_scale is None
 
     alpha = np.asarray(alphas_cumprod_from_config(pre.scheduler_config), np.float32)[300]
     images = np.repeat(x0, 2, axis=0)
@@ -87,6 +101,10 @@ def test_fit_on_a_fine_tune_matches_the_unets_outputs_computed_directly(tiny_dir
     assert fit.toward == pytest.approx(np.mean(d * r), rel=1e-4)
     assert fit.per_timestep == {300: pytest.approx(fit.fraction)}
     assert isinstance(fit, GuidanceFit) and fit.to_json()["guidance_scale"] == pytest.approx(1 / fit.fraction)
+    assert split.fraction == pytest.approx(fit.fraction, rel=1e-4)  # the split adds scales, changes nothing else
+    g, f = eps(pre, "sks cat") - eps_pre, eps_ft - eps(pre, "sks cat")
+    (a, b), *_ = np.linalg.lstsq(np.stack([g.ravel(), f.ravel()], 1), r.ravel(), rcond=None)
+    assert (split.caption_scale, split.finetune_scale) == (pytest.approx(a, rel=1e-3), pytest.approx(b, rel=1e-3))
 
 
 def jax_tree_perturbed(params, scale=0.05, seed=3):
