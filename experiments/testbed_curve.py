@@ -47,6 +47,9 @@ flags.DEFINE_string("sweep", "1:0,2:0,3:0,5:0,3:-0.02,3:-0.05",
                     "W:K pairs (guidance scale, correction) for FineXtract at --sweep_points; W 'fit': each seed's "
                     "least-squares w = 1/λ read off its fine-tune and private images (guidance_fit.py; the point "
                     "must be in --points too); '' for none.")
+flags.DEFINE_enum("sweep_method", "finextract", ["finextract", "finextract_caption"],
+                  "The sweep's method: FineXtract, or its ablation with the base on the caption too (w then amplifies "
+                  "only the fine-tune's own pull; guidance.py).")
 flags.DEFINE_integer("num_images", 64, "Images extracted per method, point and seed.")
 flags.DEFINE_integer("steps", 25, "DDIM steps.")
 _app.define_flags(FeatureConfig, only=("features",), defaults={"features": "pixel"}, helps={"features": "Scoring features."})
@@ -96,7 +99,7 @@ def write_outputs(workdir: str, rows: list, sweep_rows: list, floors: dict) -> N
     if sweep_rows:
         write_csv(os.path.join(workdir, "sweep.csv"), sweep_rows, SWEEP_COLUMNS)
         text = curve.markdown(curve.aggregate(sweep_rows, curve.SWEEP_KEYS), curve.SWEEP_KEYS,
-                              f"FineXtract's w and k at {FLAGS.sweep_points} ({setup.split(';')[0]}).")
+                              f"{FLAGS.sweep_method}'s w and k at {FLAGS.sweep_points} ({setup.split(';')[0]}).")
         atomic_write_bytes(os.path.join(workdir, "sweep.md"), text.encode())
 
 
@@ -139,8 +142,10 @@ def main(_):
                 write_outputs(workdir, rows, sweep_rows, floors)
             for sweep_point in sweep_points:
                 for w, k in sweep:
-                    logging.info("%s: sweep at %s, w=%s k=%g, seed %d", name, sweep_point.name, w, k, seed)
-                    sweep_rows += curve.run_sweep(sweep_point, seed, w, k, name, dataset, pretrained, workdir, run)
+                    logging.info("%s: %s sweep at %s, w=%s k=%g, seed %d", name, FLAGS.sweep_method,
+                                 sweep_point.name, w, k, seed)
+                    sweep_rows += curve.run_sweep(sweep_point, seed, w, k, name, dataset, pretrained, workdir, run,
+                                                  FLAGS.sweep_method)
                     write_outputs(workdir, rows, sweep_rows, floors)
     logging.info("wrote %s", ", ".join(os.path.join(workdir, f) for f in ("curve.md", "curve.png", "sweep.md")))
 

@@ -23,6 +23,10 @@ For v-prediction models, convert every model output to epsilon before combining
 combining raw v outputs is not the same as combining epsilons (for `cfg`/`text2img`, and
 `finextract` with k = 0, the weights sum to 1 and both orders agree).
 
+`finextract_caption` is an ablation of it with the base on the caption as well,
+eps_pre(x,c) + w (eps_ft(x,c) − eps_pre(x,c)) + k eps_pre(x,c): w then amplifies only what fine-tuning
+changed, where FineXtract's w also amplifies the caption's pull on the base (cfg's direction).
+
 `GUIDANCE` maps a method name to a `GuidanceSpec`: which (model, prompt) evaluations the method
 needs and how to combine their outputs, so the sampling step can be written once for all methods.
 """
@@ -150,13 +154,19 @@ class GuidanceSpec:
         return tuple(dict.fromkeys(m for m, _ in self.evaluations))
 
     @property
+    def model_guidance(self) -> bool:
+        """Whether the method guides with the pretrained model (FineXtract and its ablation): it then takes
+        FineXtract's (w, k); the baselines sample the fine-tune alone."""
+        return PRETRAINED in self.models
+
+    @property
     def num_evaluations(self) -> int:
         return len(self.evaluations)
 
 
 def _combine_finextract(outs, scale, correction):
-    eps_pre_uncond, eps_ft_cond = outs
-    return finextract(eps_pre_uncond, eps_ft_cond, scale, correction)
+    eps_pre, eps_ft_cond = outs  # the base on the empty prompt (finextract) or the caption (finextract_caption)
+    return finextract(eps_pre, eps_ft_cond, scale, correction)
 
 
 def _combine_cfg(outs, scale, correction):
@@ -180,6 +190,16 @@ GUIDANCE = {
         default_correction=-0.02,
         uses_correction=True,
     ),
+    # An ablation, not the paper's: the base sees the caption too, so w amplifies only the fine-tune's own
+    # pull eps_ft(c) − eps_pre(c), not the caption's pull on the base (docs/method.md §2, the split fit).
+    "finextract_caption": GuidanceSpec(
+        name="finextract_caption",
+        evaluations=((PRETRAINED, CAPTION), (FINETUNED, CAPTION)),
+        combine=_combine_finextract,
+        default_scale=3.0,
+        default_correction=-0.02,
+        uses_correction=True,
+    ),
     "cfg": GuidanceSpec(
         name="cfg",
         evaluations=((FINETUNED, EMPTY), (FINETUNED, CAPTION)),
@@ -198,6 +218,7 @@ GUIDANCE = {
     ),
 }
 METHODS = tuple(GUIDANCE)
+PAPER_METHODS = ("finextract", "cfg", "text2img")  # what the paper's table compares
 
 
 def get_guidance(name: str) -> GuidanceSpec:

@@ -21,7 +21,7 @@ from finextract_jax.features import FeatureConfig
 from finextract_jax.fileio import changed_settings, read_record
 from finextract_jax.finetune.config import DEFAULT_LEARNING_RATE, FinetuneConfig
 from finextract_jax.finetune.config import METHODS as FINETUNE_METHODS
-from finextract_jax.guidance import METHODS as GUIDANCE_METHODS
+from finextract_jax.guidance import METHODS as GUIDANCE_METHODS, PAPER_METHODS, get_guidance
 from finextract_jax.guidance import schedule_matched_correction
 from finextract_jax.metrics import ScoreConfig
 from finextract_jax.models.weights import ALLOW_PICKLE_HELP
@@ -55,7 +55,7 @@ class Settings:
     workdir: str = option(help="Output folder (see the layout above).")
     datasets: tuple = option(flag=False)  # of Dataset; the binary's --datasets/--datasets_file
     finetunes: tuple = option(FINETUNES, "Fine-tuning methods.", choices=FINETUNES)
-    methods: tuple = option(METHODS, "Extraction methods.", choices=METHODS)
+    methods: tuple = option(PAPER_METHODS, "Extraction methods.", choices=METHODS)
     num_images: int = same_as(ExtractConfig, "num_images", help="N: images generated per (fine-tune, method).")
     guidance_scale: float | None = same_as(ExtractConfig, "guidance_scale", default=None, help="w of finextract "
                                            "(default: the reference's, 3.0 DreamBooth, 5.0 LoRA).")
@@ -176,7 +176,7 @@ def finetune_config(s: Settings, finetune: str):
 def guidance(s: Settings, finetune: str, method: str) -> tuple:
     """(guidance_scale, correction) given to extract. Baselines get fixed values for the terms
     they ignore, so that changing w or k does not invalidate a finished baseline."""
-    if method == "finextract":
+    if get_guidance(method).model_guidance:
         w, k = REFERENCE_GUIDANCE[finetune]
         if s.correction is None and s.match_correction and k:
             k = schedule_matched_correction(k, first_alpha_bar(s.pretrained, s.sampler, s.steps))
@@ -233,7 +233,7 @@ def stage_settings(s: Settings, stage: str, ds: Dataset, finetune: str, method: 
         w, k = guidance(s, finetune, method)
         out = dict(num_images=s.num_images, steps=s.steps, batch_size=s.batch_size, sampler=s.sampler, seed=s.seed,
                    dtype=s.dtype)
-        if method == "finextract":
+        if get_guidance(method).model_guidance:
             out.update(guidance_scale=w, correction=k)
         elif method == "cfg":
             out.update(cfg_scale=w)

@@ -56,7 +56,11 @@ def test_registry_evaluations():
     assert (fx.default_scale, fx.default_correction) == (3.0, -0.02)
     assert cfg.default_scale == 3.0 and t2i.default_scale == 1.0
     assert fx.uses_correction and not cfg.uses_correction and not t2i.uses_correction
-    assert set(G.METHODS) == {"finextract", "cfg", "text2img"}
+    assert set(G.METHODS) == {"finextract", "finextract_caption", "cfg", "text2img"}
+    assert G.PAPER_METHODS == ("finextract", "cfg", "text2img")
+    ablation = G.get_guidance("finextract_caption")  # the base on the caption: w amplifies the fine-tune's pull only
+    assert ablation.evaluations == (("pretrained", "caption"), ("finetuned", "caption"))
+    assert [G.get_guidance(m).model_guidance for m in G.METHODS] == [True, True, False, False]
 
 
 def test_registry_combine_matches_functions():
@@ -79,7 +83,7 @@ def test_combine_with_traced_scales_under_jit():
 
 
 def test_unknown_method():
-    with pytest.raises(InputError, match="finextract, cfg, text2img"):
+    with pytest.raises(InputError, match="finextract, finextract_caption, cfg, text2img"):
         G.get_guidance("cfgpp")
 
 

@@ -69,7 +69,8 @@ def test_every_stage_writes_its_outputs(finished):
     assert os.path.isfile(os.path.join(ft, "model", "pytorch_lora_weights.safetensors"))
     assert os.path.isfile(os.path.join(ft, "finetune.done.json"))
     assert not os.path.exists(os.path.join(ft, "model.checkpoints"))
-    for method in reproduce.METHODS:
+    assert settings.methods == ("finextract", "cfg", "text2img")  # the paper's table; the ablation only when asked
+    for method in settings.methods:
         folder = os.path.join(ft, method)
         images = sorted(n for n in os.listdir(os.path.join(folder, "images")) if not n.startswith("."))
         assert images == [f"{i:05d}.png" for i in range(6)]
@@ -80,7 +81,7 @@ def test_every_stage_writes_its_outputs(finished):
         with open(os.path.join(folder, "clusters.json")) as f:
             assert json.load(f)["schedule"] == "reference"  # the paper's rule, whatever cluster's default
     assert [(r["dataset"], r["finetune"], r["method"]) for r in rows] == [
-        ("photos", "lora", m) for m in reproduce.METHODS]
+        ("photos", "lora", m) for m in settings.methods]
     for row in rows:
         assert 0 <= row["A_ESR"] <= 1 and -1 <= row["AS"] <= 1 and row["num_train"] == 3
         assert 1 <= row["num_guesses"] <= 6
@@ -239,6 +240,7 @@ def test_match_correction_scales_only_the_reference_k(tiny_dir, tmp_path):
     assert w == 3.0 and k == pytest.approx(-0.0024298, abs=1e-7)
     assert reproduce.guidance(pixel, "lora", "finextract") == (5.0, 0.0)
     assert reproduce.guidance(pixel, "dreambooth", "cfg") == (3.0, 0.0)
+    assert reproduce.guidance(pixel, "dreambooth", "finextract_caption") == (w, k)  # the ablation takes FineXtract's
     assert reproduce.guidance(dataclasses.replace(pixel, correction=-0.01), "dreambooth", "finextract")[1] == -0.01
     assert reproduce.guidance(dataclasses.replace(pixel, match_correction=False), "dreambooth", "finextract")[1] == -0.02
     sd = _settings(tiny_dir, tmp_path / "w", tmp_path / "photos", steps=50, match_correction=True)

@@ -22,16 +22,19 @@ def _sample(pre, ft, method="finextract", fusion="auto", scale=3.0, correction=-
     return model, np.asarray(x0), np.asarray(first_bad)
 
 
-def test_finextract_loop_matches_plain_python_loop(tiny_pipe, tiny_finetuned):
+@pytest.mark.parametrize("method, base_prompt", [("finextract", ""), ("finextract_caption", CAPTION)])
+def test_finextract_loop_matches_plain_python_loop(tiny_pipe, tiny_finetuned, method, base_prompt):
+    """FineXtract (the base on the empty prompt) and its ablation (the base on the caption, encoded by the
+    base's own text encoder) against the step written out by hand."""
     pre = tiny_pipe("sd1")
     ft = load_finetuned(pre, tiny_finetuned["full"], cache_dir=None)
-    model, x0, first_bad = _sample(pre, ft)
+    model, x0, first_bad = _sample(pre, ft, method)
     assert model.fusion == "two_applies" and (first_bad == -1).all()
 
     # Reference: docs/method.md §2 written out step by step, one UNet call per model.
     w, k = 3.0, -0.02
     smp = engine.build_sampler("ddim", pre.scheduler_config, STEPS)
-    empty = encode_prompts(pre.text_encoder, pre.tokenizer, [""])
+    empty = encode_prompts(pre.text_encoder, pre.tokenizer, [base_prompt])
     caption = encode_prompts(ft.text_encoder, ft.tokenizer, [CAPTION])  # the fine-tuned encoder
     x = start_noise(0, np.arange(2), pre.sample_shape)
     for i in range(STEPS):

@@ -27,6 +27,7 @@ from finextract_jax import fileio
 from finextract_jax.cluster import ClusterConfig
 from finextract_jax.errors import InputError
 from finextract_jax.features import FeatureConfig
+from finextract_jax.guidance import get_guidance
 from finextract_jax.metrics import ScoreConfig
 from finextract_jax.models.weights import ALLOW_PICKLE_HELP
 from finextract_jax.options import check_choices, option, same_as
@@ -107,7 +108,8 @@ def finetune_kind(path: str, finetuned_format: str = "auto") -> str:
 
 def guidance(s: Settings, kind: str) -> tuple:
     """(w, k) for extract: the flags, else the reference's for this method and fine-tune kind."""
-    default = {"finextract": REFERENCE_GUIDANCE[kind], "cfg": (REFERENCE_CFG_SCALE, 0.0)}.get(s.method, (1.0, 0.0))
+    default = (REFERENCE_GUIDANCE[kind] if get_guidance(s.method).model_guidance
+               else {"cfg": (REFERENCE_CFG_SCALE, 0.0)}.get(s.method, (1.0, 0.0)))
     return (default[0] if s.guidance_scale is None else s.guidance_scale,
             default[1] if s.correction is None else s.correction)
 

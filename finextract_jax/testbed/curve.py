@@ -238,13 +238,14 @@ def run_point(point: Point, seed: int, set_name: str, dataset, pretrained: str, 
 
 
 def run_sweep(point: Point, seed: int, w, k: float, set_name: str, dataset, pretrained: str, workdir: str,
-              run: dict) -> list:
-    """FineXtract alone at (w, k), in a workdir of its own that uses the point's fine-tune (trained
-    there first if the point has not run yet). w = FIT: each seed's `fit_scale`, which needs the point's
-    fine-tune finished (run the point first); its rows carry the fitted w."""
+              run: dict, method: str = "finextract") -> list:
+    """FineXtract (or its ablation `method`, finextract_caption) alone at (w, k), in a workdir of its own that
+    uses the point's fine-tune (trained there first if the point has not run yet). w = FIT: each seed's
+    `fit_scale`, which needs the point's fine-tune finished (run the point first); its rows carry the fitted w."""
     from finextract_jax.reproduce import finetune_dir, marker_path, model_path
 
-    folder = os.path.join(workdir, set_name, "sweep", point.name, f"w{w if w == FIT else format(w, 'g')}_k{k:g}",
+    name = f"w{w if w == FIT else format(w, 'g')}_k{k:g}"
+    folder = os.path.join(workdir, set_name, "sweep", point.name, name if method == "finextract" else f"{method}_{name}",
                           f"seed{seed}")
     finetune_workdir = point_dir(workdir, set_name, point, seed)
     fields = {}
@@ -256,7 +257,7 @@ def run_sweep(point: Point, seed: int, w, k: float, set_name: str, dataset, pret
                              "(give the point in --points too)")
         scale = fit_scale(pretrained, model_path(trained, dataset, point.finetune), dataset).guidance_scale
         fields["fitted_w"] = scale
-    settings = reproduce_settings(point, seed, dataset, pretrained, folder, run, methods=("finextract",),
+    settings = reproduce_settings(point, seed, dataset, pretrained, folder, run, methods=(method,),
                                   guidance_scale=scale, correction=k, finetune_workdir=finetune_workdir)
     return _rows(settings, set_name, point, seed, guidance_scale=w, correction=k, **fields)
 
