@@ -1,7 +1,7 @@
 """Audit a fine-tuned checkpoint: from the two models to a report of what it was trained on.
 
     python -m experiments.audit --pretrained=DIR --finetuned=PATH --workdir=DIR
-        [--prompt=auto|TEXT] [--train_dir=DIR] [--num_images=500] [--method=finextract|cfg|text2img]
+        [--prompt=auto|TEXT] [--train_dir=DIR] [--num_images=500] [--method=finextract|finextract_caption|cfg|text2img]
         [--guidance_scale --correction] [--steps=50] [--batch_size=5] [--sampler=ddim]
         [--features=sscd_onnx] [--feature_weights=PATH] [--select=reference] [--num_train]
         [--success_threshold=0.7] [--seed=0] [--dtype=float32] [--lora_scale=1.0]

@@ -1,7 +1,7 @@
 """Sample images from a (pretrained, fine-tuned) pair with model guidance (FineXtract) or a baseline.
 
     python -m experiments.extract --pretrained=DIR|ORG/NAME --finetuned=PATH|ORG/NAME --workdir=DIR [--prompt=TEXT|auto]
-        [--method=finextract|cfg|text2img] [--guidance_scale=3.0] [--correction=-0.02]
+        [--method=finextract|finextract_caption|cfg|text2img] [--guidance_scale=3.0] [--correction=-0.02]
         [--num_images=500] [--batch_size=5] [--steps=50] [--sampler=ddim|reference_ddim|dpm]
         [--seed=0] [--init_latents=FILE.npy] [--dtype=float32|bfloat16] [--lora_scale=1.0]
         [--finetuned_format=auto|full|single_file|lora] [--fusion=auto|two_applies|vmap|lora_batch] [--allow_pickle]
