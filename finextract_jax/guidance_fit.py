@@ -109,8 +109,8 @@ def fit_guidance(pretrained, finetuned, x0: np.ndarray, caption: str, timesteps=
                                    for j in model.order]
         eps_pre, eps_ft = eps(guided, engine.evaluate(guided, variables[0], contexts[0], x_t, t))
         if base is None:
-            gg_gf_ff, gr_fr = moments(eps_pre, eps_ft, noise)
-            return jnp.stack([gg_gf_ff, 0.0, 0.0, gr_fr, 0.0])
+            moved, toward = moments(eps_pre, eps_ft, noise)
+            return jnp.stack([moved, 0.0, 0.0, toward, 0.0])  # d in g's slots (_moved_toward)
         _, eps_pre_caption = eps(base, engine.evaluate(base, variables[1], contexts[1], x_t, t))
         return term_moments(eps_pre, eps_pre_caption, eps_ft, noise)
 
