@@ -181,25 +181,20 @@ def _combine_text2img(outs, scale, correction):
     return text2img(eps_ft_cond)
 
 
+_FINEXTRACT = GuidanceSpec(
+    name="finextract",
+    evaluations=((PRETRAINED, EMPTY), (FINETUNED, CAPTION)),
+    combine=_combine_finextract,
+    default_scale=3.0,
+    default_correction=-0.02,
+    uses_correction=True,
+)
 GUIDANCE = {
-    "finextract": GuidanceSpec(
-        name="finextract",
-        evaluations=((PRETRAINED, EMPTY), (FINETUNED, CAPTION)),
-        combine=_combine_finextract,
-        default_scale=3.0,
-        default_correction=-0.02,
-        uses_correction=True,
-    ),
+    "finextract": _FINEXTRACT,
     # An ablation, not the paper's: the base sees the caption too, so w amplifies only the fine-tune's own
     # pull eps_ft(c) − eps_pre(c), not the caption's pull on the base (docs/method.md §2, the split fit).
-    "finextract_caption": GuidanceSpec(
-        name="finextract_caption",
-        evaluations=((PRETRAINED, CAPTION), (FINETUNED, CAPTION)),
-        combine=_combine_finextract,
-        default_scale=3.0,
-        default_correction=-0.02,
-        uses_correction=True,
-    ),
+    "finextract_caption": dataclasses.replace(_FINEXTRACT, name="finextract_caption",
+                                              evaluations=((PRETRAINED, CAPTION), (FINETUNED, CAPTION))),
     "cfg": GuidanceSpec(
         name="cfg",
         evaluations=((FINETUNED, EMPTY), (FINETUNED, CAPTION)),
