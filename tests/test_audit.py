@@ -24,8 +24,8 @@ import pytest
 
 from finextract_jax import caption as caption_lib
 from finextract_jax.audit import Settings, audit, job
-from finextract_jax.demo.data import write_private_set
 from finextract_jax.errors import InputError
+from finextract_jax.testbed.data import read_committed, write_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # min_gain < 0: keep the best word although this random tiny fine-tune does not read captions.
@@ -106,7 +106,8 @@ def audited(tiny_dir, tiny_finetuned, tmp_path_factory):
                         num_images=4, batch_size=2, steps=3, features="pixel", num_train=2, caption=SMALL_CAPTION)
     first = audit(settings, progress=False)
     shutil.copy(first["report"], root / "first.html")
-    write_private_set(str(root / "photos"), 32, names=("astronaut", "coffee", "chelsea"))
+    images, captions, keys = read_committed("cat_faces")
+    write_folder(str(root / "photos"), dict(zip(keys[:3], images[:3])), dict(zip(keys[:3], captions[:3])))
     scored = dataclasses.replace(settings, train_dir=str(root / "photos"))
     second = audit(scored, progress=False)
     return {"settings": settings, "scored": scored, "first": first, "second": second,
@@ -198,6 +199,16 @@ def test_reference_guidance_per_finetune_kind(tiny_finetuned):
     assert job.guidance(dataclasses.replace(s, method="cfg"), "lora") == (3.0, 0.0)
     assert job.guidance(dataclasses.replace(s, guidance_scale=7.0), "lora") == (7.0, 0.0)
     assert job.num_train(s) == job.DEFAULT_NUM_TRAIN
+
+
+def test_match_correction_scales_the_reference_k_to_the_base_schedule():
+    from finextract_jax.testbed.base import COMMITTED_BASE_DIR
+
+    # The testbed base's DDPM pixel schedule at 25 DDIM steps: -0.02 x 13.12 / 108 (benchmarks/RESULTS.md).
+    s = Settings(pretrained=COMMITTED_BASE_DIR, finetuned="f", workdir="w", steps=25, match_correction=True)
+    assert job.guidance(s, "dreambooth") == (3.0, pytest.approx(-0.0024298, abs=1e-7))
+    assert job.guidance(s, "lora") == (5.0, 0.0)  # nothing to scale
+    assert job.guidance(dataclasses.replace(s, correction=-0.05), "dreambooth") == (3.0, -0.05)  # a given k wins
 
 
 def test_binary_bad_input_is_one_line_and_writes_nothing(tiny_dir, tmp_path):

@@ -211,7 +211,7 @@ def test_sweep_reuses_the_points_finetune(tiny_dir, tmp_path, monkeypatch):
     zero steps) with the done record reproduce writes for it, so that only one extraction runs.
     w = 'fit' needs that fine-tune finished and samples at its 1/λ."""
     from finextract_jax import reproduce
-    from finextract_jax.demo.data import write_folder
+    from finextract_jax.testbed.data import write_folder
     from finextract_jax.errors import InputError
     from finextract_jax.testbed import curve
 
@@ -264,7 +264,7 @@ def test_error_drop_is_zero_for_the_base_and_grows_with_fine_tuning(tiny_dir, tm
     itself has not moved (exactly 0); a few DreamBooth steps at a high rate on those images cut
     their denoising error under the caption, more with more steps."""
     from finextract_jax import reproduce
-    from finextract_jax.demo.data import write_folder
+    from finextract_jax.testbed.data import write_folder
     from finextract_jax.finetune import FinetuneConfig, finetune
     from finextract_jax.testbed import curve
 
@@ -285,7 +285,7 @@ def test_error_drop_is_zero_for_the_base_and_grows_with_fine_tuning(tiny_dir, tm
 def test_copy_floor_scores_the_base_training_images(tmp_path):
     """A private image that is one of the base's training images is matched exactly; the floor is
     what copying the base's training data scores, no more."""
-    from finextract_jax.demo.data import write_folder
+    from finextract_jax.testbed.data import write_folder
     from finextract_jax.testbed import curve
 
     rng = np.random.default_rng(0)

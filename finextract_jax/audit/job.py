@@ -27,11 +27,12 @@ from finextract_jax import fileio
 from finextract_jax.cluster import ClusterConfig
 from finextract_jax.errors import InputError
 from finextract_jax.features import FeatureConfig
-from finextract_jax.guidance import get_guidance
+from finextract_jax.guidance import get_guidance, schedule_matched_correction
 from finextract_jax.metrics import ScoreConfig
 from finextract_jax.models.weights import ALLOW_PICKLE_HELP
 from finextract_jax.options import check_choices, option, same_as
-from finextract_jax.reproduce import REFERENCE_CFG_SCALE, REFERENCE_GUIDANCE, finished, mark_done
+from finextract_jax.reproduce import REFERENCE_CFG_SCALE, REFERENCE_GUIDANCE, first_alpha_bar, finished, mark_done
+from finextract_jax.reproduce import Settings as ReproduceSettings
 from finextract_jax.sampling.run import AUTO_PROMPT, ExtractConfig
 
 # Candidates shown without --train_dir: above the 3-6 photos of a typical DreamBooth subject, so
@@ -64,6 +65,7 @@ class Settings:
                                            help="w (s for cfg); default: the reference's for the fine-tune's kind.")
     correction: float | None = same_as(ExtractConfig, "correction", default=None,
                                        help="k of finextract; default: the reference's for the fine-tune's kind.")
+    match_correction: bool = same_as(ReproduceSettings, "match_correction")
     steps: int = same_as(ExtractConfig, "steps", help="Denoising steps (also of the caption search's samples).")
     batch_size: int = same_as(ExtractConfig, "batch_size")
     sampler: str = same_as(ExtractConfig, "sampler")
@@ -110,8 +112,10 @@ def guidance(s: Settings, kind: str) -> tuple:
     """(w, k) for extract: the flags, else the reference's for this method and fine-tune kind."""
     default = (REFERENCE_GUIDANCE[kind] if get_guidance(s.method).model_guidance
                else {"cfg": (REFERENCE_CFG_SCALE, 0.0)}.get(s.method, (1.0, 0.0)))
-    return (default[0] if s.guidance_scale is None else s.guidance_scale,
-            default[1] if s.correction is None else s.correction)
+    k = default[1]
+    if s.correction is None and s.match_correction and k:
+        k = schedule_matched_correction(k, first_alpha_bar(s.pretrained, s.sampler, s.steps))
+    return (default[0] if s.guidance_scale is None else s.guidance_scale, k if s.correction is None else s.correction)
 
 
 def num_train(s: Settings) -> int:

@@ -296,11 +296,22 @@ def load_style_set(style_file: str | None, train: tuple, root: str | None = None
     return images, captions, keys
 
 
+def write_folder(folder: str, images: dict, captions: dict) -> None:
+    """{name: uint8 image} as PNG files plus metadata.csv (file_name, caption): the layout `finetune` reads."""
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "metadata.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file_name", "caption"])
+        for name, image in images.items():
+            Image.fromarray(image).save(os.path.join(folder, f"{name}.png"))
+            writer.writerow([f"{name}.png", captions[name]])
+
+
 def write_private_object_set(folder: str, splits: dict, caption: str = PRIVATE_OBJECT_CAPTION) -> list:
     """Twemoji's cat faces (from `split_sets`/`load_splits`) as a fine-tuning folder (PNG +
     metadata.csv), all captioned `caption`; returns the file names."""
-    from finextract_jax.demo.data import write_folder
-
     images, _, keys = splits["private"]
     chosen = {k: image for k, image in zip(keys, images) if k.startswith(PRIVATE_OBJECT_VENDOR + "_")}
     write_folder(folder, chosen, {k: caption for k in chosen})
@@ -311,8 +322,6 @@ def write_private_style_set(folder: str, style: tuple) -> list:
     """The style set (from `load_style_set`) as a fine-tuning folder, every image captioned
     PRIVATE_STYLE_CAPTION: a style fine-tune shares one caption, as the paper's WikiArt sets do ("art
     style of <artist>"), and that caption is what FineXtract and cfg extract with."""
-    from finextract_jax.demo.data import write_folder
-
     images, _, keys = style
     write_folder(folder, dict(zip(keys, images)), {k: PRIVATE_STYLE_CAPTION for k in keys})
     return [f"{k}.png" for k in keys]
@@ -348,8 +357,6 @@ def _twemoji_rows(split: tuple) -> tuple:
 def write_committed(folder: str, splits: dict) -> None:
     """The images the repository carries (COMMITTED_ATTRIBUTION says which and why), as fine-tuning
     folders (PNG + metadata.csv with each image's own caption)."""
-    from finextract_jax.demo.data import write_folder
-
     for name, split, count in (("cat_faces", splits["private"], None),
                                ("probe", splits["train"], COMMITTED_PROBE_COUNT)):
         images, captions, keys = _twemoji_rows(split)
