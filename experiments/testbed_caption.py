@@ -5,7 +5,7 @@
         [--point=dreambooth:5e-4:200] [--num_images=64] [--steps=25] [--features=pixel]
         [--search_images=samples|train] [--search_num_images=8] [--max_words=8] [--beam=1]
         [--score=gain|advantage] [--timesteps=300,500,700,900] [--min_gain --refine_sweeps]
-        [--screen_pairs=8 --keep=64]
+        [--screen_pairs=8 --keep=64] [--candidate_windows]
 
 For each caption length and --per_length captions of it (windows of the base's training captions
 made of its tokenizer's whole words, drawn from --seed): fine-tune the private object set (Twemoji's
@@ -42,6 +42,9 @@ flags.DEFINE_enum("search_images", "samples", list(SEARCH_IMAGES), "What the cap
 flags.DEFINE_integer("search_num_images", 8, "Samples the search draws (--search_images=samples).")
 _app.define_flags(CaptionConfig, only=("max_words", "beam", "score", "timesteps", "min_gain", "refine_sweeps",
                                        "screen_pairs", "keep"), defaults={"screen_pairs": 8})
+flags.DEFINE_bool("candidate_windows", False, "Rank every window of 1..--max_words words of the base's training "
+                  "captions as a whole caption (WORKDIR/candidate_captions.txt) and refine from the best, "
+                  "instead of growing the caption word by word.")
 FLAGS = flags.FLAGS
 
 
@@ -63,6 +66,7 @@ def main(_):
     fileio.check_not_inside(workdir, "--workdir", {"--pretrained": pretrained, "--data": FLAGS.data},
                             both_ways=True)
     job = caption_table.Job(pretrained, workdir, point, FLAGS.seed, search=search, search_images=FLAGS.search_images,
+                            candidate_windows=FLAGS.candidate_windows,
                             run=dict(num_images=FLAGS.num_images, steps=FLAGS.steps, features=FLAGS.features))
     splits = data.load_splits(FLAGS.data)[0]
     with fileio.claimed(workdir, "--workdir"):

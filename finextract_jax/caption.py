@@ -20,6 +20,11 @@ right can put a wrong word first (one whose context happens to sit nearer the ca
 the true first word's does); `refine_sweeps` then retries every position with every candidate
 (and with no word), which repairs it.
 
+When the auditor can list plausible captions (DreamBooth's templates such as 'a photo of sks dog',
+or a public base's own training captions), `candidates` ranks each whole line of a file as one
+prompt, by the same score against the empty prompt, and starts the refine sweeps from the best:
+a closed-set search that cannot be led astray word by word, and finds only what the list holds.
+
 Why `gain` by default: `advantage` also rewards prompts under which the *pretrained* model
 denoises the images badly, which has nothing to do with the caption; on the analytic fine-tunes
 of the tests it turns 'a sks toy' into 'a sks quality' where `gain` is exact. On trained fine-tunes of
@@ -57,6 +62,7 @@ from finextract_jax.noise_schedule import add_noise, alphas_cumprod_from_config,
 log = logging.getLogger(__name__)
 
 SCORES = ("advantage", "gain")
+RANKING_KEPT = 20  # candidate captions listed in caption.json, best first
 # Identifiers DreamBooth users put in captions for a new subject (rare tokens in CLIP's vocabulary).
 RARE_IDENTIFIERS = ("sks", "ohwx", "zwx", "xjy", "bnha", "phol", "zkz", "txcl", "hta", "ktn", "pll", "tok")
 _SHORT_WORDS = ("a", "i")
@@ -80,6 +86,8 @@ class CaptionConfig:
     max_candidates: int = option(0, "Keep the N most frequent vocabulary words (0: all).")
     words: tuple = option(RARE_IDENTIFIERS, "Candidate words beside the vocabulary's (by default common DreamBooth "
                           "identifiers, rare in CLIP's vocabulary).")
+    candidates: str = option("", "A text file of whole candidate captions, one per line: rank them as whole prompts "
+                             "and start from the best instead of growing a caption word by word (then refine).")
     batch_size: int = option(512, "UNet evaluations per jitted call.")
     seed: int = option(0, "Seed of the noise (and of the sampled images).")
     # Images generated when none are given: the fine-tuned model's own samples (empty prompt).
@@ -112,10 +120,12 @@ class CaptionResult:
     seconds: float
     config: dict
     sdxl: dict | None = None  # SDXL: the micro-conditioning the prompts were scored under
+    ranking: list | None = None  # with --candidates: the best RANKING_KEPT [{"caption", "score"}]
 
     def to_json(self) -> dict:
         return {"caption": self.caption, "steps": self.steps, "num_candidates": self.num_candidates,
-                "seconds": round(self.seconds, 3), "settings": self.config, **({"sdxl": self.sdxl} if self.sdxl else {})}
+                "seconds": round(self.seconds, 3), "settings": self.config, **({"sdxl": self.sdxl} if self.sdxl else {}),
+                **({"ranking": self.ranking} if self.ranking is not None else {})}
 
 
 # ---- candidates ----------------------------------------------------------------------------
@@ -223,10 +233,89 @@ def make_pairs(x0: np.ndarray, timesteps, draws: int, seed: int, alphas: np.ndar
 # ---- the search ----------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class _Beam:
+    """A caption as its words and each word's token ids (a word may span several tokens)."""
+
     words: tuple
-    ids: tuple
+    pieces: tuple
+
+    @property
+    def ids(self) -> tuple:
+        return tuple(i for piece in self.pieces for i in piece)
+
+    def replaced(self, position: int, word: str | None = None, ids: tuple = ()) -> "_Beam":
+        """The caption with word `position` replaced by `word` (None: removed)."""
+        new_words, new_pieces = ((), ()) if word is None else ((word,), (ids,))
+        return _Beam(self.words[:position] + new_words + self.words[position + 1:],
+                     self.pieces[:position] + new_pieces + self.pieces[position + 1:])
+
+
+def read_candidate_captions(path: str, tokenizer) -> list:
+    """[_Beam] of a candidates file: one caption per line, blank lines and lines starting with '#'
+    skipped, repeats dropped. A caption longer than the text encoder's context is refused."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"--candidates {path}: unreadable ({err})") from None
+    max_tokens = tokenizer.model_max_length - 2
+    beams, seen = [], set()
+    for number, line in enumerate(lines, 1):
+        words = tuple(line.split())
+        if not words or words[0].startswith("#") or words in seen:
+            continue
+        seen.add(words)
+        beam = _Beam(words, tuple(tuple(int(i) for i in tokenizer(w, add_special_tokens=False).input_ids)
+                                  for w in words))
+        if len(beam.ids) > max_tokens:
+            raise InputError(f"--candidates {path}, line {number}: {len(beam.ids)} tokens, more than the text "
+                             f"encoder's {max_tokens}")
+        beams.append(beam)
+    if not beams:
+        raise InputError(f"--candidates {path}: no caption in it (one per line)")
+    return beams
+
+
+def _relative_scores(scorer, config: CaptionConfig, reference: np.ndarray, rows: np.ndarray, screen: int = 0):
+    """(order, scores): the prompts `rows` scored against the one-row `reference` caption (0: as good as
+    it) on the scorer's pairs. With `screen`, all are scored on the first `screen` pairs and only the
+    `keep` best on all of them: `order` indexes the rows scored in full, best first by screening."""
+    order = np.arange(len(rows))
+    if screen and len(rows) > config.keep:
+        ref_ft, _ = scorer.errors(reference, slice(0, screen))
+        e_ft, e_pre = scorer.errors(rows, slice(0, screen))
+        order = np.argsort(-prompt_scores(config.score, e_ft, e_pre, ref_ft[0]), kind="stable")[:config.keep]
+    ref_ft, ref_pre = scorer.errors(reference)
+    e_ft, e_pre = scorer.errors(rows[order])
+    base = prompt_scores(config.score, ref_ft, ref_pre, ref_ft[0])[0]
+    return order, prompt_scores(config.score, e_ft, e_pre, ref_ft[0]) - base
+
+
+def _heldout_gain(check, tokenizer, config: CaptionConfig, current: _Beam, new: _Beam) -> float:
+    """How much better `new` scores than `current` on the held-out pairs (other noise)."""
+    h_ft, h_pre = check.errors(token_rows(tokenizer, [current.ids, new.ids]))
+    held = prompt_scores(config.score, h_ft, h_pre, h_ft[0])
+    return float(held[1] - held[0])
+
+
+def _rank_candidates(select, check, tokenizer, config: CaptionConfig, beams: list, screen: int):
+    """(best caption or the empty one, its step record, the top ranking): every candidate caption
+    (read_candidate_captions) scored as a whole prompt against the empty one."""
+    empty = _Beam((), ())
+    order, scores = _relative_scores(select, config, token_rows(tokenizer, [()]),
+                                     token_rows(tokenizer, [b.ids for b in beams]), screen)
+    ranked = np.argsort(-scores, kind="stable")
+    top = beams[order[ranked[0]]]
+    heldout_gain = _heldout_gain(check, tokenizer, config, empty, top)
+    accepted = heldout_gain > config.min_gain
+    step = {"word": "", "caption": " ".join(top.words), "score": round(float(scores[ranked[0]]), 6),
+            "heldout_gain": round(heldout_gain, 6), "accepted": accepted, "candidates": len(beams)}
+    log.info("best of %d candidate captions: %r (score %.5f, held-out gain %.5f)", len(beams), step["caption"],
+             step["score"], heldout_gain)
+    ranking = [{"caption": " ".join(beams[order[j]].words), "score": round(float(scores[j]), 6)}
+               for j in ranked[:RANKING_KEPT]]
+    return (top if accepted else empty), step, ranking
 
 
 def recover_caption(pretrained, finetuned, images=None, config: CaptionConfig | None = None,
@@ -235,11 +324,14 @@ def recover_caption(pretrained, finetuned, images=None, config: CaptionConfig | 
 
     images: optional pixels [N, 3, R, R] in [-1, 1] (or uint8 [N, R, R, 3]) of the fine-tuned
     model's (extracted or generated) images; without them, `config.num_images` samples of the
-    fine-tuned model with the empty prompt are drawn first.
+    fine-tuned model with the empty prompt are drawn first. With `config.candidates`, the caption
+    starts as the best whole candidate caption (or empty, when none beats the empty prompt on
+    held-out noise) and only the refine sweeps run after it.
     """
     config = config or CaptionConfig()
     start = time.perf_counter()
     tokenizer = finetuned.tokenizer
+    listed = read_candidate_captions(config.candidates, tokenizer) if config.candidates else None  # fail early
     if images is None:
         x0 = sample_images(pretrained, finetuned, config, progress)
     else:
@@ -256,7 +348,20 @@ def recover_caption(pretrained, finetuned, images=None, config: CaptionConfig | 
     screen = config.screen_pairs if 0 < config.screen_pairs < num_pairs else 0
     log.info("caption search: %d candidate words, %d pairs (%d images x %d timesteps x %d draws), score %s",
              len(candidates), num_pairs, len(x0), len(config.timesteps), config.noise_draws, config.score)
+    ranking = None
+    if listed:
+        best, step, ranking = _rank_candidates(select, check, tokenizer, config, listed, screen)
+        steps = [step]
+    else:
+        best, steps = _grow(select, check, tokenizer, config, candidates, screen, progress)
+    best = _refine(select, check, tokenizer, config, candidates, best, steps)
+    return CaptionResult(" ".join(best.words), steps, len(candidates), time.perf_counter() - start, config.record(),
+                         select.micro.to_json() if select.micro else None, ranking)
 
+
+def _grow(select, check, tokenizer, config: CaptionConfig, candidates, screen: int, progress: bool):
+    """(caption, steps): the caption grown left to right, one word (per beam) at a time, while the best
+    word's held-out gain exceeds min_gain."""
     beams = [_Beam((), ())]
     best = beams[0]
     steps = []
@@ -267,47 +372,30 @@ def recover_caption(pretrained, finetuned, images=None, config: CaptionConfig | 
         bar = tqdm(total=config.max_words, unit="word", desc="caption search", dynamic_ncols=True)
     max_tokens = tokenizer.model_max_length - 2
     for _ in range(config.max_words):
-        expansions = [_Beam(b.words + (w,), b.ids + ids) for b in beams for w, ids in candidates
+        expansions = [_Beam(b.words + (w,), b.pieces + (ids,)) for b in beams for w, ids in candidates
                       if len(b.ids) + len(ids) <= max_tokens]
         if not expansions:
             break
-        reference = token_rows(tokenizer, [best.ids])
-        rows = token_rows(tokenizer, [e.ids for e in expansions])
-        order = np.arange(len(expansions))
-        if screen and len(expansions) > config.keep:
-            part = slice(0, screen)
-            ref_ft, ref_pre = select.errors(reference, part)
-            e_ft, e_pre = select.errors(rows, part)
-            scores = prompt_scores(config.score, e_ft, e_pre, ref_ft[0])
-            order = np.argsort(-scores, kind="stable")[:config.keep]
-        ref_ft, ref_pre = select.errors(reference)
-        e_ft, e_pre = select.errors(rows[order])
-        scores = prompt_scores(config.score, e_ft, e_pre, ref_ft[0])
-        base_score = prompt_scores(config.score, ref_ft, ref_pre, ref_ft[0])[0]
-        ranked = np.argsort(-scores, kind="stable")
+        order, scores = _relative_scores(select, config, token_rows(tokenizer, [best.ids]),
+                                         token_rows(tokenizer, [e.ids for e in expansions]), screen)
         new_beams, seen = [], set()
-        for j in ranked:
+        for j in np.argsort(-scores, kind="stable"):
             candidate = expansions[order[j]]
             if candidate.words not in seen:
                 seen.add(candidate.words)
-                new_beams.append((candidate, float(scores[j] - base_score)))
+                new_beams.append((candidate, float(scores[j])))
             if len(new_beams) == config.beam:
                 break
         top, top_score = new_beams[0]
-        # Held-out check of the winner against the current caption, on other noise.
-        h_ft, h_pre = check.errors(token_rows(tokenizer, [best.ids, top.ids]))
-        held = prompt_scores(config.score, h_ft, h_pre, h_ft[0])
-        heldout_gain = float(held[1] - held[0])
+        heldout_gain = _heldout_gain(check, tokenizer, config, best, top)
         step = {"word": top.words[-1], "score": round(top_score, 6), "heldout_gain": round(heldout_gain, 6),
                 "caption": " ".join(top.words)}
         log.info("caption step %d: %r (score %.5f, held-out gain %.5f)", len(steps) + 1, step["caption"], top_score,
                  heldout_gain)
-        if heldout_gain <= config.min_gain:
-            step["accepted"] = False
-            steps.append(step)
-            break
-        step["accepted"] = True
+        step["accepted"] = heldout_gain > config.min_gain
         steps.append(step)
+        if not step["accepted"]:
+            break
         best = top
         beams = [b for b, _ in new_beams]
         if bar:
@@ -315,46 +403,42 @@ def recover_caption(pretrained, finetuned, images=None, config: CaptionConfig | 
             bar.set_postfix(caption=" ".join(best.words)[-40:])
     if bar:
         bar.close()
+    return best, steps
+
+
+def _refine(select, check, tokenizer, config: CaptionConfig, candidates, best: _Beam, steps: list) -> _Beam:
+    """`best` after up to refine_sweeps passes that retry every position, right to left, with every
+    candidate word and with no word; a change is kept when it scores better on the selection pairs
+    and on held-out noise by more than min_gain. Each kept change is appended to `steps`."""
+    max_tokens = tokenizer.model_max_length - 2
     for sweep in range(config.refine_sweeps):
         changed = False
         for position in range(len(best.words) - 1, -1, -1):
             if position >= len(best.words):
                 continue
-            variants = [(best.words[:position] + (w,) + best.words[position + 1:],
-                         best.ids[:_offset(best, candidates, position)] + ids
-                         + best.ids[_offset(best, candidates, position + 1):]) for w, ids in candidates
-                        if w != best.words[position]]
+            variants = [best.replaced(position, w, ids) for w, ids in candidates if w != best.words[position]]
             if len(best.words) > 1:
-                variants.append((best.words[:position] + best.words[position + 1:],
-                                 best.ids[:_offset(best, candidates, position)]
-                                 + best.ids[_offset(best, candidates, position + 1):]))
-            variants = [v for v in variants if len(v[1]) <= max_tokens]
+                variants.append(best.replaced(position))
+            variants = [v for v in variants if len(v.ids) <= max_tokens]
             if not variants:
                 continue
-            reference = token_rows(tokenizer, [best.ids])
-            ref_ft, ref_pre = select.errors(reference)
-            e_ft, e_pre = select.errors(token_rows(tokenizer, [v[1] for v in variants]))
-            scores = prompt_scores(config.score, e_ft, e_pre, ref_ft[0])
-            scores -= prompt_scores(config.score, ref_ft, ref_pre, ref_ft[0])[0]
+            order, scores = _relative_scores(select, config, token_rows(tokenizer, [best.ids]),
+                                             token_rows(tokenizer, [v.ids for v in variants]))
             j = int(np.argmax(scores))
-            words, ids = variants[j]
-            h_ft, h_pre = check.errors(token_rows(tokenizer, [best.ids, ids]))
-            held = prompt_scores(config.score, h_ft, h_pre, h_ft[0])
-            heldout_gain = float(held[1] - held[0])
+            variant = variants[order[j]]
+            heldout_gain = _heldout_gain(check, tokenizer, config, best, variant)
             if scores[j] > config.min_gain and heldout_gain > config.min_gain:
                 log.info("refine sweep %d: %r -> %r (held-out gain %.5f)", sweep + 1, " ".join(best.words),
-                         " ".join(words), heldout_gain)
-                steps.append({"word": words[position] if len(words) == len(best.words) else "",
+                         " ".join(variant.words), heldout_gain)
+                steps.append({"word": variant.words[position] if len(variant.words) == len(best.words) else "",
                               "replaces": best.words[position], "position": position,
                               "score": round(float(scores[j]), 6), "heldout_gain": round(heldout_gain, 6),
-                              "caption": " ".join(words), "accepted": True, "refine": sweep + 1})
-                best = _Beam(words, ids)
+                              "caption": " ".join(variant.words), "accepted": True, "refine": sweep + 1})
+                best = variant
                 changed = True
         if not changed:
             break
-    caption = " ".join(best.words)
-    return CaptionResult(caption, steps, len(candidates), time.perf_counter() - start, config.record(),
-                         select.micro.to_json() if select.micro else None)
+    return best
 
 
 def word_recall(recovered: str, true: str) -> float:
@@ -362,12 +446,6 @@ def word_recall(recovered: str, true: str) -> float:
     caption a search found (benchmarks/bench_caption.py, testbed/caption_table.py)."""
     got, want = collections.Counter(recovered.split()), collections.Counter(true.split())
     return sum((got & want).values()) / sum(want.values())
-
-
-def _offset(beam: _Beam, candidates, position: int) -> int:
-    """Index into beam.ids where word `position` starts (words may span several tokens)."""
-    lengths = {w: len(ids) for w, ids in candidates}
-    return sum(lengths.get(w, 1) for w in beam.words[:position])
 
 
 # ---- caption.json and extract --prompt=auto ---------------------------------------------------

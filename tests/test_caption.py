@@ -181,6 +181,53 @@ def test_recovers_short_captions(sd1, true_caption, score):
     assert record["settings"]["score"] == score and record["num_candidates"] > 100
 
 
+def test_candidate_file_is_read_line_by_line_and_checked(sd1, tmp_path):
+    path = tmp_path / "candidates.txt"
+    path.write_text("# DreamBooth templates\na photo of sks dog\n\n  sks   toy \na photo of sks dog\n")
+    beams = caption_lib.read_candidate_captions(str(path), sd1.tokenizer)
+    assert [b.words for b in beams] == [("a", "photo", "of", "sks", "dog"), ("sks", "toy")]
+    for beam in beams:  # words tokenized one by one spell what the tokenizer makes of the line
+        np.testing.assert_array_equal(caption_lib.token_rows(sd1.tokenizer, [beam.ids]),
+                                      tokenize(sd1.tokenizer, [" ".join(beam.words)]))
+    path.write_text("sks\n" + "dog " * 80 + "\n")
+    with pytest.raises(InputError, match="line 2: 80 tokens"):
+        caption_lib.read_candidate_captions(str(path), sd1.tokenizer)
+    path.write_text("# only a comment\n\n")
+    with pytest.raises(InputError, match="no caption in it"):
+        caption_lib.read_candidate_captions(str(path), sd1.tokenizer)
+    with pytest.raises(InputError, match="unreadable"):
+        caption_lib.read_candidate_captions(str(tmp_path / "missing.txt"), sd1.tokenizer)
+
+
+def test_candidate_captions_are_ranked_whole_then_refined(sd1, tmp_path):
+    """The true caption among near misses ranks first; a list without it starts the refine sweep
+    from the nearest line, which repairs the wrong word; no line is taken when none clears min_gain."""
+    import dataclasses
+
+    true_caption = "a photo of sks dog"
+    finetuned = _Finetuned(sd1, true_caption, photos())
+    near_misses = ["a photo of sks cat", "a photo of ohwx dog", "a sks dog", "photo of sks dog", "a photo of a dog"]
+    listed = tmp_path / "listed.txt"
+    listed.write_text("\n".join(near_misses[:2] + [true_caption] + near_misses[2:]) + "\n")
+    config = dataclasses.replace(FAST, candidates=str(listed), refine_sweeps=0)
+    result = caption_lib.recover_caption(sd1, finetuned, images=photos(), config=config)
+    assert result.caption == true_caption, result.ranking
+    assert [r["caption"] for r in result.ranking][0] == true_caption and len(result.ranking) == 6
+    assert result.steps[0]["accepted"] and result.steps[0]["candidates"] == 6
+    assert result.to_json()["ranking"] == result.ranking
+
+    missing = tmp_path / "missing_truth.txt"
+    missing.write_text("a photo of sks cat\nsks toy\n")
+    result = caption_lib.recover_caption(sd1, finetuned, images=photos(),
+                                         config=dataclasses.replace(FAST, candidates=str(missing)))
+    assert result.ranking[0]["caption"] == "a photo of sks cat" and result.caption == true_caption, result.steps
+    assert result.steps[-1]["refine"] == 1 and result.steps[-1]["replaces"] == "cat"
+
+    strict = dataclasses.replace(config, min_gain=10.0)
+    result = caption_lib.recover_caption(sd1, finetuned, images=photos(), config=strict)
+    assert result.caption == "" and result.steps[0]["accepted"] is False
+
+
 def test_auto_prompt_writes_then_reuses_caption_json(sd1, tmp_path, monkeypatch):
     finetuned = _Finetuned(sd1, "sks", photos())
     config = caption_lib.CaptionConfig(score="gain", timesteps=(600,), max_words=2, refine_sweeps=0,

@@ -40,6 +40,7 @@ LENGTHS = (1, 3, 5, 7)
 PROMPTS = ("true", "recovered", "empty")
 SEARCH_IMAGES = ("samples", "train")  # what the search denoises: the fine-tune's own samples, or its training set
 TABLE_FILE = "caption_table.md"
+CANDIDATES_FILE = "candidate_captions.txt"  # with Job.candidate_windows: every window the search ranks whole
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +67,7 @@ class Job:
     run: dict = dataclasses.field(default_factory=dict)
     search: caption_lib.CaptionConfig = caption_lib.CaptionConfig()
     search_images: str = "samples"
+    candidate_windows: bool = False  # rank every window of the base's captions whole (caption.read_candidate_captions)
 
     def __post_init__(self):
         if self.search_images not in SEARCH_IMAGES:
@@ -90,6 +92,18 @@ def caption_windows(captions, words: set, length: int) -> list:
             if all(w in words for w in window):
                 out.add(" ".join(window))
     return sorted(out)
+
+
+def write_candidate_windows(workdir: str, captions, words: set, max_words: int) -> str:
+    """WORKDIR/candidate_captions.txt: every window of 1..max_words words of `captions` (caption_windows),
+    shortest first: the closed set an auditor of this public base can list, which holds every caption
+    the rule above draws. Returns its path."""
+    from finextract_jax.fileio import atomic_write_bytes
+
+    lines = [w for length in range(1, max_words + 1) for w in caption_windows(captions, words, length)]
+    path = os.path.join(workdir, CANDIDATES_FILE)
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+    return path
 
 
 def parse_lengths(values) -> tuple:
@@ -195,6 +209,10 @@ def run_case(job: Job, case: Case, splits: dict, base) -> dict:
     row = dict(length=case.length, index=case.index, caption=case.caption, recovered=recovered,
                recall=caption_lib.word_recall(recovered, case.caption), exact=float(recovered == case.caption),
                search_s=float(record["seconds"]), num_candidates=int(record["num_candidates"]))
+    if "ranking" in record:  # 1-based place of the true caption among the listed ones kept (0: not among them)
+        listed = [r["caption"] for r in record["ranking"]]
+        row.update(true_rank=listed.index(case.caption) + 1 if case.caption in listed else 0,
+                   num_listed=int(record["steps"][0]["candidates"]))
     for name, prompt in zip(PROMPTS, (case.caption, recovered, "")):
         row.update({f"AS_{name}": done[prompt]["AS"], f"A_ESR_{name}": done[prompt]["A_ESR"]})
     return row
@@ -207,7 +225,11 @@ def caption_table(job: Job, splits: dict, lengths=LENGTHS, per_length: int = 2) 
     from finextract_jax.models.pipeline import load_pipeline
 
     base = functools.cache(lambda: load_pipeline(job.pretrained))
-    cases = pick_cases(splits["train"][1], vocabulary(base().tokenizer), lengths, per_length, job.seed)
+    words = vocabulary(base().tokenizer)
+    cases = pick_cases(splits["train"][1], words, lengths, per_length, job.seed)
+    if job.candidate_windows:
+        listed = write_candidate_windows(job.workdir, splits["train"][1], words, job.search.max_words)
+        job = dataclasses.replace(job, search=dataclasses.replace(job.search, candidates=listed))
     path, rows = os.path.join(job.workdir, TABLE_FILE), []
     for case in cases:
         rows.append(run_case(job, case, splits, base))
@@ -245,7 +267,8 @@ def _scores(row: dict, score: str, digits: int) -> str:
 def markdown(job: Job, rows: list) -> str:
     s, run = job.search, job.run
     setup = (f"Base {job.pretrained}; fine-tune {job.point.name} (seed {job.seed}) on the private object set; "
-             f"search: {rows[0]['num_candidates'] if rows else '?'} candidate words, score {s.score}, "
+             f"search: {rows[0]['num_candidates'] if rows else '?'} candidate words"
+             f"{', starting from the best whole line of ' + s.candidates if s.candidates else ''}, score {s.score}, "
              f"max {s.max_words} words, beam {s.beam}, screen {s.screen_pairs} pairs / keep {s.keep}, "
              f"{s.num_images if job.search_images == 'samples' else 'the training'} images"
              f"{' sampled' if job.search_images == 'samples' else ''} x timesteps {list(s.timesteps)}; "
@@ -257,9 +280,13 @@ def markdown(job: Job, rows: list) -> str:
     for r in per_length(rows):
         lines.append(f"| {r['length']} | {r['n']} | {r['recall']:.2f} | {r['exact']:.2f} | {r['search_s']:.0f} | "
                      f"{_scores(r, 'AS', 3)} | {_scores(r, 'A_ESR', 2)} |")
-    lines += ["", "| words | # | true caption | recovered | recall | search (s) | AS | A-ESR |",
-              "|---:|---:|---|---|---:|---:|---|---|"]
+    ranked = any("true_rank" in r for r in rows)
+    rank_head, rank_rule = (" true caption's rank among the listed |", "---:|") if ranked else ("", "")
+    lines += ["", f"| words | # | true caption | recovered | recall | search (s) | AS | A-ESR |{rank_head}",
+              f"|---:|---:|---|---|---:|---:|---|---|{rank_rule}"]
     for r in rows:
+        rank = (f" {r['true_rank'] or f'> {caption_lib.RANKING_KEPT}'} of {r['num_listed']} |"
+                if "true_rank" in r else "")
         lines.append(f"| {r['length']} | {r['index']} | '{r['caption']}' | '{r['recovered']}' | {r['recall']:.2f} | "
-                     f"{r['search_s']:.0f} | {_scores(r, 'AS', 3)} | {_scores(r, 'A_ESR', 2)} |")
+                     f"{r['search_s']:.0f} | {_scores(r, 'AS', 3)} | {_scores(r, 'A_ESR', 2)} |{rank}")
     return "\n".join(lines) + "\n"
