@@ -3,12 +3,15 @@
     python -m experiments.caption --pretrained=DIR --finetuned=PATH --workdir=DIR [--images=DIR]
         [--num_images=8] [--max_words=8] [--beam=1] [--score=gain|advantage] [--timesteps=300,500,700,900]
         [--noise_draws=1] [--min_gain=0.002] [--refine_sweeps=2] [--screen_pairs=0 --keep=64]
-        [--max_candidates=0] [--words=sks,ohwx] [--seed=0] [--dtype=float32]
+        [--max_candidates=0] [--words=sks,ohwx] [--candidates=FILE] [--seed=0] [--dtype=float32]
 
 Writes DIR/caption.json: {"caption": str, "steps": [{"word", "score", "heldout_gain", ...}], ...}
 and prints the caption. --images: extracted or generated images of the fine-tuned model; without
 it, --num_images samples of the fine-tuned model with the empty prompt are drawn first. For a
 real 49k-token vocabulary use screening, e.g. --screen_pairs=4 --keep=64 --max_candidates=10000.
+--candidates=FILE (one caption per line, '#' comments): rank those whole captions against the empty
+prompt and refine from the best one instead of growing word by word; caption.json then lists the
+best 20 as "ranking".
 """
 from absl import flags, logging
 

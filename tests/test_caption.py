@@ -280,6 +280,10 @@ def test_binary_bad_input_is_one_line(tiny_dir, tmp_path):
     proc = _run(f"--pretrained={tiny_dir['sd1']}", f"--finetuned={tiny_dir['sd1']}", f"--workdir={tmp_path / 'work'}",
                 "--timesteps=5000")
     assert proc.returncode == 2 and "timesteps" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    proc = _run(f"--pretrained={tiny_dir['sd1']}", f"--finetuned={tiny_dir['sd1']}", f"--workdir={tmp_path / 'work'}",
+                f"--candidates={tmp_path / 'no_such_list.txt'}")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "no_such_list.txt: unreadable" in proc.stderr
     assert not (tmp_path / "work").exists()
 
 
