@@ -211,6 +211,21 @@ def test_match_correction_scales_the_reference_k_to_the_base_schedule():
     assert job.guidance(dataclasses.replace(s, correction=-0.05), "dreambooth") == (3.0, -0.05)  # a given k wins
 
 
+def test_caption_candidates_reach_the_search_and_are_checked_first(tiny_dir, tiny_finetuned, tmp_path):
+    listed = tmp_path / "templates.txt"
+    listed.write_text("a photo of sks dog\n")
+    s = Settings(pretrained=tiny_dir["sd1"], finetuned=tiny_finetuned["full"], workdir=str(tmp_path / "out"),
+                 num_images=4, num_train=2, caption_candidates=str(listed), features="pixel")
+    assert job.check_inputs(s, 1) == "dreambooth"
+    assert job.caption_config(s, "dreambooth").candidates == str(listed)
+    assert job.caption_config(dataclasses.replace(s, caption_candidates=None), "dreambooth").candidates == ""
+    with pytest.raises(InputError, match="--caption_candidates .*not a file"):
+        job.check_inputs(dataclasses.replace(s, caption_candidates=str(tmp_path / "none.txt")), 1)
+    with pytest.raises(InputError, match="--caption_candidates is for --prompt=auto"):
+        job.check_inputs(dataclasses.replace(s, prompt="a photo of sks dog"), 1)
+    assert not (tmp_path / "out").exists()
+
+
 def test_binary_bad_input_is_one_line_and_writes_nothing(tiny_dir, tmp_path):
     workdir = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "experiments.audit", f"--pretrained={tiny_dir['sd1']}",

@@ -81,6 +81,8 @@ class Settings:
     lora_scale: float = same_as(ExtractConfig, "lora_scale")
     finetuned_format: str = same_as(ExtractConfig, "finetuned_format")
     allow_pickle: bool = option(False, ALLOW_PICKLE_HELP)
+    caption_candidates: str | None = option(None, "With --prompt=auto: a file of whole candidate captions, one per "
+                                            "line, ranked before the word-by-word refinement (caption --candidates).")
     caption: object = option(None, flag=False)  # a caption.CaptionConfig, or None for caption_config(s, kind)
 
     def __post_init__(self):
@@ -148,7 +150,7 @@ def caption_config(s: Settings, kind: str):
         return s.caption
     w, k = REFERENCE_GUIDANCE[kind]
     return CaptionConfig(screen_pairs=4, keep=64, max_candidates=10000, sample_steps=s.steps, guidance_scale=w,
-                         correction=k, seed=s.seed)
+                         correction=k, seed=s.seed, candidates=_absolute(s.caption_candidates) or "")
 
 
 def _absolute(path):
@@ -196,13 +198,19 @@ def check_inputs(s: Settings, num_devices: int) -> str:
         from finextract_jax.imageio import list_images
 
         list_images(s.train_dir, "--train_dir folder")
+    if s.caption_candidates and s.prompt != AUTO_PROMPT:
+        raise InputError(f"--caption_candidates is for --prompt={AUTO_PROMPT} (the caption search); the prompt was "
+                         "given")
+    if s.caption_candidates and not os.path.isfile(s.caption_candidates):
+        raise InputError(f"--caption_candidates {s.caption_candidates} is not a file; give one caption per line")
     count = num_train(s)
     if not 1 <= count <= s.num_images:
         raise InputError(f"--num_train={count} must be between 1 and --num_images={s.num_images}")
     fileio.check_output_dir(s.workdir, "--workdir")
     fileio.check_not_inside(s.workdir, "--workdir", {"--pretrained": s.pretrained, "--finetuned": s.finetuned,
                                                      "--train_dir": s.train_dir,
-                                                     "--feature_weights": s.feature_weights}, both_ways=True)
+                                                     "--feature_weights": s.feature_weights,
+                                                     "--caption_candidates": s.caption_candidates}, both_ways=True)
     return kind
 
 

@@ -156,10 +156,17 @@ def _caption(settings, caption) -> str:
         return "<p class='muted'>Not recovered yet.</p>"
     rows = [[_esc(step.get("caption", step.get("word"))), f"{step.get('score', float('nan')):.5f}",
              f"{step.get('heldout_gain', float('nan')):.5f}", _step_verdict(step)] for step in caption.get("steps", [])]
+    min_gain = caption.get("settings", {}).get("min_gain", 0)
+    if "ranking" in caption:
+        listed = caption["steps"][0].get("candidates")
+        how = (f"The best of {listed} listed candidate captions is taken when it lowers the fine-tuned model's "
+               f"denoising error on held-out noise by more than {min_gain:g} (relative) against the empty prompt; "
+               "then each word is retried with every candidate word.")
+    else:
+        how = ("The caption grows one word at a time; a word is kept when it lowers the fine-tuned model's "
+               f"denoising error on held-out noise by more than {min_gain:g} (relative).")
     return (f"<p>Recovered caption: <b>{_esc(repr(caption['caption']))}</b> "
-            f"({caption.get('num_candidates')} candidate words, {caption.get('seconds', 0):.1f} s). The caption grows "
-            f"one word at a time; a word is kept when it lowers the fine-tuned model's denoising error on held-out "
-            f"noise by more than {caption.get('settings', {}).get('min_gain', 0):g} (relative).</p>"
+            f"({caption.get('num_candidates')} candidate words, {caption.get('seconds', 0):.1f} s). {how}</p>"
             + _table(rows, ["caption tried", "score", "held-out gain", ""]))
 
 
