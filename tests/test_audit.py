@@ -224,6 +224,14 @@ def test_caption_candidates_reach_the_search_and_are_checked_first(tiny_dir, tin
     with pytest.raises(InputError, match="--caption_candidates is for --prompt=auto"):
         job.check_inputs(dataclasses.replace(s, prompt="a photo of sks dog"), 1)
     assert not (tmp_path / "out").exists()
+    from finextract_jax.audit.report import _caption
+
+    record = {"caption": "a photo of sks dog", "num_candidates": 40, "seconds": 1.0, "settings": {"min_gain": 0.002},
+              "steps": [{"caption": "a photo of sks dog", "score": 0.1, "heldout_gain": 0.09, "accepted": True,
+                         "candidates": 3}], "ranking": [{"caption": "a photo of sks dog", "score": 0.1}]}
+    assert "The best of 3 listed candidate captions" in _caption({"prompt": "auto"}, record)
+    grown = {k: v for k, v in record.items() if k != "ranking"}
+    assert "grows one word at a time" in _caption({"prompt": "auto"}, grown)
 
 
 def test_binary_bad_input_is_one_line_and_writes_nothing(tiny_dir, tmp_path):
