@@ -251,6 +251,11 @@ class _Beam:
                      self.pieces[:position] + new_pieces + self.pieces[position + 1:])
 
 
+def _max_tokens(tokenizer) -> int:
+    """Token ids a caption may have: the text encoder's context less the start and end tokens."""
+    return tokenizer.model_max_length - 2
+
+
 def read_candidate_captions(path: str, tokenizer) -> list:
     """[_Beam] of a candidates file: one caption per line, blank lines and lines starting with '#'
     skipped, repeats dropped. A caption longer than the text encoder's context is refused."""
@@ -259,7 +264,7 @@ def read_candidate_captions(path: str, tokenizer) -> list:
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as err:
         raise InputError(f"--candidates {path}: unreadable ({err})") from None
-    max_tokens = tokenizer.model_max_length - 2
+    max_tokens = _max_tokens(tokenizer)
     beams, seen = [], set()
     for number, line in enumerate(lines, 1):
         words = tuple(line.split())
@@ -370,7 +375,7 @@ def _grow(select, check, tokenizer, config: CaptionConfig, candidates, screen: i
         from tqdm import tqdm
 
         bar = tqdm(total=config.max_words, unit="word", desc="caption search", dynamic_ncols=True)
-    max_tokens = tokenizer.model_max_length - 2
+    max_tokens = _max_tokens(tokenizer)
     for _ in range(config.max_words):
         expansions = [_Beam(b.words + (w,), b.pieces + (ids,)) for b in beams for w, ids in candidates
                       if len(b.ids) + len(ids) <= max_tokens]
@@ -410,7 +415,7 @@ def _refine(select, check, tokenizer, config: CaptionConfig, candidates, best: _
     """`best` after up to refine_sweeps passes that retry every position, right to left, with every
     candidate word and with no word; a change is kept when it scores better on the selection pairs
     and on held-out noise by more than min_gain. Each kept change is appended to `steps`."""
-    max_tokens = tokenizer.model_max_length - 2
+    max_tokens = _max_tokens(tokenizer)
     for sweep in range(config.refine_sweeps):
         changed = False
         for position in range(len(best.words) - 1, -1, -1):
@@ -422,10 +427,10 @@ def _refine(select, check, tokenizer, config: CaptionConfig, candidates, best: _
             variants = [v for v in variants if len(v.ids) <= max_tokens]
             if not variants:
                 continue
-            order, scores = _relative_scores(select, config, token_rows(tokenizer, [best.ids]),
-                                             token_rows(tokenizer, [v.ids for v in variants]))
+            _, scores = _relative_scores(select, config, token_rows(tokenizer, [best.ids]),
+                                         token_rows(tokenizer, [v.ids for v in variants]))  # unscreened: in order
             j = int(np.argmax(scores))
-            variant = variants[order[j]]
+            variant = variants[j]
             heldout_gain = _heldout_gain(check, tokenizer, config, best, variant)
             if scores[j] > config.min_gain and heldout_gain > config.min_gain:
                 log.info("refine sweep %d: %r -> %r (held-out gain %.5f)", sweep + 1, " ".join(best.words),
