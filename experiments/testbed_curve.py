@@ -4,7 +4,8 @@
         [--data=testbed_work/testbed_data.npz] [--style_data=WORKDIR/style_data.npz] [--sets=object,style]
         [--points="dreambooth:5e-4:50,200,800;lora:2e-3:50,200,800;dreambooth:5e-4:200:cutout"]
         [--seeds=0,1,2] [--sweep_points=dreambooth:5e-4:200] [--sweep=1:0,2:0,3:0,5:0,3:-0.02,3:-0.05]
-        [--num_images=64] [--steps=25] [--features=pixel] [--rank=16] [--reuse_samples_from=OTHER_WORKDIR]
+        [--sweep_guidance_max_timestep=T] [--num_images=64] [--steps=25] [--features=pixel] [--rank=16]
+        [--reuse_samples_from=OTHER_WORKDIR]
 
 Private sets: `object` is Twemoji's nine cat faces, "twemoji sks cat face"; `style` is eight
 OpenMoji images (a vendor the base never saw) of concepts it trained on, all "sks style"
@@ -50,6 +51,8 @@ flags.DEFINE_string("sweep", "1:0,2:0,3:0,5:0,3:-0.02,3:-0.05",
 flags.DEFINE_enum("sweep_method", "finextract", ["finextract", "finextract_caption"],
                   "The sweep's method: FineXtract, or its ablation with the base on the caption too (w then amplifies "
                   "only the fine-tune's own pull; guidance.py).")
+flags.DEFINE_integer("sweep_guidance_max_timestep", None, "The sweep guides only at timesteps t <= this (extract "
+                     "--guidance_max_timestep); default: every step.")
 flags.DEFINE_integer("num_images", 64, "Images extracted per method, point and seed.")
 flags.DEFINE_integer("steps", 25, "DDIM steps.")
 _app.define_flags(FeatureConfig, only=("features",), defaults={"features": "pixel"}, helps={"features": "Scoring features."})
@@ -60,7 +63,7 @@ flags.DEFINE_string("reuse_samples_from", None, "Another curve workdir whose fin
 FLAGS = flags.FLAGS
 COLUMNS = ("set", "finetune", "finetune_steps", "learning_rate", "augment", "seed", "error_drop", "method", "AS",
            "A_ESR", "num_extracted", "num_train")
-SWEEP_COLUMNS = COLUMNS[:6] + ("guidance_scale", "correction", "fitted_w") + COLUMNS[7:]
+SWEEP_COLUMNS = COLUMNS[:6] + ("guidance_scale", "correction", "guidance_max_timestep", "fitted_w") + COLUMNS[7:]
 
 
 def write_csv(path: str, rows: list, columns: tuple) -> None:
@@ -98,8 +101,10 @@ def write_outputs(workdir: str, rows: list, sweep_rows: list, floors: dict) -> N
                          np.asarray(curve.plot(summary, title, floors={k: a for k, (a, _) in floors.items()})))
     if sweep_rows:
         write_csv(os.path.join(workdir, "sweep.csv"), sweep_rows, SWEEP_COLUMNS)
+        interval = FLAGS.sweep_guidance_max_timestep
+        guided = "" if interval is None else f", guided at t <= {interval}"
         text = curve.markdown(curve.aggregate(sweep_rows, curve.SWEEP_KEYS), curve.SWEEP_KEYS,
-                              f"{FLAGS.sweep_method}'s w and k at {FLAGS.sweep_points} ({setup.split(';')[0]}).")
+                              f"{FLAGS.sweep_method}'s w and k at {FLAGS.sweep_points} ({setup.split(';')[0]}){guided}.")
         atomic_write_bytes(os.path.join(workdir, "sweep.md"), text.encode())
 
 
@@ -145,7 +150,7 @@ def main(_):
                     logging.info("%s: %s sweep at %s, w=%s k=%g, seed %d", name, FLAGS.sweep_method,
                                  sweep_point.name, w, k, seed)
                     sweep_rows += curve.run_sweep(sweep_point, seed, w, k, name, dataset, pretrained, workdir, run,
-                                                  FLAGS.sweep_method)
+                                                  FLAGS.sweep_method, FLAGS.sweep_guidance_max_timestep)
                     write_outputs(workdir, rows, sweep_rows, floors)
     logging.info("wrote %s", ", ".join(os.path.join(workdir, f) for f in ("curve.md", "curve.png", "sweep.md")))
 

@@ -65,6 +65,8 @@ class Settings:
                                     "noise schedule: k x 13.12 / (sigma/alpha at the sampler's first step), so that "
                                     "the first step moves x0 as far as in the reference's SD sampler "
                                     "(docs/method.md §2; identity for SD's schedule at 50 steps).")
+    guidance_max_timestep: int | None = same_as(ExtractConfig, "guidance_max_timestep",
+                                                help="finextract only: guide at timesteps t <= this (default: all).")
     cfg_scale: float = option(REFERENCE_CFG_SCALE, "s of the cfg baseline.")
     steps: int = same_as(ExtractConfig, "steps")
     batch_size: int = same_as(ExtractConfig, "batch_size")
@@ -200,9 +202,11 @@ def first_alpha_bar(pretrained: str, sampler: str, steps: int) -> float:
 def extract_config(s: Settings, ds: Dataset, finetune: str, method: str):
     w, k = guidance(s, finetune, method)
     prompt = (ds.caption or "") if s.prompt is None else s.prompt
+    interval = s.guidance_max_timestep if get_guidance(method).model_guidance else None
     return ExtractConfig(pretrained=s.pretrained, finetuned=model_path(s, ds, finetune), prompt=prompt,
-                         method=method, guidance_scale=w, correction=k, num_images=s.num_images,
-                         batch_size=s.batch_size, steps=s.steps, sampler=s.sampler, seed=s.seed, dtype=s.dtype)
+                         method=method, guidance_scale=w, correction=k, guidance_max_timestep=interval,
+                         num_images=s.num_images, batch_size=s.batch_size, steps=s.steps, sampler=s.sampler,
+                         seed=s.seed, dtype=s.dtype)
 
 
 def finetune_dir(s: Settings, ds: Dataset, finetune: str) -> str:
@@ -235,6 +239,8 @@ def stage_settings(s: Settings, stage: str, ds: Dataset, finetune: str, method: 
                    dtype=s.dtype)
         if get_guidance(method).model_guidance:
             out.update(guidance_scale=w, correction=k)
+            if s.guidance_max_timestep is not None:  # absent otherwise: records made before it existed still match
+                out.update(guidance_max_timestep=s.guidance_max_timestep)
         elif method == "cfg":
             out.update(cfg_scale=w)
         if s.prompt is not None:

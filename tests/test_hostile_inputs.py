@@ -139,6 +139,8 @@ CASES = [
          message="--guidance_scale must be a finite number"),
     Case("ex_correction_nan", "extract", (*EXTRACT, "--workdir={d}/out", "--correction=nan"),
          message="--correction"),
+    Case("ex_guidance_max_timestep_negative", "extract", (*EXTRACT, "--workdir={d}/out", "--guidance_max_timestep=-1"),
+         message="--guidance_max_timestep must be >= 0"),
     Case("ex_lora_scale_nan", "extract", (*EXTRACT, "--workdir={d}/out", "--lora_scale=nan"),
          message="--lora_scale"),
     Case("ex_lora_with_nan", "extract", (*TINY, "--finetuned={d}/nan.safetensors", *EXTRACT[2:], "--workdir={d}/out"),

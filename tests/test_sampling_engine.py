@@ -13,13 +13,33 @@ CAPTION = "a photo of sks dog"
 STEPS = 4
 
 
-def _sample(pre, ft, method="finextract", fusion="auto", scale=3.0, correction=-0.02, n=2, sampler="ddim"):
+def _sample(pre, ft, method="finextract", fusion="auto", scale=3.0, correction=-0.02, n=2, sampler="ddim",
+            guidance_max_timestep=None):
     model = engine.prepare(pre, ft, method, CAPTION, fusion)
     smp = engine.build_sampler(sampler, pre.scheduler_config, STEPS)
-    run = engine.make_batch_sampler(model, smp, engine.data_mesh())
+    run = engine.make_batch_sampler(model, smp, engine.data_mesh(), guidance_max_timestep)
     x_T = start_noise(0, np.arange(n), pre.sample_shape)
     x0, first_bad = run(model.variables, model.contexts, x_T, scale, correction)
     return model, np.asarray(x0), np.asarray(first_bad)
+
+
+def _written_out(pre, ft, base_prompt, guidance):
+    """docs/method.md §2 step by step, one UNet call per model; guidance(t) -> (w, k) of the step at t."""
+    smp = engine.build_sampler("ddim", pre.scheduler_config, STEPS)
+    empty = encode_prompts(pre.text_encoder, pre.tokenizer, [base_prompt])
+    caption = encode_prompts(ft.text_encoder, ft.tokenizer, [CAPTION])  # the fine-tuned encoder
+    x = start_noise(0, np.arange(2), pre.sample_shape)
+    for i in range(STEPS):
+        t = smp.timesteps[i]
+        w, k = guidance(int(t))
+        eps_pre = pre.unet.module.apply({"params": pre.unet.params}, x, t, jnp.repeat(empty, 2, 0))
+        eps_ft = ft.unet.module.apply({"params": ft.unet.params}, x, t, jnp.repeat(caption, 2, 0))
+        eps = eps_pre + w * (eps_ft - eps_pre) + k * eps_pre
+        abar = smp.alpha[i] ** 2
+        abar_prev = smp.alpha_prev[i] ** 2
+        x0_hat = (x - jnp.sqrt(1 - abar) * eps) / jnp.sqrt(abar)
+        x = jnp.sqrt(abar_prev) * x0_hat + jnp.sqrt(1 - abar_prev) * eps
+    return np.asarray(x)
 
 
 @pytest.mark.parametrize("method, base_prompt", [("finextract", ""), ("finextract_caption", CAPTION)])
@@ -30,23 +50,24 @@ def test_finextract_loop_matches_plain_python_loop(tiny_pipe, tiny_finetuned, me
     ft = load_finetuned(pre, tiny_finetuned["full"], cache_dir=None)
     model, x0, first_bad = _sample(pre, ft, method)
     assert model.fusion == "two_applies" and (first_bad == -1).all()
+    reference = _written_out(pre, ft, base_prompt, lambda t: (3.0, -0.02))
+    assert np.abs(reference - x0).max() <= 1e-4 * max(1.0, np.abs(x0).max())
 
-    # Reference: docs/method.md §2 written out step by step, one UNet call per model.
-    w, k = 3.0, -0.02
-    smp = engine.build_sampler("ddim", pre.scheduler_config, STEPS)
-    empty = encode_prompts(pre.text_encoder, pre.tokenizer, [base_prompt])
-    caption = encode_prompts(ft.text_encoder, ft.tokenizer, [CAPTION])  # the fine-tuned encoder
-    x = start_noise(0, np.arange(2), pre.sample_shape)
-    for i in range(STEPS):
-        t = smp.timesteps[i]
-        eps_pre = pre.unet.module.apply({"params": pre.unet.params}, x, t, jnp.repeat(empty, 2, 0))
-        eps_ft = ft.unet.module.apply({"params": ft.unet.params}, x, t, jnp.repeat(caption, 2, 0))
-        eps = eps_pre + w * (eps_ft - eps_pre) + k * eps_pre
-        abar = smp.alpha[i] ** 2
-        abar_prev = smp.alpha_prev[i] ** 2
-        x0_hat = (x - jnp.sqrt(1 - abar) * eps) / jnp.sqrt(abar)
-        x = jnp.sqrt(abar_prev) * x0_hat + jnp.sqrt(1 - abar_prev) * eps
-    assert np.abs(np.asarray(x) - x0).max() <= 1e-4 * max(1.0, np.abs(x0).max())
+
+def test_guidance_interval_leaves_the_noisier_steps_to_the_finetune(tiny_pipe, tiny_finetuned):
+    """--guidance_max_timestep: steps above it take w = 1, k = 0 (the fine-tune on the caption alone), the
+    rest the full combination; against the loop written out, and different from guiding every step."""
+    pre = tiny_pipe("sd1")
+    ft = load_finetuned(pre, tiny_finetuned["full"], cache_dir=None)
+    timesteps = [int(t) for t in engine.build_sampler("ddim", pre.scheduler_config, STEPS).timesteps]
+    bound = timesteps[2]  # the first two steps unguided
+    _, x0, _ = _sample(pre, ft, guidance_max_timestep=bound)
+    reference = _written_out(pre, ft, "", lambda t: (3.0, -0.02) if t <= bound else (1.0, 0.0))
+    assert np.abs(reference - x0).max() <= 1e-4 * max(1.0, np.abs(x0).max())
+    _, everywhere, _ = _sample(pre, ft)
+    assert np.abs(everywhere - x0).max() > 1e-2
+    _, above_all, _ = _sample(pre, ft, guidance_max_timestep=timesteps[0])
+    np.testing.assert_array_equal(above_all, everywhere)
 
 
 def test_vmap_fusion_equals_two_applies(tiny_pipe, tiny_finetuned):

@@ -242,6 +242,12 @@ def test_sweep_reuses_the_points_finetune(tiny_dir, tmp_path, monkeypatch):
         assert json.load(f)["settings"]["guidance_scale"] == 2.0
     with open(os.path.join(folder, "finextract", "run.json")) as f:
         assert reproduce.model_path(settings, dataset, "dreambooth") in f.read()
+    guided = curve.run_sweep(point, 1, 2.0, 0.0, "object", dataset, tiny_dir["pixel"], work, run,
+                             guidance_max_timestep=500)
+    assert guided[0]["guidance_max_timestep"] == 500
+    with open(os.path.join(work, "object", "sweep", point.name, "w2_k0_t500", "seed1", "object", "dreambooth",
+                           "finextract", "extract.done.json")) as f:
+        assert json.load(f)["settings"]["guidance_max_timestep"] == 500
 
     from finextract_jax.guidance_fit import GuidanceFit
 

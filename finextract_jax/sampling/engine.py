@@ -143,12 +143,24 @@ def evaluate(model: GuidedModel, variables, contexts, x, t):
     return [outputs[i] for i in range(n)]
 
 
-def make_batch_sampler(model: GuidedModel, sampler: Sampler, mesh: Mesh) -> Callable:
+def guided_steps(sampler: Sampler, guidance_max_timestep: int | None) -> np.ndarray | None:
+    """Per step, whether it is guided (t <= guidance_max_timestep); None: every step is."""
+    if guidance_max_timestep is None:
+        return None
+    return np.asarray(sampler.timesteps) <= guidance_max_timestep
+
+
+def make_batch_sampler(model: GuidedModel, sampler: Sampler, mesh: Mesh,
+                       guidance_max_timestep: int | None = None) -> Callable:
     """jit(variables, contexts, x_T, scale, correction) -> (x_0 [B,C,H,W] f32, first_bad_step [B] i32).
 
     first_bad_step is -1 for images whose latents stayed finite, else the first step at which
-    they did not. scale/correction are traced: changing them does not recompile.
+    they did not. scale/correction are traced: changing them does not recompile. Steps with a
+    timestep above `guidance_max_timestep` combine with scale 1 and correction 0: the guided model
+    on the caption alone (the fine-tune for finextract and cfg), unguided.
     """
+    guided = guided_steps(sampler, guidance_max_timestep)
+
     def run(variables, contexts, x_T, scale, correction):
         def body(i, carry):
             state, first_bad = carry
@@ -156,7 +168,11 @@ def make_batch_sampler(model: GuidedModel, sampler: Sampler, mesh: Mesh) -> Call
             t = sampler.timesteps[i]
             outs = evaluate(model, variables, contexts, x, t)
             eps = [sampler.to_epsilon(x, outs[j].astype(jnp.float32), i, model.prediction_type) for j in model.order]
-            state = sampler.step(state, model.spec.combine(eps, scale, correction), i, prediction_type="epsilon")
+            w, k = scale, correction
+            if guided is not None:
+                on = jnp.asarray(guided)[i]
+                w, k = jnp.where(on, scale, 1.0), jnp.where(on, correction, 0.0)
+            state = sampler.step(state, model.spec.combine(eps, w, k), i, prediction_type="epsilon")
             bad = ~jnp.isfinite(state.x).all(axis=(1, 2, 3))
             first_bad = jnp.where((first_bad < 0) & bad, i, first_bad)
             return state, first_bad

@@ -53,6 +53,10 @@ class ExtractConfig:
     method: str = option("finextract", "Guidance method.", choices=GUIDANCE_METHODS)
     guidance_scale: float = option(3.0, "w for finextract, s for cfg (unused by text2img).")
     correction: float = option(-0.02, "k for finextract (the eps_pre correction term).")
+    guidance_max_timestep: int | None = option(
+        None, "Guide only at timesteps t <= this; the noisier steps before sample the fine-tuned model on the "
+        "prompt alone (w = 1, k = 0; cfg's s = 1), so that guidance sharpens the image the fine-tune starts "
+        "drawing instead of picking it (docs/method.md §2). Default: every step, as the paper.")
     num_images: int = option(500, "Number of images N.")
     batch_size: int = option(5, "Images per batch (a multiple of the device count).")
     steps: int = option(50, "Denoising steps.")
@@ -166,6 +170,8 @@ def _validate(config: ExtractConfig, num_devices: int):
     for name in ("guidance_scale", "correction", "lora_scale"):
         if not math.isfinite(getattr(config, name)):
             raise InputError(f"--{name} must be a finite number, not {getattr(config, name)}")
+    if config.guidance_max_timestep is not None and config.guidance_max_timestep < 0:
+        raise InputError(f"--guidance_max_timestep must be >= 0, not {config.guidance_max_timestep}")
     get_guidance(config.method)
 
 
@@ -303,7 +309,7 @@ def extract(config: ExtractConfig, workdir: str, progress: bool = True, devices=
         warn_if_truncated(pretrained.tokenizer, prompt, "--prompt")
         model = engine.prepare(pretrained, finetuned, config.method, prompt, config.fusion, micro)
         sampler = engine.build_sampler(config.sampler, pretrained.scheduler_config, config.steps)
-        sample = engine.make_batch_sampler(model, sampler, mesh)
+        sample = engine.make_batch_sampler(model, sampler, mesh, config.guidance_max_timestep)
         decode = engine.make_decoder(pretrained, mesh)
         vae_params = _replicated(pretrained.vae.params if pretrained.vae else {}, mesh)
         variables, contexts = _replicated((model.variables, model.contexts), mesh)

@@ -238,13 +238,16 @@ def run_point(point: Point, seed: int, set_name: str, dataset, pretrained: str, 
 
 
 def run_sweep(point: Point, seed: int, w, k: float, set_name: str, dataset, pretrained: str, workdir: str,
-              run: dict, method: str = "finextract") -> list:
+              run: dict, method: str = "finextract", guidance_max_timestep: int | None = None) -> list:
     """FineXtract (or its ablation `method`, finextract_caption) alone at (w, k), in a workdir of its own that
     uses the point's fine-tune (trained there first if the point has not run yet). w = FIT: each seed's
-    `fit_scale`, which needs the point's fine-tune finished (run the point first); its rows carry the fitted w."""
+    `fit_scale`, which needs the point's fine-tune finished (run the point first); its rows carry the fitted w.
+    guidance_max_timestep: guide only at t <= it (sampling/engine.py), a workdir of its own again."""
     from finextract_jax.reproduce import finetune_dir, marker_path, model_path
 
     name = f"w{w if w == FIT else format(w, 'g')}_k{k:g}"
+    if guidance_max_timestep is not None:
+        name += f"_t{guidance_max_timestep}"
     folder = os.path.join(workdir, set_name, "sweep", point.name, name if method == "finextract" else f"{method}_{name}",
                           f"seed{seed}")
     finetune_workdir = point_dir(workdir, set_name, point, seed)
@@ -258,8 +261,10 @@ def run_sweep(point: Point, seed: int, w, k: float, set_name: str, dataset, pret
         scale = fit_scale(pretrained, model_path(trained, dataset, point.finetune), dataset).guidance_scale
         fields["fitted_w"] = scale
     settings = reproduce_settings(point, seed, dataset, pretrained, folder, run, methods=(method,),
-                                  guidance_scale=scale, correction=k, finetune_workdir=finetune_workdir)
-    return _rows(settings, set_name, point, seed, guidance_scale=w, correction=k, **fields)
+                                  guidance_scale=scale, correction=k, guidance_max_timestep=guidance_max_timestep,
+                                  finetune_workdir=finetune_workdir)
+    return _rows(settings, set_name, point, seed, guidance_scale=w, correction=k,
+                 guidance_max_timestep=guidance_max_timestep, **fields)
 
 
 # What a run's fine-tune and extract stages leave (reproduce.stage_output, their done records, the folders'
