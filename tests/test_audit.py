@@ -211,6 +211,23 @@ def test_match_correction_scales_the_reference_k_to_the_base_schedule():
     assert job.guidance(dataclasses.replace(s, correction=-0.05), "dreambooth") == (3.0, -0.05)  # a given k wins
 
 
+def test_guidance_interval_reaches_extract_and_the_report(tiny_dir, tiny_finetuned, tmp_path):
+    from finextract_jax.audit.report import _summary
+
+    s = Settings(pretrained=tiny_dir["sd1"], finetuned=tiny_finetuned["full"], workdir=str(tmp_path / "out"),
+                 prompt="a photo of sks dog", num_images=4, num_train=2, features="pixel", guidance_max_timestep=500)
+    assert job.check_inputs(s, 1) == "dreambooth"
+    assert job.extract_config(s, "dreambooth").guidance_max_timestep == 500
+    assert job.stage_settings(s, "dreambooth")["extract"]["guidance_max_timestep"] == 500
+    every_step = dataclasses.replace(s, guidance_max_timestep=None)
+    assert "guidance_max_timestep" not in job.stage_settings(every_step, "dreambooth")["extract"]
+    assert "guided only at t &le; 500" in _summary(job.report_settings(s, "dreambooth"), None, None, None, None)
+    assert "guided only" not in _summary(job.report_settings(every_step, "dreambooth"), None, None, None, None)
+    with pytest.raises(InputError, match="--guidance_max_timestep must be >= 0"):
+        job.check_inputs(dataclasses.replace(s, guidance_max_timestep=-1), 1)
+    assert not (tmp_path / "out").exists()
+
+
 def test_caption_candidates_reach_the_search_and_are_checked_first(tiny_dir, tiny_finetuned, tmp_path):
     listed = tmp_path / "templates.txt"
     listed.write_text("a photo of sks dog\n")

@@ -66,6 +66,7 @@ class Settings:
     correction: float | None = same_as(ExtractConfig, "correction", default=None,
                                        help="k of finextract; default: the reference's for the fine-tune's kind.")
     match_correction: bool = same_as(ReproduceSettings, "match_correction")
+    guidance_max_timestep: int | None = same_as(ExtractConfig, "guidance_max_timestep")
     steps: int = same_as(ExtractConfig, "steps", help="Denoising steps (also of the caption search's samples).")
     batch_size: int = same_as(ExtractConfig, "batch_size")
     sampler: str = same_as(ExtractConfig, "sampler")
@@ -135,9 +136,9 @@ def extract_config(s: Settings, kind: str):
 
     w, k = guidance(s, kind)
     return ExtractConfig(pretrained=s.pretrained, finetuned=s.finetuned, prompt=s.prompt, method=s.method,
-                         guidance_scale=w, correction=k, num_images=s.num_images, batch_size=s.batch_size,
-                         steps=s.steps, sampler=s.sampler, seed=s.seed, dtype=s.dtype, lora_scale=s.lora_scale,
-                         finetuned_format=s.finetuned_format)
+                         guidance_scale=w, correction=k, guidance_max_timestep=s.guidance_max_timestep,
+                         num_images=s.num_images, batch_size=s.batch_size, steps=s.steps, sampler=s.sampler,
+                         seed=s.seed, dtype=s.dtype, lora_scale=s.lora_scale, finetuned_format=s.finetuned_format)
 
 
 def caption_config(s: Settings, kind: str):
@@ -166,6 +167,8 @@ def stage_settings(s: Settings, kind: str) -> dict:
                            lora_scale=s.lora_scale, finetuned_format=s.finetuned_format),
            "cluster": dict(features=s.features, feature_weights=_absolute(s.feature_weights), select=s.select,
                            num_train=num_train(s), seed=s.seed)}
+    if s.guidance_max_timestep is not None:  # absent otherwise: records made before it existed still match
+        out["extract"]["guidance_max_timestep"] = s.guidance_max_timestep
     if s.train_dir:
         out["evaluate"] = dict(train_dir=_absolute(s.train_dir), features=s.features,
                                feature_weights=_absolute(s.feature_weights), success_threshold=s.success_threshold)

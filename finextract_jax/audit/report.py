@@ -71,6 +71,11 @@ def _table(rows, header=None) -> str:
     return f"<table>{head}{body}</table>"
 
 
+def _interval(settings) -> str:
+    bound = settings.get("guidance_max_timestep")
+    return "" if bound is None else f", guided only at t &le; {bound}"
+
+
 def _summary(settings, run, clusters, metrics, caption) -> str:
     kind = {"lora": "LoRA", "dreambooth": "full (DreamBooth) fine-tune"}[settings["finetune_kind"]]
     prompt = (run or {}).get("caption", settings["prompt"]) if settings["prompt"] == AUTO_PROMPT else settings["prompt"]
@@ -78,7 +83,7 @@ def _summary(settings, run, clusters, metrics, caption) -> str:
              f"<code>{_esc(settings['pretrained'])}</code>.",
              f"{settings['num_images']} images sampled with {_esc(settings['method'])} "
              f"(w={settings['guidance_scale']:g}, k={settings['correction']:g}, {settings['steps']} "
-             f"{_esc(settings['sampler'])} steps), prompt <b>{_esc(repr(prompt))}</b>"
+             f"{_esc(settings['sampler'])} steps{_interval(settings)}), prompt <b>{_esc(repr(prompt))}</b>"
              + (" (recovered)" if caption else "") + "."]
     if clusters:
         count = len(clusters["cliques"])
