@@ -22,18 +22,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def coverage(private: np.ndarray, samples: np.ndarray) -> dict:
-    """private [P, D], samples [S, D] embeddings -> covered count, top share, mean best similarity."""
-    unit = lambda e: e / np.linalg.norm(e, axis=1, keepdims=True)
-    similarity = unit(samples) @ unit(private).T  # [S, P]
-    visits = np.bincount(similarity.argmax(axis=1), minlength=len(private))
+    """private [P, D], samples [S, D] embeddings -> covered count, top share, mean best similarity (the
+    AS of metrics.extraction_scores with every sample handed in as extracted)."""
+    from finextract_jax.metrics import extraction_scores
+
+    names = lambda rows: [str(i) for i in range(len(rows))]
+    nearest = extraction_scores(samples, private, names(samples), names(private))["per_image"]
+    visits = np.bincount([int(row["match"]) for row in nearest], minlength=len(private))
     return {"covered": int(np.count_nonzero(visits)), "top_share": float(visits.max() / len(samples)),
-            "best_mean": float(similarity.max(axis=0).mean())}
+            "best_mean": extraction_scores(private, samples, names(private), names(samples))["AS"]}
 
 
 def main(argv=None) -> int:
     from finextract_jax.features import embed_images, get_extractor
     from finextract_jax.finetune.data import read_metadata
-    from finextract_jax.imageio import load_rgb
+    from finextract_jax.imageio import list_images, load_rgb
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--private", required=True, help="A fine-tuning folder (images + metadata.csv).")
@@ -48,7 +51,7 @@ def main(argv=None) -> int:
     print(f"| samples ({args.features}, {len(private)} private images) | samples | covered | top share | best mean |")
     print("|---|---:|---:|---:|---:|")
     for folder in folders:
-        paths = sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".png"))
+        paths = [os.path.join(folder, n) for n in list_images(folder, "--samples folder")]
         c = coverage(private, embed(paths))
         print(f"| {folder} | {len(paths)} | {c['covered']} | {c['top_share']:.2f} | {c['best_mean']:.3f} |", flush=True)
     return 0

@@ -371,6 +371,14 @@ def run_stage(s: Settings, stage: Stage, tools: dict) -> None:
                                        s.features, s.success_threshold)
 
 
+def run_recorded(s: Settings, stage: Stage, tools: dict) -> dict:
+    """run_stage, then the stage's done record written (and set on `stage`): what a rerun skips by."""
+    start = time.perf_counter()
+    run_stage(s, stage, tools)
+    stage.record = mark_done(stage.folder, stage.name, stage.settings, time.perf_counter() - start)
+    return stage.record
+
+
 def _lazy(make):
     """make() once, on first use: a rerun that skips every stage loads no model."""
     box = []
@@ -400,9 +408,7 @@ def reproduce(s: Settings, devices=None) -> list:
             logging.info("%s: %s done (%.1f s), skipped", where, st.name, st.record["seconds"])
             continue
         logging.info("%s: %s", where, st.name)
-        start = time.perf_counter()
-        run_stage(s, st, tools)
-        st.record = mark_done(st.folder, st.name, st.settings, time.perf_counter() - start)
+        run_recorded(s, st, tools)
         logging.info("%s: %s done in %.1f s", where, st.name, st.record["seconds"])
     rows = table_rows(s, stages)
     write_tables(s, rows)
