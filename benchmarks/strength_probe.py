@@ -32,14 +32,16 @@ def main(_):
     import functools
 
     from finextract_jax.fileio import claimed
-    from finextract_jax.reproduce import mark_done, model_path, plan, run_stage, select_devices
+    from finextract_jax.reproduce import model_path, plan, run_recorded, select_devices
     from finextract_jax.models.pipeline import load_pipeline
     from finextract_jax.testbed import base, curve, data
 
     pretrained = os.path.abspath(FLAGS.pretrained or base.COMMITTED_BASE_DIR)
     workdir = os.path.abspath(FLAGS.workdir)
     splits = functools.cache(lambda: data.load_splits(FLAGS.data)[0])
-    run = dict(rank=FLAGS.rank)  # the fine-tune stage's settings depend on no other curve flag
+    # No methods: only the fine-tune stage is planned, whose settings depend on no other curve flag (so the
+    # extraction stages a curve run left in the same folders are not checked against these defaults).
+    run = dict(rank=FLAGS.rank, methods=())
     with claimed(workdir, "--workdir"):
         style_file = FLAGS.style_data or os.path.join(workdir, "style_data.npz")
         datasets = {name: curve.private_set(name, workdir, splits, style_file) for name in FLAGS.sets}
@@ -49,11 +51,10 @@ def main(_):
         for name, dataset in datasets.items():
             for point in curve.parse_points(FLAGS.points):
                 settings = curve.point_settings(point, seed, name, dataset, pretrained, workdir, run)
-                stage = next(st for st in plan(settings) if st.name == "finetune")
+                (stage,) = plan(settings)
                 start = time.perf_counter()
                 if stage.record is None:
-                    run_stage(settings, stage, tools)
-                    mark_done(stage.folder, stage.name, stage.settings, time.perf_counter() - start)
+                    run_recorded(settings, stage, tools)
                 drop = curve.error_drop(pretrained, model_path(settings, dataset, point.finetune), dataset)
                 print(f"{name},{point.name},{seed},{drop:.3f},{time.perf_counter() - start:.0f}", flush=True)
 
